@@ -1,0 +1,25 @@
+"""The one place that touches transformers' internals: registration and model hooks."""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..ops.multimax import BACKENDS
+from .model_hooks import ATTENTION_NAME, install_model_hooks, sync_multimax
+from .multimax_attention import multimax_attention_forward, multimax_mask
+
+__all__ = ["ATTENTION_NAMES", "register", "sync_multimax"]
+
+# "multimax" follows config.multimax["backend"]; "multimax:<backend>" picks the backend at load time.
+ATTENTION_NAMES = (ATTENTION_NAME, *(f"{ATTENTION_NAME}:{b}" for b in ("auto", *BACKENDS)))
+
+
+def register() -> None:
+    """Register every attention implementation and its mask under the same name. Idempotent: the
+    registries are process-global dicts."""
+    for name in ATTENTION_NAMES:
+        AttentionInterface.register(name, multimax_attention_forward)
+        # Without a mask function of the same name transformers passes mask=None, even for causal models.
+        AttentionMaskInterface.register(name, multimax_mask)
+    install_model_hooks()

@@ -1,0 +1,204 @@
+"""Attach MultiMax scalars to HF models whose config asks for MultiMax, and keep them in step.
+
+transformers has no hook for "a model was built with attention X", so we wrap three methods of
+`PreTrainedModel`, once, each a thin call-through:
+
+- `post_init` (the last step of every HF model's `__init__`): attach the scalars, so they exist
+  before `from_pretrained` loads weights and before any optimizer is built.
+- `_initialize_weights`: `from_pretrained` materialises missing keys with `torch.empty_like` and
+  initialises them through the nearest `PreTrainedModel`'s `_init_weights`, which does not know our
+  module; without this, a checkpoint that lacks the scalars would load garbage into them.
+- `set_attn_implementation`: switching to or from MultiMax attaches or removes the scalars.
+
+`PreTrainedConfig.multimax = None` makes `multimax=` a known config attribute, so
+`from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as hf_init
+
+from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ATTENTION_NAME",
+    "install_model_hooks",
+    "is_multimax_name",
+    "multimax_settings",
+    "output_head_of",
+    "sync_multimax",
+]
+
+ATTENTION_NAME = "multimax"
+_ORIGINALS: dict[str, object] = {}
+
+
+def is_multimax_name(name) -> bool:
+    return isinstance(name, str) and (name == ATTENTION_NAME or name.startswith(ATTENTION_NAME + ":"))
+
+
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    # The same source-text test transformers uses to decide whether a model can switch attention.
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _num_heads(module: torch.nn.Module) -> int | None:
+    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return getattr(getattr(module, "config", None), "num_attention_heads", None)
+
+
+def multimax_settings(config) -> MultiMaxSettings:
+    """The validated settings stored in `config.multimax`, with the backend named in the attention
+    implementation string (`"multimax:eager"`) taking precedence."""
+    settings = MultiMaxSettings.from_dict(getattr(config, "multimax", None))
+    name = config._attn_implementation
+    if is_multimax_name(name) and ":" in name:
+        settings = MultiMaxSettings(**{**settings.to_dict(), "backend": name.split(":", 1)[1]})
+    return settings
+
+
+def output_head_of(model: PreTrainedModel) -> torch.nn.Module | None:
+    """The module whose output is the model's logits: LM head, or classifier/score head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = next((getattr(model, a) for a in ("classifier", "score") if isinstance(getattr(model, a, None), torch.nn.Module)), None)
+    return head
+
+
+def _modulate_logits(head: torch.nn.Module, args, output):
+    return head.multimax(output)
+
+
+def _attach(parent: torch.nn.Module, settings: MultiMaxSettings, num_heads: int | None) -> MultiMaxModulator:
+    ref = next(parent.parameters(), None)
+    modulator = MultiMaxModulator(settings.order, num_heads, settings.affine, settings.backend)
+    if ref is not None and ref.device.type == "meta":  # from_pretrained builds on meta, then loads
+        modulator = modulator.to("meta")
+    elif ref is not None:
+        modulator = modulator.to(ref.device)
+    parent.multimax = modulator
+    return modulator
+
+
+def _detach(parent: torch.nn.Module, what: str) -> None:
+    modulator = parent.multimax
+    if not modulator.t1.is_meta and not modulator.is_identity():
+        logger.warning("Removing trained MultiMax scalars from %s: the new attention implementation does not use them.", what)
+    del parent.multimax
+
+
+def _has_modulator(module: torch.nn.Module | None) -> bool:
+    return module is not None and isinstance(getattr(module, "multimax", None), MultiMaxModulator)
+
+
+def sync_multimax(model: PreTrainedModel) -> None:
+    """Give every attention module whose config asks for MultiMax its scalars (identity init) and
+    remove them where the config no longer asks; the same for the output head. Idempotent."""
+    found_attention = False
+    for name, module in model.named_modules():
+        if not _calls_attention_interface(type(module)):
+            continue
+        config = getattr(module, "config", None) or model.config
+        if not is_multimax_name(config._attn_implementation):
+            if _has_modulator(module):
+                _detach(module, name)
+            continue
+        found_attention = True
+        settings = multimax_settings(config)
+        if _has_modulator(module):
+            module.multimax.backend = settings.backend
+            continue
+        heads = None
+        if settings.per_head:
+            heads = _num_heads(module)
+            if heads is None:
+                raise ValueError(
+                    f"multimax.per_head=True but the number of heads of {name} ({type(module).__name__}) is unknown"
+                )
+        _attach(module, settings, heads)
+
+    config = model.config
+    head = output_head_of(model)
+    if not (found_attention or is_multimax_name(config._attn_implementation)):
+        if is_multimax_name(config.__dict__.get("attn_implementation")):
+            delattr(config, "attn_implementation")
+        if _has_modulator(head):
+            _remove_head(head)
+        return
+    if not found_attention and any("Attention" in type(m).__name__ for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} asks for attn_implementation={config._attn_implementation!r} but none of its "
+            "attention modules calls transformers' AttentionInterface, so MultiMax cannot be applied to it"
+        )
+    settings = multimax_settings(config)
+    # Settings and the implementation name persist in config.json, so a reload needs no flags and a
+    # load without the plugin fails loudly instead of running softmax.
+    config.multimax = settings.to_dict()
+    config.attn_implementation = ATTENTION_NAME
+    # The scalars of a converted checkpoint are missing by design (identity init): no MISSING report.
+    if isinstance(getattr(model, "_keys_to_ignore_on_load_missing", None), set):
+        model._keys_to_ignore_on_load_missing.add(r"\.multimax\.")
+    if head is not None and settings.output_head and not _has_modulator(head):
+        _attach(head, settings, None)
+        head._multimax_hook = head.register_forward_hook(_modulate_logits)
+    elif _has_modulator(head) and not settings.output_head:
+        _remove_head(head)
+
+
+def _remove_head(head: torch.nn.Module) -> None:
+    head._multimax_hook.remove()
+    del head._multimax_hook
+    _detach(head, "the output head")
+
+
+def _post_init(self, *args, **kwargs):
+    _ORIGINALS["post_init"](self, *args, **kwargs)
+    sync_multimax(self)
+
+
+def _initialize_weights(self, module, is_custom_code: bool = False):
+    if isinstance(module, MultiMaxModulator):
+        if not getattr(module, "_is_hf_initialized", False):
+            # Every MultiMax parameter is zero at identity. hf_init.zeros_ skips loaded tensors.
+            for param in module.parameters(recurse=False):
+                hf_init.zeros_(param)
+            module._is_hf_initialized = True
+        return
+    _ORIGINALS["_initialize_weights"](self, module, is_custom_code)
+
+
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    result = _ORIGINALS["set_attn_implementation"](self, attn_implementation, *args, **kwargs)
+    sync_multimax(self)
+    return result
+
+
+def install_model_hooks() -> None:
+    """Wrap the three `PreTrainedModel` methods (see module docstring). Idempotent."""
+    if _ORIGINALS:
+        return
+    for name, wrapper in (
+        ("post_init", _post_init),
+        ("_initialize_weights", _initialize_weights),
+        ("set_attn_implementation", _set_attn_implementation),
+    ):
+        original = getattr(PreTrainedModel, name)
+        _ORIGINALS[name] = original
+        setattr(PreTrainedModel, name, functools.wraps(original)(wrapper))
+    if not hasattr(PreTrainedConfig, "multimax"):
+        PreTrainedConfig.multimax = None

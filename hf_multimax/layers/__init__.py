@@ -1,0 +1,5 @@
+"""nn.Modules holding the methods' learnable state, attached to HF modules at identity init."""
+
+from .multimax import MultiMaxModulator, MultiMaxSettings
+
+__all__ = ["MultiMaxModulator", "MultiMaxSettings"]

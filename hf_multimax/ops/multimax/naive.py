@@ -1,0 +1,127 @@
+"""MultiMax reference: fp32, readable, materialises the full score matrix. Ground truth for tests."""
+
+from __future__ import annotations
+
+import torch
+
+# Order of the 8 scalars along dim 0 of `theta` (papers.md, MultiMax section).
+THETA_NAMES = ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")
+
+__all__ = ["THETA_NAMES", "naive_multimax_modulate", "naive_multimax_attention"]
+
+
+def naive_multimax_modulate(
+    x: torch.Tensor, theta: torch.Tensor, affine: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The MultiMax modulator sigma, applied elementwise.
+
+    sigma(x) = x + t1*relu(b1-x) + t2*relu(x-d1) + t3*relu(b2-x)^2 + t4*relu(x-d2)^2
+
+    Every term reads the original x. With all of theta zero, sigma is the identity.
+
+    Args:
+        x (`torch.Tensor`): scores of any shape.
+        theta (`torch.Tensor`): `[8, *S]`, the scalars in `THETA_NAMES` order; `S` broadcasts against x
+            (`()` for shared scalars, `(H, 1, 1)` for per-head scalars on `[B, H, Q, K]` scores).
+        affine (`torch.Tensor`, *optional*): `[2, *S]` as (a, c): sigma is applied to `(1 + a) * x + c`.
+            Default: `None` (no affine).
+
+    Examples:
+        >>> x = torch.randn(4)
+        >>> torch.equal(naive_multimax_modulate(x, torch.zeros(8)), x)
+        True
+    """
+    if theta.shape[0] != 8:
+        raise ValueError(f"theta must have 8 rows ({', '.join(THETA_NAMES)}), got shape {tuple(theta.shape)}")
+    if affine is not None:
+        if affine.shape[0] != 2:
+            raise ValueError(f"affine must have 2 rows (scale delta a, shift c), got shape {tuple(affine.shape)}")
+        x = (1 + affine[0]) * x + affine[1]
+    t1, t2, t3, t4, b1, d1, b2, d2 = theta.unbind(0)
+    return (
+        x
+        + t1 * torch.relu(b1 - x)
+        + t2 * torch.relu(x - d1)
+        + t3 * torch.relu(b2 - x).square()
+        + t4 * torch.relu(x - d2).square()
+    )
+
+
+def naive_multimax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    softcap: float | None = None,
+    affine: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(sigma(scores)) @ V with masks applied after the modulator.
+
+    Args:
+        query (`torch.Tensor`): `[B, H, Q, D]`.
+        key (`torch.Tensor`): `[B, Hkv, K, D]`, `H % Hkv == 0` (grouped-query attention).
+        value (`torch.Tensor`): `[B, Hkv, K, Dv]`.
+        theta (`torch.Tensor`): `[8, *S]` MultiMax scalars, `S` broadcastable to `[B, H, Q, K]`.
+        scale (`float`, *optional*): score scale. Default: `D ** -0.5`.
+        mask (`torch.Tensor`, *optional*): boolean, broadcastable to `[B, H, Q, K]`, True = attend.
+        bias (`torch.Tensor`, *optional*): additive score bias (a position bias is part of the true
+            score, so it is added before the modulator, after any soft-capping, as HF's eager path
+            orders them), broadcastable to `[B, H, Q, K]`.
+        is_causal (`bool`): mask keys after each query, aligned to the end (KV-cache decoding).
+            Combined with `mask` when both are given. Default: `False`.
+        softcap (`float`, *optional*): `softcap * tanh(s / softcap)` on the scores before sigma (Gemma 2).
+        affine (`torch.Tensor`, *optional*): `[2, *S]`, see `naive_multimax_modulate`.
+        dropout_p (`float`): dropout on the probabilities. Default: `0.0`.
+
+    Returns:
+        `(out [B, H, Q, Dv] in value's dtype, probs [B, H, Q, K] in fp32 or wider)`. Rows with no key to
+        attend give zero probabilities and zero output.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            f"query/key/value must be 4-D [B, H, L, D]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    n_heads, n_kv_heads = query.shape[1], key.shape[1]
+    if n_heads % n_kv_heads != 0 or value.shape[1] != n_kv_heads:
+        raise ValueError(
+            f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads}, {value.shape[1]})"
+        )
+    groups = n_heads // n_kv_heads
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+
+    # Scores in fp32 at least, whatever the input dtype (fp64 stays fp64 for gradcheck).
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.to(acc)
+    scores = naive_multimax_modulate(scores, theta.to(acc), None if affine is None else affine.to(acc))
+
+    keep = mask
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        keep = causal if keep is None else keep & causal
+    if keep is not None:
+        # Rows with no allowed key are zeroed after the softmax; give them finite scores first so
+        # neither the forward nor the backward sees NaN.
+        has_key = keep.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~keep, float("-inf")).masked_fill(~has_key, 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        probs = probs * keep
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out, probs
