@@ -62,10 +62,14 @@ def _num_heads(module: torch.nn.Module) -> int | None:
     return getattr(getattr(module, "config", None), "num_attention_heads", None)
 
 
-def multimax_settings(config) -> MultiMaxSettings:
-    """The validated settings stored in `config.multimax`, with the backend named in the attention
-    implementation string (`"multimax:eager"`) taking precedence."""
-    settings = MultiMaxSettings.from_dict(getattr(config, "multimax", None))
+def multimax_settings(config, fallback=None) -> MultiMaxSettings:
+    """The validated settings stored in `config.multimax` (else in `fallback.multimax`: a sub-model's
+    config inherits the top-level settings), with the backend named in the attention implementation
+    string (`"multimax:eager"`) taking precedence."""
+    values = getattr(config, "multimax", None)
+    if values is None and fallback is not None:
+        values = getattr(fallback, "multimax", None)
+    settings = MultiMaxSettings.from_dict(values)
     name = config._attn_implementation
     if is_multimax_name(name) and ":" in name:
         settings = MultiMaxSettings(**{**settings.to_dict(), "backend": name.split(":", 1)[1]})
@@ -95,9 +99,18 @@ def _attach(parent: torch.nn.Module, settings: MultiMaxSettings, num_heads: int 
     return modulator
 
 
+def _fits(modulator: MultiMaxModulator, settings: MultiMaxSettings, num_heads: int | None) -> bool:
+    return (modulator.order, modulator.num_heads, modulator.affine) == (settings.order, num_heads, settings.affine)
+
+
+def _is_untrained(modulator: MultiMaxModulator) -> bool:
+    # Still on meta (being built by from_pretrained) or at identity.
+    return modulator.t1.is_meta or modulator.is_identity()
+
+
 def _detach(parent: torch.nn.Module, what: str) -> None:
     modulator = parent.multimax
-    if not modulator.t1.is_meta and not modulator.is_identity():
+    if not _is_untrained(modulator):
         logger.warning("Removing trained MultiMax scalars from %s: the new attention implementation does not use them.", what)
     del parent.multimax
 
@@ -119,16 +132,22 @@ def sync_multimax(model: PreTrainedModel) -> None:
                 _detach(module, name)
             continue
         found_attention = True
-        settings = multimax_settings(config)
-        if _has_modulator(module):
-            module.multimax.backend = settings.backend
-            continue
+        settings = multimax_settings(config, fallback=model.config)
         heads = None
         if settings.per_head:
             heads = _num_heads(module)
             if heads is None:
                 raise ValueError(
                     f"multimax.per_head=True but the number of heads of {name} ({type(module).__name__}) is unknown"
+                )
+        if _has_modulator(module):
+            if _fits(module.multimax, settings, heads):
+                module.multimax.backend = settings.backend
+                continue
+            if not _is_untrained(module.multimax):
+                raise ValueError(
+                    f"{name} holds trained MultiMax scalars ({module.multimax.extra_repr()}) that do not fit the "
+                    f"settings {settings.to_dict()}; switch with set_attn_implementation('sdpa') first to drop them"
                 )
         _attach(module, settings, heads)
 

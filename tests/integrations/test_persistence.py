@@ -196,3 +196,40 @@ def test_fresh_process_with_plugin_reloads_trained_scalars(vanilla_llama, tmp_pa
     assert result.returncode == 0, result.stderr
     impl, value = result.stdout.split()[-2:]
     assert impl == "multimax" and float(value) == t1 and t1 != 0
+
+
+def test_changed_settings_rebuild_untrained_scalars_and_protect_trained_ones():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), attn_implementation="multimax")
+    model.config.multimax = {"per_head": True}
+    model.set_attn_implementation("multimax")
+    assert all(m.num_heads == 4 for m in modulators(model).values())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.multimax.t1.fill_(0.2)
+    model.config.multimax = {"order": 1}
+    with pytest.raises(ValueError, match="trained MultiMax scalars"):
+        model.set_attn_implementation("multimax")
+
+
+class _OldStyleAttention(torch.nn.Module):
+    """Computes attention itself instead of calling transformers' AttentionInterface."""
+
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(-1, -2), -1) @ x
+
+
+def test_model_without_attention_interface_is_refused():
+    from transformers import PreTrainedModel
+
+    class OldStyleModel(PreTrainedModel):
+        config_class = LlamaConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.attn = _OldStyleAttention()
+            self.post_init()
+
+        def forward(self, x):
+            return self.attn(x)
+
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        OldStyleModel(LlamaConfig(**LLAMA, attn_implementation="multimax"))
