@@ -12,12 +12,11 @@ __all__ = ["multimax_attention_forward", "multimax_mask", "resolve_backend", "sp
 
 
 def multimax_mask(*args, **kwargs):
-    """Boolean 4-D mask (True = attend), always materialised for causal models.
+    """Boolean 4-D mask (True = attend), or None where SDPA would get None too.
 
-    `sdpa_mask` returns None for unpadded causal input and leaves causality to SDPA's `is_causal`;
-    we ask for the explicit mask instead so every kernel sees the same thing.
+    Like `sdpa_mask`: unpadded causal input gets None and the attention function applies the
+    module's causality itself, which lets the fast kernels skip future key blocks.
     """
-    kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
 
@@ -32,11 +31,37 @@ def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     return keep, (bias if bool(bias.any()) else None)
 
 
-def resolve_backend(name: str, query: torch.Tensor) -> str:
-    """`auto` -> the fastest backend that supports this device, dtype and need for gradients."""
-    if name != "auto":
-        return name
-    return "eager"  # the only backend so far; the fast ones extend this table (issue: fast backends)
+# Below this many scores per (batch, head), materialising them is cheap and the eager kernel wins
+# (and needs no compilation); measured crossover on a 2-core CPU in scripts/bench_attention.py.
+AUTO_MIN_SCORES = 512 * 512
+
+
+def resolve_backend(requested: str, query: torch.Tensor, key: torch.Tensor, *, dropout: float, want_probs: bool) -> str:
+    """The backend that runs this call. `auto`, in order:
+
+    | condition | backend |
+    |---|---|
+    | `output_attentions=True` or attention dropout > 0 | eager (the only one returning probabilities / doing dropout) |
+    | CUDA device | flex (forward and backward) |
+    | fewer than `AUTO_MIN_SCORES` scores per head | eager |
+    | otherwise (CPU, training or inference) | chunked |
+
+    An explicit backend is used as asked; one that cannot serve the call raises `ValueError`.
+    """
+    if requested != "auto":
+        if want_probs and requested != "eager":
+            raise ValueError(
+                f"output_attentions=True needs the attention probabilities, which multimax backend={requested!r} "
+                "does not materialise; use backend 'eager' or 'auto'"
+            )
+        return requested
+    if want_probs or dropout > 0.0:
+        return "eager"
+    if query.device.type == "cuda":
+        return "flex"
+    if query.shape[-2] * key.shape[-2] < AUTO_MIN_SCORES:
+        return "eager"
+    return "chunked"
 
 
 def _modulator(module: torch.nn.Module) -> MultiMaxModulator:
@@ -86,13 +111,14 @@ def multimax_attention_forward(
             mask, bias = split_float_mask(mask)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
-        is_causal = getattr(module, "is_causal", False)
+        is_causal = getattr(module, "is_causal", True)  # as transformers' SDPA path
     # HF hands over a mask that already encodes causality (and windows); only without one does the
     # module's own causality apply.
     is_causal = bool(is_causal) and mask is None
 
-    kernel = BACKENDS[resolve_backend(modulator.backend, query)]
-    out, probs = kernel(
+    dropout = dropout if module.training else 0.0
+    backend = resolve_backend(modulator.backend, query, key, dropout=dropout, want_probs=bool(kwargs.get("output_attentions")))
+    out, probs = BACKENDS[backend](
         query,
         key,
         value,
@@ -103,6 +129,6 @@ def multimax_attention_forward(
         is_causal=is_causal,
         softcap=kwargs.get("softcap"),
         affine=affine,
-        dropout_p=dropout if module.training else 0.0,
+        dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), probs
