@@ -93,6 +93,10 @@ def flex_multimax_attention(
             "the flex backend has no backward on CPU (torch implements FlexAttention's backward for GPU only); "
             "use backend='chunked' (or 'auto') to train on CPU"
         )
+    if not needs_grad:
+        # torch refuses CPU flex for inputs that require grad, even under no_grad.
+        query, key, value, theta = query.detach(), key.detach(), value.detach(), theta.detach()
+        affine = None if affine is None else affine.detach()
     B, H, Q, _ = query.shape
     K = key.shape[-2]
     theta = theta.reshape(8, -1) if theta.dim() > 1 else theta  # [8, H] per head

@@ -1,0 +1,120 @@
+"""The backend choice reaches the kernels inside real models, and each backend agrees with eager."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+
+from hf_multimax import MultiMaxModulator
+from hf_multimax.integrations.multimax_attention import AUTO_MIN_SCORES, resolve_backend
+from tests.conftest import assert_close
+
+LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+BERT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def build(kind, backend, tmp_path):
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), attn_implementation="multimax")
+    else:
+        model = AutoModel.from_config(BertConfig(**BERT), attn_implementation="multimax")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MultiMaxModulator):
+                for p in m.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = tmp_path / kind
+    if not path.exists():
+        model.save_pretrained(path)
+    auto = AutoModelForCausalLM if kind == "llama" else AutoModel
+    return auto.from_pretrained(path, attn_implementation=f"multimax:{backend}")
+
+
+def batch(kind):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (2, 37), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0 if kind == "llama" else 1
+    mask[1, -9:] = 1 if kind == "llama" else 0
+    return ids, mask
+
+
+def outputs(model, kind, ids, mask):
+    out = model(ids, attention_mask=mask)
+    return out.logits if kind == "llama" else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("backend", ["chunked", "flex"])
+def test_backend_matches_eager_in_model(kind, backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
+    eager, fast = build(kind, "eager", tmp_path), build(kind, backend, tmp_path)
+    assert all(m.backend == backend for m in fast.modules() if isinstance(m, MultiMaxModulator))
+    ids, mask = batch(kind)
+    valid = mask.bool()
+    if backend == "flex":  # CPU flex is forward-only
+        with torch.no_grad():
+            assert_close(outputs(fast, kind, ids, mask)[valid], outputs(eager, kind, ids, mask)[valid], what="flex")
+        return
+    a, b = outputs(eager, kind, ids, mask), outputs(fast, kind, ids, mask)
+    assert_close(b[valid], a[valid], what="chunked output")
+    w = torch.randn_like(a) * valid[..., None]
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    eager_grads = dict(eager.named_parameters())
+    for name, p in fast.named_parameters():
+        ref = eager_grads[name].grad
+        if ref is None:
+            continue
+        scale = ref.abs().max().clamp_min(1.0)
+        assert_close(p.grad / scale, ref / scale, what=f"grad {name}")
+
+
+def test_training_step_with_compiled_chunked_backend(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MULTIMAX_COMPILE", "1")
+    eager, fast = build("llama", "eager", tmp_path), build("llama", "chunked", tmp_path)
+    ids, _ = batch("llama")
+    for model in (eager, fast):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    t1 = {n: p.grad for n, p in eager.named_parameters()}
+    for n, p in fast.named_parameters():
+        scale = t1[n].abs().max().clamp_min(1.0)
+        assert_close(p.grad / scale, t1[n] / scale, what=f"grad {n}")
+
+
+def q_k(q_len, k_len, device="cpu"):
+    return torch.empty(1, 1, q_len, 8, device=device), torch.empty(1, 1, k_len, 8, device=device)
+
+
+def test_auto_decision_table():
+    big, small = q_k(1024, 1024), q_k(8, 8)
+    assert resolve_backend("auto", *big, dropout=0.0, want_probs=False) == "chunked"
+    assert resolve_backend("auto", *small, dropout=0.0, want_probs=False) == "eager"
+    assert resolve_backend("auto", *big, dropout=0.1, want_probs=False) == "eager"
+    assert resolve_backend("auto", *big, dropout=0.0, want_probs=True) == "eager"
+    assert resolve_backend("auto", *q_k(1, AUTO_MIN_SCORES), dropout=0.0, want_probs=False) == "chunked"
+    assert resolve_backend("flex", *small, dropout=0.0, want_probs=False) == "flex"
+    with pytest.raises(ValueError, match="output_attentions=True .* backend='chunked'"):
+        resolve_backend("chunked", *small, dropout=0.0, want_probs=True)
+
+
+def test_auto_runs_chunked_on_long_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
+    import hf_multimax.ops.multimax as ops
+
+    calls = []
+    original = ops.BACKENDS["chunked"]
+    monkeypatch.setitem(ops.BACKENDS, "chunked", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build("llama", "auto", tmp_path)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 520)))
+    assert len(calls) == 2  # one per layer
+
+
+def test_explicit_fast_backend_with_output_attentions_is_refused(tmp_path):
+    model = build("llama", "chunked", tmp_path)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(torch.randint(0, 100, (1, 5)), output_attentions=True)
