@@ -109,9 +109,11 @@ class MultiMaxModulator(nn.Module):
 
     def theta(self) -> torch.Tensor:
         """`[8]` or `[8, num_heads]`: the scalars in `THETA_NAMES` order, zeros for pieces this order lacks."""
-        present = dict(self.named_parameters(recurse=False))
-        ref = present["t1"]
-        return torch.stack([present[n] if n in present else torch.zeros_like(ref) for n in THETA_NAMES])
+        params = self._parameters  # looked up per call: loading and .to() replace the tensors
+        if self.order == 2:
+            return torch.stack([params[n] for n in THETA_NAMES])
+        zero = params["t1"].new_zeros(params["t1"].shape)
+        return torch.stack([params.get(n, zero) for n in THETA_NAMES])
 
     def affine_params(self) -> torch.Tensor | None:
         """`[2]` or `[2, num_heads]` as (scale delta, shift), or None without affine."""

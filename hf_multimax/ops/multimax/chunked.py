@@ -15,7 +15,8 @@ import torch
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "chunked_multimax_attention", "compile_enabled"]
 
-DEFAULT_BLOCK_SIZE = 128  # measured best on a 2-core AVX2 CPU at L=2k..8k (scripts/bench_attention.py)
+DEFAULT_BLOCK_SIZE = 128  # query rows per block: measured best on a 2-core AVX2 CPU at L=2k..8k
+KEY_CHUNK = 1024  # keys per recomputed backward tile: bounds backward memory at long lengths
 
 
 def _scores(q_blk, k, scale, softcap, bias_blk):
@@ -179,20 +180,22 @@ class _ChunkedMultiMax(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         dtheta = torch.zeros_like(theta, dtype=torch.float32)
         daffine = None if affine is None else torch.zeros_like(affine, dtype=torch.float32)
-        for r0, r1, c0, c1 in _blocks(q.shape[-2], k.shape[-2], block_size, causal_offset, keep):
-            if c0 == c1:
-                continue
-            gq, gk, gv, gtheta, gaffine = tile(
-                q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], theta, affine, _slice(keep, r0, r1, c0, c1),
-                _slice(bias, r0, r1, c0, c1), r0, c0, causal_offset, scale, softcap, grad_out[:, :, r0:r1],
-                lse[:, :, r0:r1], delta[:, :, r0:r1],
-            )
-            dq[:, :, r0:r1] = gq
-            dk[:, :, c0:c1] += gk
-            dv[:, :, c0:c1] += gv
-            dtheta += gtheta
-            if daffine is not None:
-                daffine += gaffine
+        for r0, r1, b0, b1 in _blocks(q.shape[-2], k.shape[-2], block_size, causal_offset, keep):
+            # With the row log-sum-exp known, key chunks are independent: chunking them bounds the
+            # recomputed tiles' memory without any online rescaling.
+            for c0 in range(b0, b1, KEY_CHUNK):
+                c1 = min(b1, c0 + KEY_CHUNK)
+                gq, gk, gv, gtheta, gaffine = tile(
+                    q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], theta, affine, _slice(keep, r0, r1, c0, c1),
+                    _slice(bias, r0, r1, c0, c1), r0, c0, causal_offset, scale, softcap, grad_out[:, :, r0:r1],
+                    lse[:, :, r0:r1], delta[:, :, r0:r1],
+                )
+                dq[:, :, r0:r1] += gq
+                dk[:, :, c0:c1] += gk
+                dv[:, :, c0:c1] += gv
+                dtheta += gtheta
+                if daffine is not None:
+                    daffine += gaffine
         return (
             dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta.to(theta.dtype),
             None if affine is None else daffine.to(affine.dtype), None, None, None, None, None, None,

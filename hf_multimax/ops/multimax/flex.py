@@ -48,19 +48,31 @@ def _score_mod(theta, affine, bias, softcap):
     return score_mod
 
 
-def _block_mask(keep, causal_offset, B, H, Q, K, device):
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(q_len, k_len, offset, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if keep is None and causal_offset is None:
-        return None
+    return create_block_mask(lambda b, h, q, kv: kv <= q + offset, 1, 1, q_len, k_len, device=device)
+
+
+def _block_mask(keep, causal_offset, q_len, k_len, device):
+    """A BlockMask over the broadcast dims the mask really has (batch/head of size 1 stay 1). Causal
+    masks depend on shapes only and are cached; data-dependent masks are built per call."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if keep is None:
+        return None if causal_offset is None else _causal_block_mask(q_len, k_len, causal_offset, device)
+
+    one_batch, one_head = keep.shape[0] == 1, keep.shape[1] == 1
 
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = kv_idx <= q_idx + causal_offset if causal_offset is not None else kv_idx >= 0
-        if keep is not None:
-            allowed = allowed & keep[b, h, q_idx, kv_idx]
+        # The kernel calls mask_mod with real batch/head indices even when the BlockMask broadcasts.
+        allowed = keep[0 if one_batch else b, 0 if one_head else h, q_idx, kv_idx]
+        if causal_offset is not None:
+            allowed = allowed & (kv_idx <= q_idx + causal_offset)
         return allowed
 
-    return create_block_mask(mask_mod, B, H, Q, K, device=device)
+    return create_block_mask(mask_mod, keep.shape[0], keep.shape[1], q_len, k_len, device=device)
 
 
 def flex_multimax_attention(
@@ -103,10 +115,10 @@ def flex_multimax_attention(
     if affine is not None and affine.dim() > 1:
         affine = affine.reshape(2, -1)
     if mask is not None:
-        mask = mask.expand(B, H, Q, K)
+        mask = mask.expand(*mask.shape[:2], Q, K)
     if bias is not None:
         bias = bias.expand(B, H, Q, K)
-    block_mask = _block_mask(mask, K - Q if is_causal else None, B, H, Q, K, query.device)
+    block_mask = _block_mask(mask, K - Q if is_causal else None, Q, K, str(query.device))
     # Keys and values to the query's dtype family, fp32 scores: flex keeps scores in fp32 internally.
     out = _compiled_flex()(
         query, key, value, score_mod=_score_mod(theta.float(), None if affine is None else affine.float(), bias, softcap),

