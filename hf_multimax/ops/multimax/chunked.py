@@ -128,8 +128,21 @@ def _tile(name):
     key = (name, compile_enabled())
     if key not in _TILES:
         fn = {"forward": _forward_tile, "backward": _backward_tile}[name]
-        _TILES[key] = torch.compile(fn, dynamic=True) if key[1] else fn
+        _TILES[key] = _without_duck_shapes(torch.compile(fn, dynamic=True)) if key[1] else fn
     return _TILES[key]
+
+
+def _without_duck_shapes(compiled):
+    """Duck shaping would tie dims that happen to be equal on the first call (a 128-query block
+    against 128 keys, block size == head dim) and recompile when they differ; we want one graph
+    for every length."""
+    from torch.fx.experimental import _config as fx_config
+
+    def call(*args):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return call
 
 
 def _blocks(n_queries, n_keys, block_size, causal_offset, keep):
@@ -147,13 +160,22 @@ def _blocks(n_queries, n_keys, block_size, causal_offset, keep):
 
 
 def _slice(t, r0, r1, c0, c1):
-    return None if t is None else t[..., r0:r1, c0:c1]
+    return None if t is None else t[..., r0:r1, c0:c1].contiguous()
+
+
+def _rows(t, r0, r1):
+    # Contiguous copies (1/block_size of a tile's work): a view's strides depend on the full length,
+    # and torch.compile would guard on them and recompile for every new sequence length.
+    return t[:, :, r0:r1].contiguous()
 
 
 class _ChunkedMultiMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, theta, affine, keep, bias, causal_offset, scale, softcap, block_size):
         tile = _tile("forward")
+        # Detached views for the tiles: compiled code guards on requires_grad.
+        q, k, v, theta = q.detach(), k.detach(), v.detach(), theta.detach()
+        affine = None if affine is None else affine.detach()
         B, H, Q, _ = q.shape
         out = torch.empty(B, H, Q, v.shape[-1], dtype=torch.float32, device=q.device)
         lse = torch.empty(B, H, Q, 1, dtype=torch.float32, device=q.device)
@@ -162,7 +184,7 @@ class _ChunkedMultiMax(torch.autograd.Function):
                 out[:, :, r0:r1], lse[:, :, r0:r1] = 0.0, float("inf")
                 continue
             out[:, :, r0:r1], lse[:, :, r0:r1] = tile(
-                q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], theta, affine, _slice(keep, r0, r1, c0, c1),
+                _rows(q, r0, r1), _rows(k, c0, c1), _rows(v, c0, c1), theta, affine, _slice(keep, r0, r1, c0, c1),
                 _slice(bias, r0, r1, c0, c1), r0, c0, causal_offset, scale, softcap,
             )
         ctx.save_for_backward(q, k, v, theta, affine, keep, bias, out, lse)
@@ -171,7 +193,9 @@ class _ChunkedMultiMax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, theta, affine, keep, bias, out, lse = ctx.saved_tensors
+        q, k, v, theta, affine, keep, bias, out, lse = (
+            None if t is None else t.detach() for t in ctx.saved_tensors
+        )
         causal_offset, scale, softcap, block_size = ctx.config
         tile = _tile("backward")
         delta = (grad_out.float() * out).sum(dim=-1, keepdim=True)
@@ -183,12 +207,13 @@ class _ChunkedMultiMax(torch.autograd.Function):
         for r0, r1, b0, b1 in _blocks(q.shape[-2], k.shape[-2], block_size, causal_offset, keep):
             # With the row log-sum-exp known, key chunks are independent: chunking them bounds the
             # recomputed tiles' memory without any online rescaling.
+            q_blk, do_blk = _rows(q, r0, r1), _rows(grad_out, r0, r1)
+            lse_blk, delta_blk = _rows(lse, r0, r1), _rows(delta, r0, r1)
             for c0 in range(b0, b1, KEY_CHUNK):
                 c1 = min(b1, c0 + KEY_CHUNK)
                 gq, gk, gv, gtheta, gaffine = tile(
-                    q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], theta, affine, _slice(keep, r0, r1, c0, c1),
-                    _slice(bias, r0, r1, c0, c1), r0, c0, causal_offset, scale, softcap, grad_out[:, :, r0:r1],
-                    lse[:, :, r0:r1], delta[:, :, r0:r1],
+                    q_blk, _rows(k, c0, c1), _rows(v, c0, c1), theta, affine, _slice(keep, r0, r1, c0, c1),
+                    _slice(bias, r0, r1, c0, c1), r0, c0, causal_offset, scale, softcap, do_blk, lse_blk, delta_blk,
                 )
                 dq[:, :, r0:r1] += gq
                 dk[:, :, c0:c1] += gk
