@@ -1,0 +1,72 @@
+"""A `TrainerCallback` that logs the MultiMax scalars and how sharp attention is."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import TrainerCallback
+
+from ..layers.multimax import MultiMaxModulator
+
+__all__ = ["MultiMaxLoggingCallback", "attention_sharpness", "multimax_scalars"]
+
+
+def multimax_scalars(model: torch.nn.Module) -> dict[str, float]:
+    """`{"multimax/<module path>/<name>": value}`; per-head scalars are averaged over heads."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MultiMaxModulator):
+            prefix = path.removesuffix(".multimax")
+            for name, p in module.named_parameters(recurse=False):
+                out[f"multimax/{prefix}/{name}"] = p.detach().float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def attention_sharpness(model: torch.nn.Module, inputs: dict) -> dict[str, float]:
+    """Per layer, over the probe batch's real query rows: mean normalised entropy of the attention
+    rows (1 = uniform, 0 = one-hot) and mean top probability. Uses `output_attentions=True`, which
+    returns MultiMax's probabilities after modulation."""
+    was_training = model.training
+    model.eval()
+    try:
+        attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.train(was_training)
+    stats = {}
+    for i, probs in enumerate(attentions or ()):
+        probs = probs.float()
+        support = (probs > 0).sum(-1).clamp_min(2)  # keys each row may attend
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / support.float().log()
+        rows = probs.sum(-1) > 0
+        stats[f"attention/entropy/layer_{i}"] = entropy[rows].mean().item()
+        stats[f"attention/max_prob/layer_{i}"] = probs.amax(-1)[rows].mean().item()
+    return stats
+
+
+class MultiMaxLoggingCallback(TrainerCallback):
+    """Adds the MultiMax scalars and, given a probe batch, attention sharpness per layer to every
+    log entry (and to `trainer_state.json`'s log history).
+
+    Args:
+        probe_inputs (`dict`, *optional*): model inputs of a small fixed batch for the sharpness
+            statistics. Default: `None` (scalars only).
+    """
+
+    def __init__(self, probe_inputs: dict | None = None):
+        self.probe_inputs = probe_inputs
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if model is None or logs is None or "loss" not in logs:
+            return
+        extra = multimax_scalars(model)
+        if self.probe_inputs is not None:
+            device = next(model.parameters()).device
+            probe = {k: v.to(device) if hasattr(v, "to") else v for k, v in self.probe_inputs.items()}
+            extra.update(attention_sharpness(model, probe))
+        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
+        logs.update(extra)
+        # Trainer appended its copy of the entry before calling back: keep the history complete.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
