@@ -153,6 +153,7 @@ def plot(results, path):
                 ax.plot(xs, ys, marker="o", label=f"multimax {backend}")
         ax.axhline(1.0, color="gray", linestyle="--", label="SDPA softmax")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # eager is tens of times slower: keep the fast backends readable
         ax.set_xlabel("sequence length (B=1, H=8, D=64, causal)")
         ax.set_title(title)
         ax.legend()
