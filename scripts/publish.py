@@ -1,0 +1,54 @@
+"""Publish a fine-tuned MultiMax model folder to the Hub with a model card.
+
+    python scripts/publish.py outputs/text_classification user/my-multimax-model --dry-run --local-dir outputs/upload
+    python scripts/publish.py outputs/text_classification user/my-multimax-model --private
+
+The token comes from --token, HF_TOKEN or `huggingface-cli login`. --dry-run writes exactly the
+folder that would be uploaded (to --local-dir) and prints the calls that would be made.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import transformers
+
+import hf_multimax  # noqa: F401  (registers attn_implementation="multimax")
+from hf_multimax.hub import publish
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="a save_pretrained folder (e.g. a finetune script's --output_dir)")
+    parser.add_argument("repo_id", help="user/name on the Hub")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--local-dir", default=None, help="stage the upload folder here (default: a temp dir)")
+    parser.add_argument("--dry-run", action="store_true", help="stage the folder, print the calls, upload nothing")
+    parser.add_argument("--base_model", default=None)
+    parser.add_argument("--training_data", default=None, help="free text describing the training data")
+    parser.add_argument("--dataset_id", default=None, help="a Hub dataset id, for the card's metadata")
+    args = parser.parse_args(argv)
+
+    model_dir = Path(args.model_dir)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    architecture = (config.architectures or ["AutoModel"])[0]
+    model = getattr(transformers, architecture).from_pretrained(model_dir)
+    tokenizer = None
+    if (model_dir / "tokenizer_config.json").exists():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    eval_results = None
+    for name in ("eval_results.json", "all_results.json"):
+        if (model_dir / name).exists():
+            eval_results = {k: v for k, v in json.loads((model_dir / name).read_text()).items() if k.startswith("eval_")}
+            break
+    plan = publish(
+        model, args.repo_id, tokenizer=tokenizer, private=args.private, token=args.token, local_dir=args.local_dir,
+        dry_run=args.dry_run, base_model=args.base_model, training_data=args.training_data,
+        dataset_id=args.dataset_id, eval_results=eval_results,
+    )
+    print(json.dumps(plan, indent=2))
+
+
+if __name__ == "__main__":
+    main()
