@@ -7,6 +7,7 @@ import math
 import torch
 from transformers import TrainerCallback
 
+from ..analysis.metrics import entropy, selection_margin, top_k_mass
 from ..layers.multimax import MultiMaxModulator
 
 __all__ = ["MultiMaxLoggingCallback", "attention_sharpness", "multimax_scalars"]
@@ -26,8 +27,9 @@ def multimax_scalars(model: torch.nn.Module) -> dict[str, float]:
 @torch.no_grad()
 def attention_sharpness(model: torch.nn.Module, inputs: dict) -> dict[str, float]:
     """Per layer, over the probe batch's real query rows: mean normalised entropy of the attention
-    rows (1 = uniform, 0 = one-hot) and mean top probability. Uses `output_attentions=True`, which
-    returns MultiMax's probabilities after modulation."""
+    rows (1 = uniform, 0 = one-hot), mean top probability and mean selection margin (log-gap between
+    the two most attended keys). Uses `output_attentions=True`, which returns MultiMax's
+    probabilities after modulation."""
     was_training = model.training
     model.eval()
     try:
@@ -37,11 +39,11 @@ def attention_sharpness(model: torch.nn.Module, inputs: dict) -> dict[str, float
     stats = {}
     for i, probs in enumerate(attentions or ()):
         probs = probs.float()
-        support = (probs > 0).sum(-1).clamp_min(2)  # keys each row may attend
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / support.float().log()
-        rows = probs.sum(-1) > 0
-        stats[f"attention/entropy/layer_{i}"] = entropy[rows].mean().item()
-        stats[f"attention/max_prob/layer_{i}"] = probs.amax(-1)[rows].mean().item()
+        rows = probs.sum(-1) > 0  # fully padded query rows carry no attention
+        margin = selection_margin(probs)[rows]
+        stats[f"attention/entropy/layer_{i}"] = entropy(probs)[rows].mean().item()
+        stats[f"attention/max_prob/layer_{i}"] = top_k_mass(probs, 1)[rows].mean().item()
+        stats[f"attention/selection_margin/layer_{i}"] = margin[torch.isfinite(margin)].mean().item()
     return stats
 
 
