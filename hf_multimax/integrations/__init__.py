@@ -6,6 +6,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..ops.multimax import BACKENDS
+from .entmax_attention import attention_functions as entmax_attention_functions
 from .model_hooks import ATTENTION_NAME, install_model_hooks, sync_multimax
 from .multimax_attention import multimax_attention_forward, multimax_mask
 
@@ -21,5 +22,9 @@ def register() -> None:
     for name in ATTENTION_NAMES:
         AttentionInterface.register(name, multimax_attention_forward)
         # Without a mask function of the same name transformers passes mask=None, even for causal models.
+        AttentionMaskInterface.register(name, multimax_mask)
+    # Baselines: "sparsemax" and "entmax15" (need the entmax extra at call time).
+    for name, fn in entmax_attention_functions().items():
+        AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, multimax_mask)
     install_model_hooks()

@@ -8,7 +8,13 @@ from transformers.masking_utils import sdpa_mask
 from ..layers.multimax import MultiMaxModulator
 from ..ops.multimax import BACKENDS
 
-__all__ = ["multimax_attention_forward", "multimax_mask", "resolve_backend", "split_float_mask"]
+__all__ = [
+    "multimax_attention_forward",
+    "multimax_mask",
+    "prepare_mask",
+    "resolve_backend",
+    "split_float_mask",
+]
 
 
 def multimax_mask(*args, **kwargs):
@@ -34,6 +40,21 @@ def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
 # Below this many scores per (batch, head), materialising them is cheap and the eager kernel wins
 # (and needs no compilation); measured crossover on a 2-core CPU in scripts/bench_attention.py.
 AUTO_MIN_SCORES = 512 * 512
+
+
+def prepare_mask(module, attention_mask, key, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """HF's mask -> (boolean keep mask or None, additive bias or None, is_causal)."""
+    mask, bias = attention_mask, None
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+        if mask.dtype != torch.bool:
+            mask, bias = split_float_mask(mask)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)  # as transformers' SDPA path
+    # HF hands over a mask that already encodes causality (and windows); only without one does the
+    # module's own causality apply.
+    return mask, bias, bool(is_causal) and mask is None
 
 
 def resolve_backend(requested: str, query: torch.Tensor, key: torch.Tensor, *, dropout: float, want_probs: bool) -> str:
@@ -104,17 +125,7 @@ def multimax_attention_forward(
         theta = theta[:, :, None, None]  # [8, H, 1, 1] against scores [B, H, Q, K]
         affine = None if affine is None else affine[:, :, None, None]
 
-    mask, bias = attention_mask, None
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-        if mask.dtype != torch.bool:
-            mask, bias = split_float_mask(mask)
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)  # as transformers' SDPA path
-    # HF hands over a mask that already encodes causality (and windows); only without one does the
-    # module's own causality apply.
-    is_causal = bool(is_causal) and mask is None
+    mask, bias, is_causal = prepare_mask(module, attention_mask, key, kwargs)
 
     dropout = dropout if module.training else 0.0
     backend = resolve_backend(modulator.backend, query, key, dropout=dropout, want_probs=bool(kwargs.get("output_attentions")))

@@ -1,0 +1,29 @@
+"""sparsemax and 1.5-entmax as transformers attention implementations (baselines for MultiMax)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..ops.entmax import ENTMAX_NORMALIZERS, naive_entmax_attention
+from .multimax_attention import prepare_mask
+
+__all__ = ["ENTMAX_NORMALIZERS", "entmax_attention_forward"]
+
+
+def entmax_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, normalizer,
+                             **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers `AttentionInterface` function; `normalizer` is bound at registration."""
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"{normalizer} attention does not support attention sinks (s_aux)")
+    mask, bias, is_causal = prepare_mask(module, attention_mask, key, kwargs)
+    out, probs = naive_entmax_attention(
+        query, key, value, normalizer=normalizer, scale=scaling, mask=mask, bias=bias, is_causal=is_causal,
+        softcap=kwargs.get("softcap"), dropout_p=dropout if module.training else 0.0,
+    )
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def attention_functions():
+    return {name: functools.partial(entmax_attention_forward, normalizer=name) for name in ENTMAX_NORMALIZERS}
