@@ -12,19 +12,18 @@ row shift; eps = log 0.05, s = 0.01).
 
 import argparse
 import json
-import math
 import os
 
 import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, BertConfig
 
 import hf_multimax  # noqa: F401
-from hf_multimax.analysis.metrics import entropy, multimodality, sparsity, top_k_mass
+from hf_multimax.analysis.metrics import entropy, multimodality, relative_log_scores, sparsity, top_k_mass
+from hf_multimax.training.callbacks import SM_EPS, SM_REF_PROB
 from hf_multimax.training.finetune import main as finetune
 from hf_multimax.training.tasks import generated_digits, generated_keyword_task, offline_tokenizer_path
 
 ATTENTIONS = {"softmax": "eager", "multimax": "multimax", "entmax15": "entmax15", "sparsemax": "sparsemax"}
-EPS, S_REF = math.log(0.05), 0.01
 
 
 @torch.no_grad()
@@ -35,13 +34,12 @@ def attention_metrics(model, inputs):
     for probs in attentions:
         probs = probs.float()
         valid = probs.sum(-1) > 0
-        x = probs.clamp_min(1e-45).log() - probs.amax(-1, keepdim=True).log()
-        x = torch.where(probs > 0, x, torch.full_like(x, -1e4))
+        x = relative_log_scores(probs)
         rows["entropy"].append(entropy(probs)[valid])
         rows["top1"].append(top_k_mass(probs, 1)[valid])
         rows["zeros"].append((probs == 0).float().mean(-1)[valid])
-        rows["S"].append(sparsity(x, probs, eps=EPS, s=S_REF)[valid])
-        rows["M"].append(multimodality(x, probs, eps=EPS)[valid])
+        rows["S"].append(sparsity(x, probs, eps=SM_EPS, s=SM_REF_PROB)[valid])
+        rows["M"].append(multimodality(x, probs, eps=SM_EPS)[valid])
     return {k: torch.cat(v).mean().item() for k, v in rows.items()}
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "attention_to_sink",
     "entropy",
     "multimodality",
+    "relative_log_scores",
     "selection_margin",
     "sparsity",
     "top_k_mass",
@@ -67,3 +68,11 @@ def sparsity(scores: torch.Tensor, probs: torch.Tensor, eps: float = 0.0, s: flo
         raise ValueError(f"s={s} must be > 0")
     below = scores < eps
     return (torch.exp(-probs / s) * below).sum(-1) / scores.shape[-1]
+
+
+def relative_log_scores(probs: torch.Tensor) -> torch.Tensor:
+    """x = log p - log p_max per row `[..., K]`: the normaliser's input up to a row shift (exact for
+    softmax and MultiMax, whose outputs are softmax of the modulated scores). Zero-probability keys
+    get -1e4. Lets S and M be computed from a model's attention probabilities alone."""
+    log_p = probs.clamp_min(1e-45).log() - probs.amax(-1, keepdim=True).clamp_min(1e-45).log()
+    return torch.where(probs > 0, log_p, torch.full_like(log_p, -1e4))

@@ -7,10 +7,19 @@ import math
 import torch
 from transformers import TrainerCallback
 
-from ..analysis.metrics import entropy, selection_margin, top_k_mass
+from ..analysis.metrics import (
+    entropy,
+    multimodality,
+    relative_log_scores,
+    selection_margin,
+    sparsity,
+    top_k_mass,
+)
 from ..layers.multimax import MultiMaxModulator
 
 __all__ = ["MultiMaxLoggingCallback", "attention_sharpness", "multimax_scalars"]
+
+SM_EPS, SM_REF_PROB = math.log(0.05), 0.01  # S/M threshold on log p - log p_max, and S's reference probability
 
 
 def multimax_scalars(model: torch.nn.Module) -> dict[str, float]:
@@ -44,6 +53,10 @@ def attention_sharpness(model: torch.nn.Module, inputs: dict) -> dict[str, float
         stats[f"attention/entropy/layer_{i}"] = entropy(probs)[rows].mean().item()
         stats[f"attention/max_prob/layer_{i}"] = top_k_mass(probs, 1)[rows].mean().item()
         stats[f"attention/selection_margin/layer_{i}"] = margin[torch.isfinite(margin)].mean().item()
+        # The MultiMax paper's S and M on x = log p - log p_max (the normaliser's input up to a row shift).
+        x = relative_log_scores(probs)
+        stats[f"attention/sparsity_S/layer_{i}"] = sparsity(x, probs, eps=SM_EPS, s=SM_REF_PROB)[rows].mean().item()
+        stats[f"attention/multimodality_M/layer_{i}"] = multimodality(x, probs, eps=SM_EPS)[rows].mean().item()
     return stats
 
 

@@ -55,6 +55,7 @@ def test_text_classification_learns_and_logs(tiny_bert, tmp_path):
     logged = history[-2] if "loss" not in history[-1] else history[-1]
     assert any(k.startswith("multimax/bert.encoder.layer.0.attention.self/") for k in logged)
     assert "attention/entropy/layer_1" in logged and 0 < logged["attention/entropy/layer_1"] <= 1
+    assert 0 <= logged["attention/sparsity_S/layer_0"] <= 1 and 0 <= logged["attention/multimodality_M/layer_0"] <= 1
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["attn_implementation"] == "multimax"
 
