@@ -17,7 +17,6 @@ from transformers import (
     HfArgumentParser,
     LlamaConfig,
     ViTConfig,
-    default_data_collator,
     set_seed,
 )
 

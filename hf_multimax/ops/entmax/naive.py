@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..naive_attention import naive_attention
 
