@@ -42,7 +42,8 @@ def test_card_renders_and_metadata_parses_back(model, tmp_path):
     results = loaded.data.eval_results
     assert [(r.metric_type, r.metric_value) for r in results] == [("accuracy", 0.91)]  # runtime is not a result
     text = loaded.text
-    assert "import hf_multimax" in text and 'AutoModelForSequenceClassification.from_pretrained("someone/tiny-multimax")' in text
+    repo = "someone/tiny-multimax"  # the card's usage snippet, not a load: nothing is downloaded here
+    assert "import hf_multimax" in text and f'AutoModelForSequenceClassification.from_pretrained("{repo}")' in text
     assert "| `order` | `1` |" in text and "2406.01189" in text
 
 
@@ -94,4 +95,5 @@ def test_trainer_writes_our_card_for_push_to_hub(model, tmp_path):
     trainer.create_model_card(finetuned_from="someone/tiny-bert")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "someone/tiny-bert" and "hf-multimax" in card.data.tags
-    assert 'from_pretrained("someone/from-trainer")' in card.text
+    repo = "someone/from-trainer"
+    assert f'from_pretrained("{repo}")' in card.text
