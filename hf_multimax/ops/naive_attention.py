@@ -7,7 +7,21 @@ from typing import Callable
 
 import torch
 
-__all__ = ["naive_attention"]
+__all__ = ["check_qkv", "naive_attention"]
+
+
+def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
+    """Validate `[B, H, Q, D]` / `[B, Hkv, K, D]` inputs of every attention kernel; returns (H, Hkv)."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            f"query/key/value must be 4-D [B, H, L, D]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    n_heads, n_kv_heads = query.shape[1], key.shape[1]
+    if n_heads % n_kv_heads != 0 or value.shape[1] != n_kv_heads:
+        raise ValueError(
+            f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads}, {value.shape[1]})"
+        )
+    return n_heads, n_kv_heads
 
 
 def naive_attention(
@@ -27,15 +41,7 @@ def naive_attention(
     """normalizer(score_mod(scores)) @ V, masks applied after `score_mod` (see
     `naive_multimax_attention` for the argument shapes). `normalizer(x, dim=-1)` must give zero
     weight to -inf entries."""
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            f"query/key/value must be 4-D [B, H, L, D]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    n_heads, n_kv_heads = query.shape[1], key.shape[1]
-    if n_heads % n_kv_heads != 0 or value.shape[1] != n_kv_heads:
-        raise ValueError(
-            f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads}, {value.shape[1]})"
-        )
+    n_heads, n_kv_heads = check_qkv(query, key, value)
     batch, q_len, k_len = query.shape[0], query.shape[-2], key.shape[-2]
     if scale is None:
         scale = query.shape[-1] ** -0.5

@@ -13,6 +13,9 @@ import os
 
 import torch
 
+from ..naive_attention import check_qkv
+from .naive import check_theta, naive_multimax_modulate
+
 __all__ = ["DEFAULT_BLOCK_SIZE", "chunked_multimax_attention", "compile_enabled"]
 
 DEFAULT_BLOCK_SIZE = 128  # query rows per block: measured best on a 2-core AVX2 CPU at L=2k..8k
@@ -36,14 +39,6 @@ def _keep(s, keep_blk, row0, col0, causal_offset):
     return keep
 
 
-def _sigma(x, theta):
-    t1, t2, t3, t4, b1, d1, b2, d2 = theta.unbind(0)
-    return (
-        x + t1 * torch.relu(b1 - x) + t2 * torch.relu(x - d1) + t3 * torch.relu(b2 - x).square()
-        + t4 * torch.relu(x - d2).square()
-    )
-
-
 def _reduce_to(x, shape):
     return x.sum() if len(shape) == 0 else x.sum_to_size(shape)
 
@@ -53,7 +48,7 @@ def _forward_tile(
 ):
     s = _scores(q_blk, k, scale, softcap, bias_blk)
     x = s if affine is None else (1 + affine[0]) * s + affine[1]
-    y = _sigma(x, theta)
+    y = naive_multimax_modulate(x, theta)
     keep = _keep(y, keep_blk, row0, col0, causal_offset)
     if keep is not None:
         y = y.masked_fill(~keep, float("-inf"))
@@ -77,7 +72,7 @@ def _backward_tile(
     if bias_blk is not None:
         s = s + bias_blk
     x = s if affine is None else (1 + affine[0]) * s + affine[1]
-    y = _sigma(x, theta)
+    y = naive_multimax_modulate(x, theta)
     p = torch.exp(y - lse_blk)
     keep = _keep(y, keep_blk, row0, col0, causal_offset)
     if keep is not None:
@@ -255,19 +250,10 @@ def chunked_multimax_attention(
     """
     if dropout_p != 0.0:
         raise ValueError(f"the chunked backend does not support attention dropout (got dropout_p={dropout_p}); use eager")
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            f"query/key/value must be 4-D [B, H, L, D]; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    if theta.shape[0] != 8:
-        raise ValueError(f"theta must have 8 rows (t1, t2, t3, t4, b1, d1, b2, d2), got shape {tuple(theta.shape)}")
+    n_heads, n_kv_heads = check_qkv(query, key, value)
+    check_theta(theta)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive int")
-    n_heads, n_kv_heads = query.shape[1], key.shape[1]
-    if n_heads % n_kv_heads != 0 or value.shape[1] != n_kv_heads:
-        raise ValueError(
-            f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads}, {value.shape[1]})"
-        )
     if n_heads != n_kv_heads:
         key = key.repeat_interleave(n_heads // n_kv_heads, dim=1)
         value = value.repeat_interleave(n_heads // n_kv_heads, dim=1)

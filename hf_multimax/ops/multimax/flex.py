@@ -7,6 +7,9 @@ import functools
 
 import torch
 
+from ..naive_attention import check_qkv
+from .naive import check_theta
+
 __all__ = ["flex_multimax_attention", "flex_is_available"]
 
 
@@ -97,6 +100,8 @@ def flex_multimax_attention(
     """
     if dropout_p != 0.0:
         raise ValueError(f"the flex backend does not support attention dropout (got dropout_p={dropout_p}); use eager")
+    check_qkv(query, key, value)
+    check_theta(theta)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, theta, affine)
     )

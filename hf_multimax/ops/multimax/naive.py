@@ -9,7 +9,12 @@ from ..naive_attention import naive_attention
 # Order of the 8 scalars along dim 0 of `theta` (papers.md, MultiMax section).
 THETA_NAMES = ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")
 
-__all__ = ["THETA_NAMES", "naive_multimax_modulate", "naive_multimax_attention"]
+__all__ = ["THETA_NAMES", "check_theta", "naive_multimax_modulate", "naive_multimax_attention"]
+
+
+def check_theta(theta: torch.Tensor) -> None:
+    if theta.shape[0] != 8:
+        raise ValueError(f"theta must have 8 rows ({', '.join(THETA_NAMES)}), got shape {tuple(theta.shape)}")
 
 
 def naive_multimax_modulate(
@@ -33,8 +38,7 @@ def naive_multimax_modulate(
         >>> torch.equal(naive_multimax_modulate(x, torch.zeros(8)), x)
         True
     """
-    if theta.shape[0] != 8:
-        raise ValueError(f"theta must have 8 rows ({', '.join(THETA_NAMES)}), got shape {tuple(theta.shape)}")
+    check_theta(theta)
     if affine is not None:
         if affine.shape[0] != 2:
             raise ValueError(f"affine must have 2 rows (scale delta a, shift c), got shape {tuple(affine.shape)}")
