@@ -7,6 +7,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..ops.multimax import BACKENDS
 from .entmax_attention import attention_functions as entmax_attention_functions
+from .fusion_auto import register_fusion_auto_classes
 from .model_hooks import ATTENTION_NAME, install_model_hooks, sync_multimax
 from .multimax_attention import multimax_attention_forward, multimax_mask
 
@@ -28,3 +29,4 @@ def register() -> None:
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, multimax_mask)
     install_model_hooks()
+    register_fusion_auto_classes()
