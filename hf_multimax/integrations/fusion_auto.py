@@ -17,6 +17,11 @@ def register_fusion_auto_classes() -> None:
         MultimodalFusionModel,
     )
 
+    # save_pretrained then copies the modeling files next to the weights and writes `auto_map`, so a
+    # published checkpoint also loads without the plugin (trust_remote_code=True).
+    MultimodalFusionConfig.register_for_auto_class()
+    MultimodalFusionModel.register_for_auto_class("AutoModel")
+    MultimodalFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
     AutoConfig.register(MODEL_TYPE, MultimodalFusionConfig, exist_ok=True)
     AutoModel.register(MultimodalFusionConfig, MultimodalFusionModel, exist_ok=True)
     AutoModelForSequenceClassification.register(

@@ -52,7 +52,9 @@ class MultimodalFusionConfig(PreTrainedConfig):
         attribution_target (`list[float]`, *optional*): target share of each modality's attribution
             (length M, non-negative, sums to 1). Default: equal shares.
         attribution_weight (`float`): lambda of the attribution regularizer; `0` disables it. Default: `0.0`.
-        initializer_range (`float`): std of the normal init. Default: `0.02`.
+        initializer_range (`float`, *optional*): std of a normal init of weights and embeddings; `None`
+            gives PyTorch's fan-in uniform init (embeddings and CLS N(0, 1)), which small fusion heads
+            need to train with SGD. Default: `None`.
 
     Examples:
         ```python
@@ -81,7 +83,7 @@ class MultimodalFusionConfig(PreTrainedConfig):
     rollingq: dict | None = None
     attribution_target: list[float | int] | None = None
     attribution_weight: float | int = 0.0
-    initializer_range: float = 0.02
+    initializer_range: float | None = None
 
     def __post_init__(self, **kwargs):
         if self.modality_names is None:

@@ -7,6 +7,7 @@ file as remote code.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -221,13 +222,21 @@ class MultimodalFusionPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MultimodalFusionLayer"]
 
     def _init_weights(self, module):
+        # initializer_range=None: PyTorch's own fan-in init. A std of 0.02 in every one of the few narrow
+        # layers of a small fusion head starts it so close to zero that SGD does not move it.
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            if std is None:
+                bound = 1.0 / math.sqrt(module.in_features)
+                init.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    init.uniform_(module.bias, -bound, bound)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=1.0 if std is None else std)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -236,16 +245,27 @@ class MultimodalFusionPreTrainedModel(PreTrainedModel):
             init.eye_(module.rollingq_rotation)
             init.zeros_(module.rollingq_num_rotations)
         elif isinstance(module, MultimodalFusionModel):
-            init.normal_(module.cls_token, mean=0.0, std=std)
+            init.normal_(module.cls_token, mean=0.0, std=1.0 if std is None else std)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading re-creates the parameters with requires_grad=True: freeze the encoders again.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for module in model.modules():
+            if isinstance(module, MultimodalFusionModel):
+                module._apply_freeze()
+        return loaded
 
     def fusion_attentions(self) -> list[MultimodalFusionAttention]:
         return [m for m in self.modules() if isinstance(m, MultimodalFusionAttention)]
 
     @torch.no_grad()
-    def rollingq_update(self, statistics: list[dict]) -> list[dict]:
+    def rollingq_update(self, statistics: list[dict], apply: bool = True) -> list[dict]:
         """RollingQ's epoch-end step, per fusion layer, from `rollingq_statistics` summed over the
         training data: the attention imbalance and, if it exceeds `beta` and fewer than
         `max_rotations` were done, a rotation of the CLS query toward the under-attended modalities.
+        `apply=False` only measures (no rotation, whatever the config says).
 
         With c_m = mean over samples of cos(q, mean key of modality m): the imbalance is
         max_m c_m - min_m c_m; `air` is c_0 - c_1 for two modalities (the paper's signed AIR) and the
@@ -261,7 +281,7 @@ class MultimodalFusionPreTrainedModel(PreTrainedModel):
             imbalance = (cos.max() - cos.min()).item()
             air = (cos[0] - cos[1]).item() if cos.numel() == 2 else imbalance
             done = int(attention.rollingq_num_rotations.item())
-            rotate = settings["enabled"] and imbalance > settings["beta"] and done < settings["max_rotations"]
+            rotate = apply and settings["enabled"] and imbalance > settings["beta"] and done < settings["max_rotations"]
             if rotate:
                 query = stats["query"] / stats["count"]
                 mean_keys = stats["key"] / stats["key_count"].clamp_min(1.0)[:, None]
@@ -400,6 +420,22 @@ class MultimodalFusionForSequenceClassification(MultimodalFusionPreTrainedModel)
         self.post_init()
         self.fusion._apply_freeze()
 
+    @classmethod
+    def from_pretrained_encoders(cls, encoders: dict[str, str], **config_kwargs):
+        """A new fusion model whose encoder modalities start from pretrained checkpoints, e.g.
+        `from_pretrained_encoders({"text": get_model_path()}, modality_names=["text", "audio"],
+        modality_input_sizes=[384, 16], num_labels=3)`. The fusion part is freshly initialised."""
+        names = config_kwargs.get("modality_names") or list(MultimodalFusionConfig().modality_names)
+        unknown = set(encoders) - set(names)
+        if unknown:
+            raise ValueError(f"encoders for unknown modalities {sorted(unknown)}; modality_names={names}")
+        loaded = {name: AutoModel.from_pretrained(path) for name, path in encoders.items()}
+        config_kwargs["encoders"] = [loaded[n].config.to_dict() if n in loaded else None for n in names]
+        model = cls(MultimodalFusionConfig(**config_kwargs))
+        for name, encoder in loaded.items():
+            model.fusion.encoders[name].load_state_dict(encoder.state_dict())
+        return model
+
     def _classify(self, fusion_output: MultimodalFusionModelOutput) -> torch.Tensor:
         return self.classifier(self.dropout(fusion_output.pooler_output))
 
@@ -445,7 +481,7 @@ class MultimodalFusionForSequenceClassification(MultimodalFusionPreTrainedModel)
             targets = labels if labels is not None else logits.argmax(-1)
             shares = self.attribution_shares(fusion_inputs, masks, logits, targets, create_graph=double_backward)
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
             if regularize:
                 target = torch.tensor(self.config.attribution_ratios, dtype=shares.dtype, device=shares.device)
                 loss = loss + self.config.attribution_weight * (shares - target).square().sum(-1).mean()

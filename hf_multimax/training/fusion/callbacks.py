@@ -1,0 +1,123 @@
+"""Trainer callbacks of the fusion recipe: RollingQ's epoch-end step, the warm-up that gives one
+modality a head start, and per-epoch imbalance monitoring. Their measurements go into
+`state.log_history` (so `trainer_state.json` keeps them)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+
+__all__ = ["FusionMonitorCallback", "ModalityWarmupCallback", "RollingQCallback", "rollingq_statistics"]
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+@torch.no_grad()
+def rollingq_statistics(model, dataloader) -> list[dict]:
+    """Per fusion layer, RollingQ's sums (query, per-modality keys, cosines) over all of `dataloader`,
+    in eval mode without gradients (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = None
+    try:
+        for batch in dataloader:
+            batch = _to(batch, device)
+            stats = model(modality_inputs=batch["modality_inputs"], output_rollingq_statistics=True).rollingq_statistics
+            if totals is None:
+                totals = [dict(s) for s in stats]
+            else:
+                for total, s in zip(totals, stats):
+                    for key in total:
+                        total[key] = total[key] + s[key]
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def _append_log(state, values: dict) -> None:
+    entry = {"epoch": state.epoch, "step": state.global_step, **values}
+    state.log_history.append(entry)
+
+
+class RollingQCallback(TrainerCallback):
+    """At each epoch end: measure the attention imbalance (AIR) over the training data and, when the
+    model's `config.rollingq` is enabled, rotate the CLS query (`model.rollingq_update`). AIR is logged
+    for every model (`rollingq/air`, `rollingq/rotated`, `rollingq/num_rotations`, last fusion layer), so
+    a joint baseline gets the same trace.
+
+    Args:
+        dataloader (`DataLoader`): the training data as the model sees it, without augmentation (the
+            warm-up's noise would make the modality it replaces look under-attended).
+    """
+
+    def __init__(self, dataloader: DataLoader):
+        self.dataloader = dataloader
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        results = model.rollingq_update(rollingq_statistics(model, self.dataloader))
+        last = results[-1]
+        values = {"rollingq/air": last["air"], "rollingq/rotated": float(any(r["rotated"] for r in results)),
+                  "rollingq/num_rotations": last["num_rotations"]}
+        self.history.append({"epoch": state.epoch, **values})
+        _append_log(state, values)
+
+
+class ModalityWarmupCallback(TrainerCallback):
+    """Replaces `modalities` by noise in the training collator for the first `epochs` epochs (the
+    benchmark's head start for the dominant modality)."""
+
+    def __init__(self, collator, modalities, epochs: int):
+        self.collator, self.modalities, self.epochs = collator, set(modalities), epochs
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        in_warmup = state.epoch is not None and state.epoch < self.epochs - 1e-6
+        self.collator.noise = set(self.modalities) if in_warmup else set()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.collator.noise = set()
+
+
+@torch.no_grad()
+def imbalance_snapshot(model, batch) -> dict[str, float]:
+    """Mean attention mass of the last fusion layer's CLS query and mean attribution share, per
+    modality, on one batch (eval mode; the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(**batch, output_attentions=True, output_attributions=True)
+    finally:
+        model.train(was_training)
+    names = model.config.modality_names
+    values = {}
+    for i, name in enumerate(names):
+        values[f"fusion/attention_mass/{name}"] = out.modality_attention_mass[:, i].mean().item()
+        values[f"fusion/attribution_share/{name}"] = out.attribution_shares[:, i].mean().item()
+    return values
+
+
+class FusionMonitorCallback(TrainerCallback):
+    """At each epoch end (and before training), attention mass and attribution shares per modality on
+    a fixed probe batch (`fusion/attention_mass/<m>`, `fusion/attribution_share/<m>`)."""
+
+    def __init__(self, probe_batch: dict):
+        self.probe_batch = probe_batch
+        self.history: list[dict] = []
+
+    def _measure(self, state, model):
+        batch = _to(self.probe_batch, next(model.parameters()).device)
+        values = imbalance_snapshot(model, batch)
+        self.history.append({"epoch": state.epoch or 0.0, **values})
+        _append_log(state, values)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._measure(state, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._measure(state, model)

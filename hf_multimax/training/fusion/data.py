@@ -1,0 +1,118 @@
+"""Two-or-more-modality classification tasks as `datasets.Dataset`s, and their collator.
+
+Rows hold one [tokens, features] array per modality (columns named after the modalities) and `label`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from datasets import Array2D, Dataset, DatasetDict, Features, Value
+
+__all__ = ["TASKS", "FusionCollator", "digits_two_view_dataset", "load_fusion_task", "synthetic_imbalance_dataset"]
+
+
+def _to_dataset(views: dict[str, np.ndarray], labels: np.ndarray) -> Dataset:
+    features = {name: Array2D(shape=x.shape[1:], dtype="float32") for name, x in views.items()}
+    features["label"] = Value("int64")
+    data = {name: x.astype(np.float32) for name, x in views.items()}
+    data["label"] = labels.astype(np.int64)
+    return Dataset.from_dict(data, features=Features(features)).with_format("torch")
+
+
+def synthetic_imbalance_dataset(
+    num_train: int = 4000,
+    num_test: int = 2000,
+    seed: int = 0,
+    num_classes: int = 6,
+    num_tokens: int = 8,
+    dim: int = 16,
+    strength_a: float = 1.0,
+    strength_b: float = 3.0,
+) -> DatasetDict:
+    """The synthetic benchmark of papers.md: modality `a` (easy) carries the class prototype at
+    `strength_a` on every token, modality `b` (harder) at `strength_b` on one random token only; unit
+    Gaussian noise everywhere; prototypes are random unit vectors, one set per modality.
+
+    Returns `DatasetDict(train, test)` with columns `a`, `b` [num_tokens, dim] and `label`; the same
+    `seed` gives the same data.
+    """
+    rng = np.random.default_rng(seed)
+    prototypes = rng.standard_normal((2, num_classes, dim))
+    prototypes /= np.linalg.norm(prototypes, axis=-1, keepdims=True)
+    total = num_train + num_test
+    labels = rng.integers(0, num_classes, total)
+    a = rng.standard_normal((total, num_tokens, dim)) + strength_a * prototypes[0, labels][:, None, :]
+    b = rng.standard_normal((total, num_tokens, dim))
+    position = rng.integers(0, num_tokens, total)
+    b[np.arange(total), position] += strength_b * prototypes[1, labels]
+    train = _to_dataset({"a": a[:num_train], "b": b[:num_train]}, labels[:num_train])
+    test = _to_dataset({"a": a[num_train:], "b": b[num_train:]}, labels[num_train:])
+    return DatasetDict(train=train, test=test)
+
+
+def digits_two_view_dataset(test_size: float = 0.33, seed: int = 0, degrade_std: float = 0.6) -> DatasetDict:
+    """scikit-learn's bundled 8x8 digits as two views: `top` (rows 0-3) and `bottom` (rows 4-7), each
+    4 tokens (image rows) of 8 pixels scaled to [0, 1]; `bottom` is degraded with Gaussian noise of
+    std `degrade_std`, so `top` dominates. Stratified split with `seed`. Needs scikit-learn (dev extra).
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise ImportError("digits_two_view_dataset needs scikit-learn: pip install 'hf-multimax[dev]'") from err
+    digits = load_digits()
+    images = digits.images.astype(np.float64) / 16.0  # [N, 8, 8]
+    rng = np.random.default_rng(seed)
+    bottom = images[:, 4:] + degrade_std * rng.standard_normal(images[:, 4:].shape)
+    index = np.arange(len(images))
+    train_idx, test_idx = train_test_split(index, test_size=test_size, random_state=seed, stratify=digits.target)
+    views = {"top": images[:, :4], "bottom": bottom}
+    return DatasetDict(
+        train=_to_dataset({k: v[train_idx] for k, v in views.items()}, digits.target[train_idx]),
+        test=_to_dataset({k: v[test_idx] for k, v in views.items()}, digits.target[test_idx]),
+    )
+
+
+# name -> (builder, modality names (dominant first), token features per modality, classes)
+TASKS = {
+    "synthetic": (synthetic_imbalance_dataset, ["a", "b"], [16, 16], 6),
+    "digits": (digits_two_view_dataset, ["top", "bottom"], [8, 8], 10),
+}
+
+
+def load_fusion_task(name: str, **kwargs) -> tuple[DatasetDict, list[str], list[int], int]:
+    """-> (datasets, modality names, token feature sizes, number of classes) of a task in `TASKS`."""
+    if name not in TASKS:
+        raise ValueError(f"unknown fusion task {name!r}; allowed: {sorted(TASKS)}")
+    builder, names, sizes, classes = TASKS[name]
+    return builder(**kwargs), list(names), list(sizes), classes
+
+
+class FusionCollator:
+    """Rows -> `{"modality_inputs": {name: [B, T, d]}, "labels": [B]}`.
+
+    `noise` / `zero` name modalities to replace: by Gaussian noise with the batch's mean and std of that
+    modality, or by zeros (the corrupted/missing-modality protocol; also the warm-up that gives the
+    dominant modality a head start). Both are attributes so a callback can change them between epochs.
+    """
+
+    def __init__(self, modality_names, noise=(), zero=()):
+        self.modality_names = list(modality_names)
+        self.noise = set(noise)
+        self.zero = set(zero)
+        unknown = (self.noise | self.zero) - set(self.modality_names)
+        if unknown:
+            raise ValueError(f"FusionCollator: unknown modalities {sorted(unknown)}; allowed: {self.modality_names}")
+
+    def __call__(self, rows):
+        inputs = {}
+        for name in self.modality_names:
+            x = torch.stack([torch.as_tensor(row[name], dtype=torch.float32) for row in rows])
+            if name in self.noise:
+                x = torch.randn_like(x) * x.std() + x.mean()
+            elif name in self.zero:
+                x = torch.zeros_like(x)
+            inputs[name] = x
+        labels = torch.as_tensor([int(row["label"]) for row in rows], dtype=torch.long)
+        return {"modality_inputs": inputs, "labels": labels}
