@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..naive_attention import check_qkv
-from .naive import check_theta, naive_multimax_modulate
+from .naive import check_theta, naive_multimax_modulate, naive_multimax_modulate_backward
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "chunked_multimax_attention", "compile_enabled"]
 
@@ -37,10 +37,6 @@ def _keep(s, keep_blk, row0, col0, causal_offset):
         causal = torch.arange(s.shape[-1], device=s.device)[None, :] <= rows
         keep = causal if keep is None else keep & causal
     return keep
-
-
-def _reduce_to(x, shape):
-    return x.sum() if len(shape) == 0 else x.sum_to_size(shape)
 
 
 def _forward_tile(
@@ -81,27 +77,7 @@ def _backward_tile(
     dp = torch.matmul(do, v.float().transpose(-1, -2))
     dy = p * (dp - delta_blk)  # dL/dsigma
 
-    t1, t2, t3, t4, b1, d1, b2, d2 = theta.unbind(0)
-    below1, above1 = torch.relu(b1 - x), torch.relu(x - d1)
-    below2, above2 = torch.relu(b2 - x), torch.relu(x - d2)
-    shape = theta.shape[1:]
-    dtheta = torch.stack(
-        [
-            _reduce_to(dy * below1, shape),
-            _reduce_to(dy * above1, shape),
-            _reduce_to(dy * below2.square(), shape),
-            _reduce_to(dy * above2.square(), shape),
-            _reduce_to(dy * t1 * (x < b1), shape),
-            _reduce_to(-dy * t2 * (x > d1), shape),
-            _reduce_to(dy * 2 * t3 * below2, shape),
-            _reduce_to(-dy * 2 * t4 * above2, shape),
-        ]
-    )
-    dx = dy * (1 - t1 * (x < b1) + t2 * (x > d1) - 2 * t3 * below2 + 2 * t4 * above2)
-    daffine = None
-    if affine is not None:
-        daffine = torch.stack([_reduce_to(dx * s, affine.shape[1:]), _reduce_to(dx, affine.shape[1:])])
-        dx = dx * (1 + affine[0])
+    dx, dtheta, daffine = naive_multimax_modulate_backward(dy, s, theta, affine)
     if softcap is not None:
         dx = dx * (1 - torch.tanh(raw / softcap).square())
     dx = dx * scale

@@ -9,7 +9,13 @@ from ..naive_attention import naive_attention
 # Order of the 8 scalars along dim 0 of `theta` (papers.md, MultiMax section).
 THETA_NAMES = ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")
 
-__all__ = ["THETA_NAMES", "check_theta", "naive_multimax_modulate", "naive_multimax_attention"]
+__all__ = [
+    "THETA_NAMES",
+    "check_theta",
+    "naive_multimax_attention",
+    "naive_multimax_modulate",
+    "naive_multimax_modulate_backward",
+]
 
 
 def check_theta(theta: torch.Tensor) -> None:
@@ -50,6 +56,50 @@ def naive_multimax_modulate(
     y = torch.addcmul(y, t2, torch.sub(x, d1).clamp_(min=0))
     y = torch.addcmul(y, t3, torch.sub(b2, x).clamp_(min=0).square_())
     return torch.addcmul(y, t4, torch.sub(x, d2).clamp_(min=0).square_())
+
+
+def _reduce_to(x, shape):
+    return x.sum() if len(shape) == 0 else x.sum_to_size(shape)
+
+
+def naive_multimax_modulate_backward(
+    dy: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, affine: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hand-written backward of `naive_multimax_modulate` for the fused kernels, which recompute
+    scores instead of keeping an autograd graph.
+
+    Args:
+        dy (`torch.Tensor`): gradient w.r.t. the modulated scores sigma(x).
+        s (`torch.Tensor`): the scores before the affine (x = s without affine).
+        theta, affine: as in `naive_multimax_modulate`.
+
+    Returns:
+        `(ds, dtheta [8, *S], daffine [2, *S] or None)`, with sigma'(x) = 1 - t1*[x<b1] + t2*[x>d1]
+        - 2*t3*relu(b2-x) + 2*t4*relu(x-d2).
+    """
+    x = s if affine is None else (1 + affine[0]) * s + affine[1]
+    t1, t2, t3, t4, b1, d1, b2, d2 = theta.unbind(0)
+    below1, above1 = torch.relu(b1 - x), torch.relu(x - d1)
+    below2, above2 = torch.relu(b2 - x), torch.relu(x - d2)
+    shape = theta.shape[1:]
+    dtheta = torch.stack(
+        [
+            _reduce_to(dy * below1, shape),
+            _reduce_to(dy * above1, shape),
+            _reduce_to(dy * below2.square(), shape),
+            _reduce_to(dy * above2.square(), shape),
+            _reduce_to(dy * t1 * (x < b1), shape),
+            _reduce_to(-dy * t2 * (x > d1), shape),
+            _reduce_to(dy * 2 * t3 * below2, shape),
+            _reduce_to(-dy * 2 * t4 * above2, shape),
+        ]
+    )
+    dx = dy * (1 - t1 * (x < b1) + t2 * (x > d1) - 2 * t3 * below2 + 2 * t4 * above2)
+    daffine = None
+    if affine is not None:
+        daffine = torch.stack([_reduce_to(dx * s, affine.shape[1:]), _reduce_to(dx, affine.shape[1:])])
+        dx = dx * (1 + affine[0])
+    return dx, dtheta, daffine
 
 
 def naive_multimax_attention(

@@ -1,0 +1,121 @@
+"""SparseMix fast CPU backend: the eager backend's tiles in a custom autograd Function that keeps
+only the output and the row log-sum-exp, and recomputes each tile's scores in backward (the
+FlashAttention recipe over gathered blocks). Extra memory is one tile, not the gathered keys and
+values of the whole sequence; gradients of keys and values are scattered back with `index_add_`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..multimax.naive import naive_multimax_modulate_backward
+from .layout import SparseLayout
+from .naive import tile_scores
+
+__all__ = ["blocked_sparsemix_attention"]
+
+
+def _softmax_parts(y: torch.Tensor):
+    """Unnormalised probabilities, row sums and log-sum-exp of masked (-inf) scores."""
+    m = y.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key
+    p = torch.exp(y.sub_(m))
+    denom = p.sum(dim=-1, keepdim=True)
+    has_key = denom > 0
+    # +inf log-sum-exp makes the backward's recomputed probabilities exactly zero on empty rows.
+    lse = torch.where(has_key, m + torch.log(denom), torch.full_like(denom, float("inf")))
+    return p, torch.where(has_key, denom, torch.ones_like(denom)), lse
+
+
+class _BlockedSparseMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_blocks, k_flat, v_flat, theta, affine, layout: SparseLayout):
+        q_blocks, k_flat, v_flat = q_blocks.detach(), k_flat.detach(), v_flat.detach()
+        B, Hkv, nQB, rows, _ = q_blocks.shape
+        out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=layout.acc, device=q_blocks.device)
+        lse = torch.empty(B, Hkv, nQB, layout.groups, layout.geometry.block_size, 1, dtype=layout.acc,
+                          device=q_blocks.device)
+        for c0, c1 in layout.chunks():
+            _, y = tile_scores(layout, q_blocks[:, :, c0:c1], layout.gather(k_flat, c0, c1))
+            p, denom, lse[:, :, c0:c1] = _softmax_parts(layout.mask_tile_(y, c0, c1))
+            # Normalised after the product: Dv columns to divide instead of S * bs.
+            pv = torch.matmul(p.flatten(3, 4), layout.gather(v_flat, c0, c1).to(layout.acc))
+            out[:, :, c0:c1] = pv.div_(denom.flatten(3, 4))
+        ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse)
+        ctx.layout = layout
+        ctx.param_shapes = tuple(None if t is None else (t.shape, t.dtype) for t in (theta, affine))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_blocks, k_flat, v_flat, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        bs = layout.geometry.block_size
+        acc = layout.acc
+        grad_out = grad_out.to(acc)
+        delta = (grad_out * out).sum(dim=-1).view(*lse.shape)
+        dq = torch.empty(q_blocks.shape, dtype=acc, device=q_blocks.device)
+        dk = torch.zeros(k_flat.shape, dtype=acc, device=k_flat.device)
+        dv = torch.zeros(v_flat.shape, dtype=acc, device=v_flat.device)
+        theta, affine = layout.theta, layout.affine
+        dtheta = None if theta is None else torch.zeros_like(theta)
+        daffine = None if affine is None else torch.zeros_like(affine)
+        for c0, c1 in layout.chunks():
+            q_tile = q_blocks[:, :, c0:c1].to(acc)
+            k_tile, v_tile = layout.gather(k_flat, c0, c1).to(acc), layout.gather(v_flat, c0, c1).to(acc)
+            s, y = tile_scores(layout, q_tile, k_tile)
+            p = torch.exp(layout.mask_tile_(y, c0, c1).sub_(lse[:, :, c0:c1]))
+            do = grad_out[:, :, c0:c1]  # [B, Hkv, c, G*bs, Dv]
+            dp = torch.matmul(do, v_tile.transpose(-1, -2)).view(p.shape)
+            dy = p * (dp - delta[:, :, c0:c1])
+            if theta is not None:
+                dy, gtheta, gaffine = naive_multimax_modulate_backward(dy, s, theta, affine)
+                dtheta += gtheta
+                if daffine is not None:
+                    daffine += gaffine
+            ds = dy.flatten(3, 4)  # [B, Hkv, c, G*bs, S*bs], w.r.t. scores of the pre-scaled queries
+            dq[:, :, c0:c1] = torch.matmul(ds, k_tile)
+            flat_idx = layout.flat_idx[:, :, c0:c1].reshape(-1)
+            dk.index_add_(0, flat_idx, torch.matmul(ds.transpose(-1, -2), q_tile).reshape(-1, bs, dk.shape[-1]))
+            dv.index_add_(0, flat_idx, torch.matmul(p.flatten(3, 4).transpose(-1, -2), do).reshape(-1, bs, dv.shape[-1]))
+        dtheta, daffine = (
+            None if g is None else g.reshape(shape).to(dtype)
+            for g, (shape, dtype) in zip((dtheta, daffine), (sh or (None, None) for sh in ctx.param_shapes))
+        )
+        return dq, dk, dv, dtheta, daffine, None
+
+
+def blocked_sparsemix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_valid: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    theta: torch.Tensor | None = None,
+    affine: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as `naive_sparsemix_attention`, with recomputation in backward.
+
+    Examples:
+        >>> from hf_multimax.ops.sparsemix import block_geometry, select_blocks
+        >>> q = k = v = torch.randn(1, 2, 200, 16)
+        >>> g = block_geometry(200, 200, 64, causal=True)
+        >>> idx, ok = select_blocks(torch.randn(1, 2, g.n_q_blocks, g.n_k_blocks), g, top_k=1)
+        >>> blocked_sparsemix_attention(q, k, v, idx, ok, block_size=64, is_causal=True)[0].shape
+        torch.Size([1, 2, 200, 16])
+    """
+    layout = SparseLayout(query, key, value, block_idx, block_valid, block_size=block_size, is_causal=is_causal,
+                          mask=mask, theta=theta, affine=affine)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    # theta/affine reach the Function as inputs (for their gradients) and through the layout (shaped).
+    # Queries pre-scaled (autograd carries the scale into their gradient): one pass fewer per tile.
+    out = _BlockedSparseMix.apply(
+        layout.blocked_queries(query) * scale, layout.flat_blocks(key), layout.flat_blocks(value), theta, affine, layout,
+    )
+    return layout.unblock_queries(out).to(value.dtype), None

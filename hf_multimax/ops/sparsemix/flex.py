@@ -1,0 +1,91 @@
+"""SparseMix through `flex_attention`: the selection becomes a `BlockMask` (only the kept key blocks
+are visited), MultiMax a `score_mod`. Forward and backward on GPU; forward only on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from ..multimax.flex import _compiled_flex, _score_mod
+from .layout import SparseLayout
+
+__all__ = ["flex_sparsemix_attention"]
+
+
+def _block_mask(layout: SparseLayout, q_len: int, k_len: int):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    g, bs = layout.geometry, layout.geometry.block_size
+    idx = layout.block_idx.repeat_interleave(layout.groups, dim=1)  # per query head
+    valid = layout.block_valid.repeat_interleave(layout.groups, dim=1)
+    # BlockMask wants each row's kept blocks first, then any padding, over all n_k_blocks columns.
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    kv_idx = idx.gather(-1, order).to(torch.int32)
+    kv_idx = torch.nn.functional.pad(kv_idx, (0, g.n_k_blocks - kv_idx.shape[-1] if g.n_k_blocks > kv_idx.shape[-1] else 0))
+    kv_num = valid.sum(-1).to(torch.int32)
+    q_shift = g.q_block0 * bs  # padded query row r sits at absolute position q_shift + r
+    hf_mask = layout.mask
+    one_batch = hf_mask is not None and hf_mask.shape[0] == 1
+
+    def mask_mod(b, h, q_idx, kv_idx_):
+        keep = kv_idx_ < g.k_len
+        if g.causal:
+            keep = keep & (kv_idx_ <= q_idx + q_shift)
+        if hf_mask is not None:
+            # [B, Hkv, G, nQB, bs, nKB, bs] blocked view of the padded mask
+            bb = 0 if one_batch else b
+            row = hf_mask[bb, h // layout.groups, h % layout.groups, q_idx // bs, q_idx % bs, kv_idx_ // bs, kv_idx_ % bs]
+            keep = keep & row
+        return keep
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+
+
+def flex_sparsemix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_valid: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    theta: torch.Tensor | None = None,
+    affine: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as `naive_sparsemix_attention`, through compiled FlexAttention.
+
+    Raises:
+        ValueError: gradients needed on CPU (torch has no CPU FlexAttention backward).
+    """
+    layout = SparseLayout(query, key, value, block_idx, block_valid, block_size=block_size, is_causal=is_causal,
+                          mask=mask, theta=theta, affine=affine)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, theta, affine)
+    )
+    if needs_grad and query.device.type == "cpu":
+        raise ValueError(
+            "the flex backend has no backward on CPU (torch implements FlexAttention's backward for GPU only); "
+            "use backend='blocked' (or 'auto') to train on CPU"
+        )
+    if not needs_grad:  # torch refuses CPU flex for inputs that require grad, even under no_grad
+        query, key, value = query.detach(), key.detach(), value.detach()
+        theta = None if theta is None else theta.detach()
+        affine = None if affine is None else affine.detach()
+    g = layout.geometry
+    q = torch.nn.functional.pad(query, (0, 0, g.front_pad, layout.q_tail))
+    k = torch.nn.functional.pad(key, (0, 0, 0, layout.k_pad))
+    v = torch.nn.functional.pad(value, (0, 0, 0, layout.k_pad))
+    score_mod = None
+    if theta is not None:
+        th = theta.reshape(8, -1) if theta.dim() > 1 else theta
+        af = None if affine is None else (affine.reshape(2, -1) if affine.dim() > 1 else affine)
+        score_mod = _score_mod(th.float(), None if af is None else af.float(), None, None)
+    block_mask = _block_mask(layout, q.shape[-2], k.shape[-2])
+    out = _compiled_flex()(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=layout.groups > 1,
+    )
+    # Rows with no key: flex returns zeros there already (its lse is -inf); drop the padding rows.
+    out = out[:, :, g.front_pad : g.front_pad + g.q_len]
+    return out, None

@@ -1,0 +1,187 @@
+"""SparseMix block geometry, the block scorer and top-k block selection. Pure tensor maths.
+
+Blocks are aligned to absolute positions: key block j holds keys [j*B, (j+1)*B); queries are placed
+at absolute positions `q_offset + i` (`q_offset = K - Q` for causal attention, so a KV-cache step
+sits at the end, else 0), so query block a holds the queries whose positions fall in [a*B, (a+1)*B).
+A query block keeps the sink block (0), its local block (a) and the `top_k` best-scored other blocks
+it may see (causal: no future blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = [
+    "BlockGeometry",
+    "block_geometry",
+    "pool_blocks",
+    "scorer_block_scores",
+    "select_blocks",
+    "selection_mask",
+    "candidate_blocks",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGeometry:
+    """Where the queries and keys of one call sit in blocks of `block_size`."""
+
+    q_len: int
+    k_len: int
+    block_size: int
+    q_offset: int  # absolute position of query 0
+    causal: bool
+
+    @property
+    def q_block0(self) -> int:  # absolute index of the first query block
+        return self.q_offset // self.block_size
+
+    @property
+    def front_pad(self) -> int:  # rows before query 0 in its block
+        return self.q_offset % self.block_size
+
+    @property
+    def n_q_blocks(self) -> int:
+        return -(-(self.front_pad + self.q_len) // self.block_size)
+
+    @property
+    def n_k_blocks(self) -> int:
+        return -(-self.k_len // self.block_size)
+
+
+def block_geometry(q_len: int, k_len: int, block_size: int, causal: bool) -> BlockGeometry:
+    if causal and q_len > k_len:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got Q={q_len}, K={k_len}")
+    return BlockGeometry(q_len, k_len, block_size, k_len - q_len if causal else 0, causal)
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0) -> torch.Tensor:
+    """Mean and max of each block of tokens: `[B, H, L, D]` -> `[B, H, n_blocks, 2D]` (fp32).
+
+    The first block starts `front_pad` positions before token 0; padding rows (front and tail) are
+    left out of both statistics.
+    """
+    B, H, L, D = x.shape
+    n_blocks = -(-(front_pad + L) // block_size)
+    tail = n_blocks * block_size - front_pad - L
+    x = x.float()
+    padded = torch.nn.functional.pad(x, (0, 0, front_pad, tail)).view(B, H, n_blocks, block_size, D)
+    real = torch.ones(L, dtype=torch.bool, device=x.device)
+    real = torch.nn.functional.pad(real, (front_pad, tail)).view(n_blocks, block_size, 1)
+    count = real.sum(dim=1).clamp_min(1)
+    mean = padded.sum(dim=3) / count
+    peak = padded.masked_fill(~real, float("-inf")).amax(dim=3)
+    return torch.cat([mean, peak], dim=-1)
+
+
+def scorer_block_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    w_query: torch.Tensor,
+    w_key: torch.Tensor,
+    geometry: BlockGeometry,
+    scale: float,
+) -> torch.Tensor:
+    """Block scores of the SparseMix scorer, one selection per key/value head.
+
+    score[a, j] = scale * mean_q(a) . mean_k(j) + (pool_q(a) @ Wq) . (pool_k(j) @ Wk)
+
+    The first term is the parameter-free mean-pooled gate (MoBA); the second is a learned low-rank
+    correction on mean+max pooled queries and keys (SeerAttention-style pooling), zero while `w_key`
+    is zero. Query heads of a group are averaged.
+
+    Args:
+        query (`torch.Tensor`): `[B, H, Q, D]`.
+        key (`torch.Tensor`): `[B, Hkv, K, D]`.
+        w_query, w_key (`torch.Tensor`): `[Hkv, 2D, r]`.
+        geometry (`BlockGeometry`): from `block_geometry`.
+        scale (`float`): the attention scale.
+
+    Returns:
+        `[B, Hkv, n_q_blocks, n_k_blocks]` fp32 scores.
+    """
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    pq = pool_blocks(query, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2D]
+    pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
+    pk = pool_blocks(key, geometry.block_size)  # [B, Hkv, nKB, 2D]
+    gate = torch.matmul(pq[..., :D], pk[..., :D].transpose(-1, -2)) * scale
+    low_q = torch.einsum("bhad,hdr->bhar", pq, w_query.float())
+    low_k = torch.einsum("bhjd,hdr->bhjr", pk, w_key.float())
+    return gate + torch.matmul(low_q, low_k.transpose(-1, -2))
+
+
+def candidate_blocks(geometry: BlockGeometry, *, sink: bool, local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(allowed, forced)`, both `[n_q_blocks, n_k_blocks]` bool: the blocks each query block may
+    see, and those it keeps whatever the scores (sink, local)."""
+    a = torch.arange(geometry.n_q_blocks, device=device)[:, None] + geometry.q_block0
+    j = torch.arange(geometry.n_k_blocks, device=device)[None, :]
+    allowed = (j <= a) if geometry.causal else torch.ones_like(j <= a)
+    forced = torch.zeros_like(allowed)
+    if sink:
+        forced |= (j == 0) & allowed
+    if local:
+        forced |= (j == a) & allowed
+    return allowed, forced
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    geometry: BlockGeometry,
+    *,
+    top_k: int,
+    sink: bool = True,
+    local: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key blocks each query block attends.
+
+    Args:
+        scores (`torch.Tensor`): `[B, Hkv, n_q_blocks, n_k_blocks]` from `scorer_block_scores`.
+        geometry (`BlockGeometry`): the call's geometry.
+        top_k (`int`): blocks chosen by score besides the forced ones.
+        sink, local (`bool`): always keep block 0 / the query block's own block.
+
+    Returns:
+        `(block_idx, block_valid)`, both `[B, Hkv, n_q_blocks, S]` with `S = 2 + min(top_k, n_k_blocks)`:
+        slot 0 the sink, slot 1 the local block, then the top-k; `block_valid` is False for slots
+        that hold no block (sink == local: the local slot holds it; fewer candidates than top_k; an
+        option turned off).
+    """
+    B, Hkv, nQB, nKB = scores.shape
+    device = scores.device
+    allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=device)
+    a = torch.arange(nQB, device=device) + geometry.q_block0
+    k = min(top_k, nKB)
+    free = allowed & ~forced
+    masked = scores.masked_fill(~free, float("-inf"))
+    top_val, top_idx = masked.topk(k, dim=-1) if k > 0 else (masked[..., :0], masked[..., :0].long())
+    sink_idx = torch.zeros(nQB, dtype=torch.long, device=device)
+    local_idx = a.clamp(max=nKB - 1)
+    no = torch.zeros(nQB, dtype=torch.bool, device=device)
+    local_ok = forced.gather(1, local_idx[:, None])[:, 0] & (local_idx == a) if local else no
+    # When the local block is block 0 it sits in the local slot and the sink slot stays empty, so the
+    # local slot always holds the query block's own block (the kernels mask its causal triangle there).
+    sink_ok = forced[:, 0] & ~(local_ok & (local_idx == 0)) if sink else no
+    fixed_idx = torch.stack([sink_idx, local_idx], dim=-1).expand(B, Hkv, nQB, 2)
+    fixed_ok = torch.stack([sink_ok, local_ok], dim=-1).expand(B, Hkv, nQB, 2)
+    block_idx = torch.cat([fixed_idx, top_idx], dim=-1)
+    block_valid = torch.cat([fixed_ok, torch.isfinite(top_val)], dim=-1)
+    # Empty slots point at block 0 (a valid address); they are masked out everywhere.
+    return block_idx.masked_fill(~block_valid, 0).contiguous(), block_valid.contiguous()
+
+
+def selection_mask(block_idx: torch.Tensor, block_valid: torch.Tensor, geometry: BlockGeometry, n_heads: int) -> torch.Tensor:
+    """The selection as a dense boolean mask `[B, H, Q, K]` over real queries and keys (True = the
+    key's block is kept for the query's block). Causality is not included. For references and tests."""
+    B, Hkv, nQB, _ = block_idx.shape
+    bs = geometry.block_size
+    kept = torch.zeros(B, Hkv, nQB, geometry.n_k_blocks + 1, dtype=torch.bool, device=block_idx.device)
+    # Invalid slots write into a spare column that is dropped.
+    target = block_idx.masked_fill(~block_valid, geometry.n_k_blocks)
+    kept.scatter_(-1, target, True)
+    kept = kept[..., :-1]
+    tokens = kept.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)
+    tokens = tokens[:, :, geometry.front_pad : geometry.front_pad + geometry.q_len, : geometry.k_len]
+    return tokens.repeat_interleave(n_heads // Hkv, dim=1)
