@@ -10,7 +10,7 @@ transformers has no hook for "a model was built with attention X", so we wrap th
   module; without this, a checkpoint that lacks the scalars would load garbage into them.
 - `set_attn_implementation`: switching to or from MultiMax attaches or removes the scalars.
 
-`PreTrainedConfig.multimax = None` makes `multimax=` a known config attribute, so
+`PreTrainedConfig.multimax = None` (and `.sparsemix`) makes `multimax=` a known config attribute, so
 `from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the config.
 """
 
@@ -25,6 +25,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
+from ..layers.sparsemix import SparseMixScorer
+from .sparsemix_hooks import is_sparsemix_name, sparsemix_settings, sync_sparsemix
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ __all__ = [
     "multimax_settings",
     "output_head_of",
     "sync_multimax",
+    "wants_multimax",
 ]
 
 ATTENTION_NAME = "multimax"
@@ -43,6 +46,14 @@ _ORIGINALS: dict[str, object] = {}
 
 def is_multimax_name(name) -> bool:
     return isinstance(name, str) and (name == ATTENTION_NAME or name.startswith(ATTENTION_NAME + ":"))
+
+
+def wants_multimax(config, fallback=None) -> bool:
+    """MultiMax attention, or SparseMix with MultiMax as its normalizer."""
+    name = config._attn_implementation
+    if is_multimax_name(name):
+        return True
+    return is_sparsemix_name(name) and sparsemix_settings(config, fallback).normalizer == "multimax"
 
 
 @functools.cache
@@ -119,15 +130,28 @@ def _has_modulator(module: torch.nn.Module | None) -> bool:
     return module is not None and isinstance(getattr(module, "multimax", None), MultiMaxModulator)
 
 
-def sync_multimax(model: PreTrainedModel) -> None:
+def _attention_modules(model: PreTrainedModel):
+    """`(name, module, config)` of every module that calls transformers' AttentionInterface."""
+    return [
+        (name, module, getattr(module, "config", None) or model.config)
+        for name, module in model.named_modules()
+        if _calls_attention_interface(type(module))
+    ]
+
+
+def sync_methods(model: PreTrainedModel) -> None:
+    """Attach or remove every method's learnable state to match the config (SparseMix, MultiMax)."""
+    modules = _attention_modules(model)
+    sync_sparsemix(model, modules)
+    sync_multimax(model, modules)
+
+
+def sync_multimax(model: PreTrainedModel, attention_modules=None) -> None:
     """Give every attention module whose config asks for MultiMax its scalars (identity init) and
     remove them where the config no longer asks; the same for the output head. Idempotent."""
     found_attention = False
-    for name, module in model.named_modules():
-        if not _calls_attention_interface(type(module)):
-            continue
-        config = getattr(module, "config", None) or model.config
-        if not is_multimax_name(config._attn_implementation):
+    for name, module, config in attention_modules or _attention_modules(model):
+        if not wants_multimax(config, model.config):
             if _has_modulator(module):
                 _detach(module, name)
             continue
@@ -153,7 +177,7 @@ def sync_multimax(model: PreTrainedModel) -> None:
 
     config = model.config
     head = output_head_of(model)
-    if not (found_attention or is_multimax_name(config._attn_implementation)):
+    if not (found_attention or wants_multimax(config)):
         if is_multimax_name(config.__dict__.get("attn_implementation")):
             delattr(config, "attn_implementation")
         if _has_modulator(head):
@@ -168,7 +192,8 @@ def sync_multimax(model: PreTrainedModel) -> None:
     # Settings and the implementation name persist in config.json, so a reload needs no flags and a
     # load without the plugin fails loudly instead of running softmax.
     config.multimax = settings.to_dict()
-    config.attn_implementation = ATTENTION_NAME
+    if is_multimax_name(config._attn_implementation):
+        config.attn_implementation = ATTENTION_NAME
     # The scalars of a converted checkpoint are missing by design (identity init): no MISSING report.
     if isinstance(getattr(model, "_keys_to_ignore_on_load_missing", None), set):
         model._keys_to_ignore_on_load_missing.add(r"\.multimax\.")
@@ -187,7 +212,7 @@ def _remove_head(head: torch.nn.Module) -> None:
 
 def _post_init(self, *args, **kwargs):
     _ORIGINALS["post_init"](self, *args, **kwargs)
-    sync_multimax(self)
+    sync_methods(self)
 
 
 def _initialize_weights(self, module, is_custom_code: bool = False):
@@ -198,12 +223,19 @@ def _initialize_weights(self, module, is_custom_code: bool = False):
                 hf_init.zeros_(param)
             module._is_hf_initialized = True
         return
+    if isinstance(module, SparseMixScorer):
+        if not getattr(module, "_is_hf_initialized", False):
+            # hf_init skips tensors that were loaded from the checkpoint.
+            hf_init.normal_(module.w_query, std=module.init_std)
+            hf_init.zeros_(module.w_key)
+            module._is_hf_initialized = True
+        return
     _ORIGINALS["_initialize_weights"](self, module, is_custom_code)
 
 
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
     result = _ORIGINALS["set_attn_implementation"](self, attn_implementation, *args, **kwargs)
-    sync_multimax(self)
+    sync_methods(self)
     return result
 
 
@@ -219,5 +251,6 @@ def install_model_hooks() -> None:
         original = getattr(PreTrainedModel, name)
         _ORIGINALS[name] = original
         setattr(PreTrainedModel, name, functools.wraps(original)(wrapper))
-    if not hasattr(PreTrainedConfig, "multimax"):
-        PreTrainedConfig.multimax = None
+    for attr in ("multimax", "sparsemix"):
+        if not hasattr(PreTrainedConfig, attr):
+            setattr(PreTrainedConfig, attr, None)

@@ -1,5 +1,6 @@
 """nn.Modules holding the methods' learnable state, attached to HF modules at identity init."""
 
 from .multimax import MultiMaxModulator, MultiMaxSettings
+from .sparsemix import SparseMixScorer, SparseMixSettings
 
-__all__ = ["MultiMaxModulator", "MultiMaxSettings"]
+__all__ = ["MultiMaxModulator", "MultiMaxSettings", "SparseMixScorer", "SparseMixSettings"]

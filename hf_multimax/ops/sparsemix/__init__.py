@@ -5,6 +5,7 @@ gradients (including MultiMax scalars when MultiMax is the normalizer).
 """
 
 from .blocked import blocked_sparsemix_attention
+from .distill import dense_block_mass, sample_query_blocks, scorer_kl
 from .flex import flex_sparsemix_attention
 from .naive import naive_sparsemix_attention
 from .selection import (
@@ -30,10 +31,13 @@ __all__ = [
     "block_geometry",
     "blocked_sparsemix_attention",
     "candidate_blocks",
+    "dense_block_mass",
     "flex_sparsemix_attention",
     "naive_sparsemix_attention",
     "pool_blocks",
+    "sample_query_blocks",
     "scorer_block_scores",
+    "scorer_kl",
     "select_blocks",
     "selection_mask",
 ]

@@ -1,0 +1,138 @@
+"""SparseMix settings and the learned block scorer attached to each attention module."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..ops.sparsemix import BACKENDS
+
+__all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings"]
+
+NORMALIZERS = ("softmax", "multimax")
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"sparsemix.{name}={value!r} must be an int >= {minimum}")
+
+
+@dataclasses.dataclass
+class SparseMixSettings:
+    """How SparseMix is applied to a model. Stored as the `sparsemix` dict of the model config.
+
+    Args:
+        block_size (`int`): tokens per query/key block. Default: `64`.
+        top_k (`int`): key blocks chosen by the scorer for each query block, besides the sink and
+            local blocks. Default: `8`.
+        sink (`bool`): always keep the first key block. Default: `True`.
+        local (`bool`): always keep the query block's own key block. Default: `True`.
+        scorer_rank (`int`): rank of the scorer's learned query/key projections. Default: `16`.
+        kl_weight (`float`): weight of the scorer's KL term added to the training loss. Default: `1.0`.
+        kl_query_blocks (`int`): query blocks per layer and forward whose dense attention is the KL
+            target. Default: `2`.
+        normalizer (`str`): `"softmax"` or `"multimax"` (exact MultiMax over the kept keys, with the
+            `multimax` settings of the config). Default: `"softmax"`.
+        backend (`str`): `"auto"` or one of `BACKENDS`. Default: `"auto"`.
+        dense_warmup (`bool`): run attention densely (exactly the dense model) while the scorer
+            learns from the KL term; see `freeze_all_but_scorers`. Default: `False`.
+
+    Inputs shorter than `(top_k + sink + local) * block_size` keys run the dense path: every block
+    would be kept anyway.
+    """
+
+    block_size: int = 64
+    top_k: int = 8
+    sink: bool = True
+    local: bool = True
+    scorer_rank: int = 16
+    kl_weight: float = 1.0
+    kl_query_blocks: int = 2
+    normalizer: str = "softmax"
+    backend: str = "auto"
+    dense_warmup: bool = False
+
+    def __post_init__(self):
+        _positive_int("block_size", self.block_size)
+        _positive_int("top_k", self.top_k, 0)
+        _positive_int("scorer_rank", self.scorer_rank)
+        _positive_int("kl_query_blocks", self.kl_query_blocks)
+        for name in ("sink", "local", "dense_warmup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"sparsemix.{name}={getattr(self, name)!r} must be a bool (True or False)")
+        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+            raise ValueError(f"sparsemix.kl_weight={self.kl_weight!r} must be a number >= 0")
+        self.kl_weight = float(self.kl_weight)
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"sparsemix.normalizer={self.normalizer!r} is not supported; allowed values: {NORMALIZERS}")
+        allowed = ("auto", *BACKENDS)
+        if self.backend not in allowed:
+            raise ValueError(f"sparsemix.backend={self.backend!r} is not supported; allowed values: {allowed}")
+        if self.top_k + self.sink + self.local == 0:
+            raise ValueError("sparsemix keeps no block: set top_k >= 1 or sink/local to True")
+
+    @property
+    def kept_blocks(self) -> int:
+        return self.top_k + int(self.sink) + int(self.local)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | "SparseMixSettings" | None) -> "SparseMixSettings":
+        if values is None:
+            return cls()
+        if isinstance(values, cls):
+            return values
+        if not isinstance(values, Mapping):
+            raise ValueError(f"sparsemix settings must be a dict or SparseMixSettings, got {type(values).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown sparsemix setting(s) {unknown}; allowed keys: {sorted(fields)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SparseMixScorer(nn.Module):
+    """The learned block scorer of one attention layer: low-rank projections of mean+max pooled
+    queries and keys, one per key/value head (see `ops.sparsemix.scorer_block_scores`).
+
+    `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
+    starts random so that the KL term's gradient reaches `w_key` from the first step.
+
+    Args:
+        num_kv_heads (`int`): key/value heads of the attention module.
+        head_dim (`int`): query/key head dimension.
+        rank (`int`): projection rank.
+        settings (`SparseMixSettings`): kept for the attention function (not saved as weights).
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, rank: int, settings: SparseMixSettings | None = None):
+        super().__init__()
+        self.num_kv_heads, self.head_dim, self.rank = num_kv_heads, head_dim, rank
+        self.settings = settings or SparseMixSettings(scorer_rank=rank)
+        # fp32 whatever the model dtype: scores are ranked, small errors reorder blocks.
+        self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
+        self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
+        self.kl: torch.Tensor | None = None  # the last training forward's KL term, read by the model hook
+        self.reset_parameters()
+
+    @property
+    def init_std(self) -> float:
+        return (2 * self.head_dim) ** -0.5
+
+    def reset_parameters(self) -> None:
+        if self.w_query.is_meta:
+            return
+        nn.init.normal_(self.w_query, std=self.init_std)
+        nn.init.zeros_(self.w_key)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (
+            f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}, block_size={s.block_size}, "
+            f"top_k={s.top_k}, normalizer={s.normalizer!r}, backend={s.backend!r}"
+        )

@@ -1,0 +1,91 @@
+"""The scorer's training signal: KL from the dense attention mass per key block to the scorer's block
+distribution, on a sample of query blocks (the DeepSeek DSA / SeerAttention recipe)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..naive_attention import naive_attention
+from .selection import BlockGeometry, candidate_blocks
+
+__all__ = ["dense_block_mass", "sample_query_blocks", "scorer_kl"]
+
+
+def sample_query_blocks(geometry: BlockGeometry, n: int, *, sink: bool, local: bool, device=None) -> torch.Tensor:
+    """Up to `n` distinct query blocks (relative indices) that have at least one block to choose."""
+    allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=device)
+    eligible = (allowed & ~forced).any(dim=-1).nonzero()[:, 0]
+    return eligible[torch.randperm(len(eligible), device=device)[:n]]
+
+
+def dense_block_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    geometry: BlockGeometry,
+    q_block: int,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Dense attention mass of query block `q_block` (relative index) on each key block, averaged
+    over its queries and the query heads of each key/value head: `[B, Hkv, n_k_blocks]`, rows sum to 1
+    (0 for rows with nothing to attend)."""
+    bs = geometry.block_size
+    r0 = max(0, q_block * bs - geometry.front_pad)
+    r1 = min(geometry.q_len, (q_block + 1) * bs - geometry.front_pad)
+    rows = query[:, :, r0:r1]
+    keep = None
+    if geometry.causal:
+        q_pos = torch.arange(r0, r1, device=query.device)[:, None] + geometry.q_offset
+        keep = torch.arange(geometry.k_len, device=query.device)[None, :] <= q_pos
+    if mask is not None:
+        rows_mask = mask[:, :, r0:r1] if mask.shape[-2] > 1 else mask
+        keep = rows_mask if keep is None else rows_mask & keep
+    _, probs = naive_attention(rows, key, key, score_mod=score_mod, scale=scale, mask=keep)
+    pad = geometry.n_k_blocks * bs - geometry.k_len
+    mass = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (geometry.n_k_blocks, bs)).sum(-1).mean(-2)
+    B, H = mass.shape[:2]
+    n_kv = key.shape[1]
+    return mass.view(B, n_kv, H // n_kv, -1).mean(2)
+
+
+def scorer_kl(
+    scores: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    geometry: BlockGeometry,
+    q_blocks: torch.Tensor,
+    *,
+    scale: float,
+    sink: bool,
+    local: bool,
+    mask: torch.Tensor | None = None,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mean over batch, key/value heads and the sampled query blocks of KL(target || scorer), over the
+    blocks the scorer chooses among (allowed and not forced). The target is the detached dense
+    attention mass renormalised over those blocks.
+
+    Args:
+        scores (`torch.Tensor`): `[B, Hkv, n_q_blocks, n_k_blocks]` scorer output, with its graph.
+        query, key (`torch.Tensor`): the attention inputs (detached here).
+        q_blocks (`torch.Tensor`): relative query-block indices from `sample_query_blocks`.
+    """
+    allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=scores.device)
+    query, key = query.detach(), key.detach()
+    terms = []
+    for a in q_blocks.tolist():
+        cand = allowed[a] & ~forced[a]
+        with torch.no_grad():
+            target = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod) * cand
+            target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+        log_s = torch.log_softmax(scores[:, :, a].float().masked_fill(~cand, float("-inf")), dim=-1)
+        # xlogy: 0 where the target is 0 (also where log_s is -inf).
+        kl = torch.xlogy(target, target) - torch.where(target > 0, target * log_s, torch.zeros_like(log_s))
+        terms.append(kl.sum(-1).mean())
+    if not terms:
+        return scores.sum() * 0.0
+    return torch.stack(terms).mean()
