@@ -54,14 +54,19 @@ class RollingQCallback(TrainerCallback):
     Args:
         dataloader (`DataLoader`): the training data as the model sees it, without augmentation (the
             warm-up's noise would make the modality it replaces look under-attended).
+        start_epoch (`int`): before the end of this epoch AIR is only measured. While a warm-up replaces
+            the weak modality by noise, a rotation toward it cannot help and only spends the
+            `max_rotations` budget. Default: `0`.
     """
 
-    def __init__(self, dataloader: DataLoader):
+    def __init__(self, dataloader: DataLoader, start_epoch: int = 0):
         self.dataloader = dataloader
+        self.start_epoch = start_epoch
         self.history: list[dict] = []
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        results = model.rollingq_update(rollingq_statistics(model, self.dataloader))
+        apply = state.epoch is not None and state.epoch >= self.start_epoch + 1 - 1e-6
+        results = model.rollingq_update(rollingq_statistics(model, self.dataloader), apply=apply)
         last = results[-1]
         values = {"rollingq/air": last["air"], "rollingq/rotated": float(any(r["rotated"] for r in results)),
                   "rollingq/num_rotations": last["num_rotations"]}

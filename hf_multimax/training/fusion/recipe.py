@@ -50,6 +50,8 @@ class FusionArguments:
     rollingq_beta: float = 0.3
     rollingq_sigma: float = 5.0
     rollingq_max_rotations: int = 10
+    rollingq_start_epoch: int | None = field(default=None, metadata={
+        "help": "First epoch whose end may rotate (0-based); default: after the noise warm-up."})
     attribution_weight: float = 1.0
     attribution_target: str | None = field(default=None, metadata={"help": "Comma-separated ratios, default equal."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to save the model and results.json."})
@@ -99,7 +101,8 @@ def run_fusion(args: FusionArguments, data=None) -> dict:
     collator = FusionCollator(names)
     clean = FusionCollator(names)
     probe = clean([datasets["test"][i] for i in range(min(512, len(datasets["test"])))])
-    rollingq = RollingQCallback(DataLoader(datasets["train"], batch_size=256, collate_fn=clean))
+    start = args.warmup_noise_epochs if args.rollingq_start_epoch is None else args.rollingq_start_epoch
+    rollingq = RollingQCallback(DataLoader(datasets["train"], batch_size=256, collate_fn=clean), start_epoch=start)
     monitor = FusionMonitorCallback(probe)
     callbacks = [ModalityWarmupCallback(collator, names[1:], args.warmup_noise_epochs), rollingq, monitor]
     with tempfile.TemporaryDirectory() as scratch:
