@@ -116,6 +116,6 @@ def blocked_sparsemix_attention(
     # theta/affine reach the Function as inputs (for their gradients) and through the layout (shaped).
     # Queries pre-scaled (autograd carries the scale into their gradient): one pass fewer per tile.
     out = _BlockedSparseMix.apply(
-        layout.blocked_queries(query) * scale, layout.flat_blocks(key), layout.flat_blocks(value), theta, affine, layout,
+        layout.blocked_queries(query).to(layout.acc) * scale, layout.flat_blocks(key), layout.flat_blocks(value), theta, affine, layout,
     )
     return layout.unblock_queries(out).to(value.dtype), None

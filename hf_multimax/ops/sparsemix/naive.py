@@ -67,7 +67,7 @@ def naive_sparsemix_attention(
                           mask=mask, theta=theta, affine=affine)
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    q_blocks = layout.blocked_queries(query) * scale
+    q_blocks = layout.blocked_queries(query).to(layout.acc) * scale
     k_flat, v_flat = layout.flat_blocks(key), layout.flat_blocks(value)
     outs = []
     for c0, c1 in layout.chunks():

@@ -1,0 +1,207 @@
+"""SparseMix kernels against plain dense attention with the selection as a mask: outputs and every
+gradient (q, k, v, and MultiMax scalars when MultiMax is the normalizer)."""
+
+import pytest
+import torch
+
+from hf_multimax.ops.multimax import naive_multimax_attention
+from hf_multimax.ops.naive_attention import naive_attention
+from hf_multimax.ops.sparsemix import (
+    BACKENDS,
+    block_geometry,
+    blocked_sparsemix_attention,
+    dense_block_mass,
+    flex_sparsemix_attention,
+    naive_sparsemix_attention,
+    pool_blocks,
+    sample_query_blocks,
+    scorer_block_scores,
+    scorer_kl,
+    select_blocks,
+    selection_mask,
+)
+from tests.conftest import assert_close
+
+BS = 16
+# (id, B, H, Hkv, Q, K, causal, mask kind, top_k)
+CASES = [
+    ("causal_gqa", 2, 4, 2, 83, 83, True, None, 2),
+    ("causal_padded", 2, 4, 4, 83, 83, True, "padded", 2),
+    ("bidirectional", 2, 4, 4, 70, 70, False, None, 2),
+    ("bidirectional_padded", 2, 4, 2, 70, 70, False, "padded", 1),
+    ("decode_step", 2, 4, 2, 1, 90, True, None, 2),
+    ("cache_chunk", 2, 4, 1, 13, 77, True, "padded", 2),
+]
+
+
+def _inputs(case, dtype, multimax):
+    _, B, H, Hkv, Q, K, causal, mask_kind, top_k = case
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Q, 12, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, K, 12, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, K, 12, generator=g).to(dtype).requires_grad_()
+    mask = None
+    if mask_kind == "padded":  # row 1 has 20 padded keys at the end
+        mask = torch.ones(B, 1, Q, K, dtype=torch.bool)
+        mask[1, :, :, K - 20 :] = False
+        if causal:
+            mask &= torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
+    theta = (torch.randn(8, H, generator=g) * 0.3).requires_grad_() if multimax else None
+    geometry = block_geometry(Q, K, BS, causal)
+    scores = torch.randn(B, Hkv, geometry.n_q_blocks, geometry.n_k_blocks, generator=g)
+    idx, valid = select_blocks(scores, geometry, top_k=top_k)
+    return q, k, v, mask, theta, geometry, idx, valid
+
+
+def _dense_reference(q, k, v, mask, theta, geometry, idx, valid):
+    keep = selection_mask(idx, valid, geometry, q.shape[1])
+    keep = keep if mask is None else keep & mask
+    q, k, v = q.float(), k.float(), v.float()
+    if theta is None:
+        return naive_attention(q, k, v, mask=keep, is_causal=geometry.causal)[0]
+    return naive_multimax_attention(q, k, v, theta[:, :, None, None], mask=keep, is_causal=geometry.causal)[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend", ["eager", "blocked"])
+@pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backend_matches_dense_reference(case, backend, multimax, dtype):
+    q, k, v, mask, theta, g, idx, valid = _inputs(case, dtype, multimax)
+    out, _ = BACKENDS[backend](q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
+    ref = _dense_reference(q, k, v, mask, theta, g, idx, valid)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "output")
+    leaves = [t for t in (q, k, v, theta) if t is not None]
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad((out.float() * grad_out).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * grad_out).sum(), leaves)
+    for name, got, want in zip("qkvt", grads, ref_grads):
+        # theta's gradient sums over every score: bf16 inputs round each term.
+        assert_close(got, want, dtype, f"d{name}") if name != "t" or dtype != torch.bfloat16 else (
+            torch.testing.assert_close(got, want, atol=0.2, rtol=0.05)
+        )
+
+
+def test_fp64_gradcheck_of_blocked_backend():
+    q, k, v, mask, theta, g, idx, valid = _inputs(CASES[5], torch.float64, True)
+    q, k, v = q[:1, :, :, :4].detach().requires_grad_(), k[:1, :, :, :4].detach().requires_grad_(), v[:1, :, :, :4].detach().requires_grad_()
+    fn = lambda q, k, v, t: blocked_sparsemix_attention(  # noqa: E731
+        q, k, v, idx[:1], valid[:1], block_size=BS, mask=mask[:1], is_causal=True, theta=t
+    )[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v, theta.double().detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_all_blocks_kept_is_dense_attention_at_any_length(causal):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
+    geometry = block_geometry(300, 300, BS, causal)
+    idx, valid = select_blocks(torch.randn(1, 2, geometry.n_q_blocks, geometry.n_k_blocks), geometry, top_k=100)
+    dense = naive_attention(q, k, v, is_causal=causal)[0]
+    for backend in ("eager", "blocked"):
+        out, _ = BACKENDS[backend](q, k, v, idx, valid, block_size=BS, is_causal=causal)
+        assert_close(out, dense, torch.float32, backend)
+
+
+def test_flex_forward_matches_eager():
+    q, k, v, mask, theta, g, idx, valid = _inputs(CASES[1], torch.float32, True)
+    with torch.no_grad():
+        out, _ = flex_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=True, theta=theta)
+        ref, _ = naive_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=True, theta=theta)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_flex_refuses_cpu_backward():
+    q, k, v, mask, theta, g, idx, valid = _inputs(CASES[0], torch.float32, False)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        flex_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True)
+
+
+def test_selection_respects_causality_sink_and_local():
+    geometry = block_geometry(200, 200, BS, causal=True)
+    scores = torch.randn(2, 3, geometry.n_q_blocks, geometry.n_k_blocks)
+    scores[..., -1] = 100.0  # the future last block scores highest: it must never be chosen early
+    idx, valid = select_blocks(scores, geometry, top_k=3)
+    a = torch.arange(geometry.n_q_blocks)
+    assert (idx.masked_fill(~valid, 0) <= a[:, None]).all(), "a query block chose a future block"
+    assert (idx[..., 1] == a).all() and valid[..., 1].all(), "the local block is always kept"
+    assert (valid[..., 0] == (a > 0)).all() and (idx[..., 0] == 0).all(), "the sink is kept (in the local slot for block 0)"
+    kept = [set(idx[0, 0, i][valid[0, 0, i]].tolist()) for i in range(geometry.n_q_blocks)]
+    assert all(len(s) == min(i + 1, 5) for i, s in enumerate(kept)), "sink + local + top-3 distinct blocks"
+    # the best-scored allowed block is chosen: block i-1 gets a high score
+    scores = torch.zeros_like(scores)
+    scores[..., torch.arange(1, geometry.n_q_blocks), torch.arange(0, geometry.n_q_blocks - 1)] = 5.0
+    idx, valid = select_blocks(scores, geometry, top_k=1)
+    assert (idx[:, :, 3:, 2] == torch.arange(2, geometry.n_q_blocks - 1)).all()
+
+
+def test_selection_of_a_decode_step_aligns_to_absolute_blocks():
+    geometry = block_geometry(1, 100, BS, causal=True)  # the 100th token: block 6
+    assert (geometry.q_block0, geometry.front_pad, geometry.n_q_blocks) == (6, 3, 1)
+    idx, valid = select_blocks(torch.randn(1, 1, 1, geometry.n_k_blocks), geometry, top_k=2)
+    assert idx[0, 0, 0, 1] == 6 and valid.sum() == 4
+
+
+def test_pool_blocks_ignores_padding_rows():
+    x = torch.arange(10.0).view(1, 1, 10, 1)
+    pooled = pool_blocks(x, 4, front_pad=2)  # blocks: [pad pad 0 1] [2 3 4 5] [6 7 8 9]
+    torch.testing.assert_close(pooled[0, 0, :, 0], torch.tensor([0.5, 3.5, 7.5]))
+    torch.testing.assert_close(pooled[0, 0, :, 1], torch.tensor([1.0, 5.0, 9.0]))
+
+
+def test_untrained_scorer_is_the_mean_pooled_gate():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
+    geometry = block_geometry(64, 64, BS, causal=True)
+    wq, wk = torch.randn(2, 16, 4, generator=g), torch.zeros(2, 16, 4)
+    scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5)
+    mean_q = q.view(1, 2, 2, 4, BS, 8).mean(dim=(2, 4))
+    mean_k = k.view(1, 2, 4, BS, 8).mean(dim=3)
+    torch.testing.assert_close(scores, mean_q @ mean_k.transpose(-1, -2) * 0.5)
+
+
+def test_block_mass_and_kl():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 96, 8, generator=g), torch.randn(1, 2, 96, 8, generator=g)
+    geometry = block_geometry(96, 96, BS, causal=True)
+    mass = dense_block_mass(q, k, geometry, 4, scale=8**-0.5)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(1, 2))
+    assert (mass[..., 5:] == 0).all(), "no mass on future blocks"
+    _, probs = naive_attention(q[:, :, 64:80], k, k, mask=torch.ones(16, 96, dtype=torch.bool).tril(64))
+    torch.testing.assert_close(mass[0, 0, 2], probs[0, 0, :, 32:48].sum(-1).mean())
+
+    blocks = sample_query_blocks(geometry, 3, sink=True, local=True)
+    assert len(blocks) == 3 and (blocks >= 2).all(), "blocks 0 and 1 have nothing to choose"
+    # A scorer whose distribution equals the target has zero KL; anything else is positive.
+    target_scores = torch.zeros(1, 2, geometry.n_q_blocks, geometry.n_k_blocks)
+    for a in blocks.tolist():
+        target_scores[:, :, a] = dense_block_mass(q, k, geometry, a, scale=8**-0.5).clamp_min(1e-30).log()
+    kl = scorer_kl(target_scores, q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True)
+    assert abs(kl.item()) < 1e-5
+    scores = torch.zeros_like(target_scores, requires_grad=True)
+    kl = scorer_kl(scores, q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True)
+    assert kl.item() > 0
+    kl.backward()
+    assert scores.grad[:, :, blocks].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_size=0), "block_size=0"),
+        (dict(block_idx=torch.zeros(1, 2, 5, 4, dtype=torch.long)), "block_idx/block_valid must be"),
+        (dict(mask=torch.ones(1, 1, 40, 40)), "boolean"),
+        (dict(theta=torch.zeros(7)), "theta must have 8 rows"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, match):
+    q = k = v = torch.randn(1, 2, 40, 8)
+    geometry = block_geometry(40, 40, BS, True)
+    idx, valid = select_blocks(torch.randn(1, 2, geometry.n_q_blocks, geometry.n_k_blocks), geometry, top_k=1)
+    args = dict(block_idx=idx, block_valid=valid, block_size=BS, is_causal=True)
+    args.update(kwargs)
+    if "block_idx" in kwargs:
+        args["block_valid"] = torch.ones_like(kwargs["block_idx"], dtype=torch.bool)
+    with pytest.raises(ValueError, match=match):
+        naive_sparsemix_attention(q, k, v, **args)
