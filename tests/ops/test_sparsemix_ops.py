@@ -84,12 +84,18 @@ def test_backend_matches_dense_reference(case, backend, multimax, dtype):
 
 
 def test_fp64_gradcheck_of_blocked_backend():
-    q, k, v, mask, theta, g, idx, valid = _inputs(CASES[5], torch.float64, True)
-    q, k, v = q[:1, :, :, :4].detach().requires_grad_(), k[:1, :, :, :4].detach().requires_grad_(), v[:1, :, :, :4].detach().requires_grad_()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 40, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    theta = (torch.randn(8, 2, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    geometry = block_geometry(9, 40, 8, causal=True)
+    idx, valid = select_blocks(torch.randn(1, 1, geometry.n_q_blocks, geometry.n_k_blocks, generator=g), geometry, top_k=1)
+    mask = torch.ones(1, 1, 9, 40, dtype=torch.bool).tril(31)
+    mask[..., 3:6] = False
     fn = lambda q, k, v, t: blocked_sparsemix_attention(  # noqa: E731
-        q, k, v, idx[:1], valid[:1], block_size=BS, mask=mask[:1], is_causal=True, theta=t
+        q, k, v, idx, valid, block_size=8, mask=mask, is_causal=True, theta=t
     )[0]
-    assert torch.autograd.gradcheck(fn, (q, k, v, theta.double().detach().requires_grad_()))
+    assert torch.autograd.gradcheck(fn, (q, k, v, theta))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
