@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench_common import machine, reset_peak, status_mib, timed
 from hf_multimax.ops.multimax import BACKENDS
 
 H, D = 8, 64
@@ -41,19 +39,6 @@ def run(backend, q, k, v, theta):
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return BACKENDS[backend](q, k, v, theta, is_causal=True)[0]
-
-
-def timed(fn, repeats):
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return median, max(0.0, first - median)
 
 
 def time_backend(backend, length, repeats):
@@ -88,19 +73,9 @@ def peak_memory_child(backend, length):
     run(backend, *small).sum().backward()
     q, k, v, theta = make_inputs(length, requires_grad=True)
     grad = torch.randn(1, H, length, D)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_mib("VmRSS")
+    before = reset_peak()
     run(backend, q, k, v, theta).backward(grad)
-    print(json.dumps({"peak_mib": _status_mib("VmHWM") - before}))
-
-
-def _status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    print(json.dumps({"peak_mib": status_mib("VmHWM") - before}))
 
 
 def peak_memory(backend, length):
@@ -186,8 +161,7 @@ def main():
     from tqdm.auto import tqdm
 
     results = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": machine(),
         "shape": {"B": 1, "H": H, "D": D, "causal": True},
         "backends": args.backends,
         "rows": [],

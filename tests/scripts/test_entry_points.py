@@ -54,3 +54,15 @@ def test_compare_attention_smoke(tmp_path):
             r = data[task][attn]
             assert 0 <= r["eval_accuracy"] <= 1 and 0 <= r["entropy"] <= 1 and 0 <= r["S"] <= 1
     assert "| text | sparsemax |" in result.stdout
+
+
+def test_bench_sparsemix_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(["scripts/bench_sparsemix.py", "--quick", "--variants", "sdpa", "blocked", "--output", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    row = {r["length"]: r for r in data["rows"]}[512]
+    assert {"forward_s", "forward_backward_s", "peak_mib"} <= set(row["blocked"])
+    assert row["sdpa"]["peak_mib"] > 0 and data["settings"]["top_k"] == 2
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "| 512 |" in result.stdout
