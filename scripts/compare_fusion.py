@@ -19,11 +19,12 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="Override the recipe's 30 epochs.")
+    parser.add_argument("--warmup_noise_epochs", type=int, default=None, help="Override the recipe's 5 warm-up epochs.")
     parser.add_argument("--num_train", type=int, default=None, help="Synthetic task: training samples.")
     parser.add_argument("--out_dir", default="docs")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("num_train", args.num_train)) if v is not None}
+    overrides = {k: getattr(args, k) for k in ("epochs", "warmup_noise_epochs", "num_train") if getattr(args, k) is not None}
     content = compare_fusion(args.tasks, args.methods, args.seeds, args.out_dir, overrides, plot=not args.no_plot)
     print(content["markdown"])
     print(json.dumps({t: c["checks"] for t, c in content["tasks"].items()}, indent=1))

@@ -53,8 +53,9 @@ def synthetic_imbalance_dataset(
 
 def digits_two_view_dataset(test_size: float = 0.33, seed: int = 0, degrade_std: float = 0.6) -> DatasetDict:
     """scikit-learn's bundled 8x8 digits as two views: `top` (rows 0-3) and `bottom` (rows 4-7), each
-    4 tokens (image rows) of 8 pixels scaled to [0, 1]; `bottom` is degraded with Gaussian noise of
-    std `degrade_std`, so `top` dominates. Stratified split with `seed`. Needs scikit-learn (dev extra).
+    4 tokens (image rows) of 8 pixels. Pixels are scaled to [0, 1], `bottom` is degraded with Gaussian
+    noise of std `degrade_std` (so `top` dominates), then every pixel is standardised with the training
+    split's mean and std. Stratified split with `seed`. Needs scikit-learn (dev extra).
     """
     try:
         from sklearn.datasets import load_digits
@@ -68,6 +69,9 @@ def digits_two_view_dataset(test_size: float = 0.33, seed: int = 0, degrade_std:
     index = np.arange(len(images))
     train_idx, test_idx = train_test_split(index, test_size=test_size, random_state=seed, stratify=digits.target)
     views = {"top": images[:, :4], "bottom": bottom}
+    for name, view in views.items():
+        mean, std = view[train_idx].mean(0), view[train_idx].std(0)
+        views[name] = (view - mean) / np.where(std > 1e-6, std, 1.0)  # constant border pixels stay 0
     return DatasetDict(
         train=_to_dataset({k: v[train_idx] for k, v in views.items()}, digits.target[train_idx]),
         test=_to_dataset({k: v[test_idx] for k, v in views.items()}, digits.target[test_idx]),
