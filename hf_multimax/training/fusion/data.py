@@ -1,21 +1,23 @@
 """Two-or-more-modality classification tasks as `datasets.Dataset`s, and their collator.
 
-Rows hold one [tokens, features] array per modality (columns named after the modalities) and `label`.
+Rows hold one modality per column (named after the modality), its [tokens, features] array stored
+flattened (a fixed-size Arrow list reads ~10x faster than `Array2D`), and `label`; `FusionCollator`
+restores the token axis.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from datasets import Array2D, Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 __all__ = ["TASKS", "FusionCollator", "digits_two_view_dataset", "load_fusion_task", "synthetic_imbalance_dataset"]
 
 
 def _to_dataset(views: dict[str, np.ndarray], labels: np.ndarray) -> Dataset:
-    features = {name: Array2D(shape=x.shape[1:], dtype="float32") for name, x in views.items()}
+    features = {name: Sequence(Value("float32"), length=x.shape[1] * x.shape[2]) for name, x in views.items()}
     features["label"] = Value("int64")
-    data = {name: x.astype(np.float32) for name, x in views.items()}
+    data = {name: x.reshape(len(x), -1).astype(np.float32) for name, x in views.items()}
     data["label"] = labels.astype(np.int64)
     return Dataset.from_dict(data, features=Features(features)).with_format("torch")
 
@@ -34,7 +36,7 @@ def synthetic_imbalance_dataset(
     `strength_a` on every token, modality `b` (harder) at `strength_b` on one random token only; unit
     Gaussian noise everywhere; prototypes are random unit vectors, one set per modality.
 
-    Returns `DatasetDict(train, test)` with columns `a`, `b` [num_tokens, dim] and `label`; the same
+    Returns `DatasetDict(train, test)` with columns `a`, `b` (num_tokens * dim, flattened) and `label`; the same
     `seed` gives the same data.
     """
     rng = np.random.default_rng(seed)
@@ -94,15 +96,18 @@ def load_fusion_task(name: str, **kwargs) -> tuple[DatasetDict, list[str], list[
 
 
 class FusionCollator:
-    """Rows -> `{"modality_inputs": {name: [B, T, d]}, "labels": [B]}`.
+    """Rows -> `{"modality_inputs": {name: [B, T, d]}, "labels": [B]}`, with d = `feature_sizes[m]`.
 
     `noise` / `zero` name modalities to replace: by Gaussian noise with the batch's mean and std of that
     modality, or by zeros (the corrupted/missing-modality protocol; also the warm-up that gives the
     dominant modality a head start). Both are attributes so a callback can change them between epochs.
     """
 
-    def __init__(self, modality_names, noise=(), zero=()):
+    def __init__(self, modality_names, feature_sizes, noise=(), zero=()):
         self.modality_names = list(modality_names)
+        self.feature_sizes = list(feature_sizes)
+        if len(self.feature_sizes) != len(self.modality_names):
+            raise ValueError(f"FusionCollator: feature_sizes={self.feature_sizes} needs one size per modality {self.modality_names}")
         self.noise = set(noise)
         self.zero = set(zero)
         unknown = (self.noise | self.zero) - set(self.modality_names)
@@ -111,8 +116,9 @@ class FusionCollator:
 
     def __call__(self, rows):
         inputs = {}
-        for name in self.modality_names:
+        for name, size in zip(self.modality_names, self.feature_sizes):
             x = torch.stack([torch.as_tensor(row[name], dtype=torch.float32) for row in rows])
+            x = x.view(x.shape[0], -1, size)
             if name in self.noise:
                 x = torch.randn_like(x) * x.std() + x.mean()
             elif name in self.zero:

@@ -44,6 +44,7 @@ class FusionArguments:
     batch_size: int | None = field(default=None, metadata={"help": "Default: 64 synthetic, 32 digits."})
     learning_rate: float = 0.01
     momentum: float = 0.9
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping; 0 = none (the benchmark's plain SGD)."})
     hidden_size: int = 32
     projection_hidden_size: int = 32
     attention_logit_scale: float = 4.0
@@ -104,8 +105,8 @@ def run_fusion(args: FusionArguments, data=None) -> dict:
         data = load_fusion_task(args.task, **kwargs)
     datasets, names, sizes, num_labels = data
     model = build_fusion_model(args, names, sizes, num_labels)
-    collator = FusionCollator(names)
-    clean = FusionCollator(names)
+    collator = FusionCollator(names, sizes)
+    clean = FusionCollator(names, sizes)
     probe = clean([datasets["test"][i] for i in range(min(512, len(datasets["test"])))])
     start = args.warmup_noise_epochs if args.rollingq_start_epoch is None else args.rollingq_start_epoch
     rollingq = RollingQCallback(DataLoader(datasets["train"], batch_size=256, collate_fn=clean), start_epoch=start)
@@ -121,6 +122,7 @@ def run_fusion(args: FusionArguments, data=None) -> dict:
             optim_args=f"momentum={args.momentum}",
             lr_scheduler_type="constant",
             weight_decay=0.0,
+            max_grad_norm=args.max_grad_norm,
             logging_strategy="epoch",
             save_strategy="no",
             eval_strategy="no",

@@ -1,0 +1,130 @@
+"""The fusion recipe end to end with the real Trainer: a quick version of the synthetic benchmark
+(directions only), the training script, and checkpoints that load in a fresh process (saved, and
+pushed through push_to_hub to a local stand-in for the Hub)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import transformers.utils.hub as hf_hub
+
+from hf_multimax.training.fusion import METHODS, FusionArguments, FusionCollator, load_fusion_task, run_fusion
+
+ROOT = Path(__file__).resolve().parents[2]
+# Fewer samples and epochs than the benchmark (4000 samples, 30 epochs, 5 warm-up); the same recipe otherwise.
+QUICK = dict(task="synthetic", num_train=1500, num_test=800, epochs=12, warmup_noise_epochs=3, disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def quick_runs():
+    torch.set_num_threads(1)
+    data = load_fusion_task("synthetic", seed=0, num_train=QUICK["num_train"], num_test=QUICK["num_test"])
+    return {method: run_fusion(FusionArguments(method=method, seed=0, **QUICK), data) for method in METHODS}
+
+
+def test_methods_reduce_the_imbalance(quick_runs):
+    joint = quick_runs["joint"]["report"]
+    assert joint["attention_mass/a"] > 0.7 and joint["attribution_share/a"] > 0.7  # a dominates
+    for method in ("rollingq", "attribution"):
+        report = quick_runs[method]["report"]
+        assert report["probe_accuracy/b"] > joint["probe_accuracy/b"], method
+        assert report["accuracy_noise/a"] > joint["accuracy_noise/a"], method
+    shares = quick_runs["attribution"]["report"]["attribution_share/a"]
+    assert abs(shares - 0.5) < abs(joint["attribution_share/a"] - 0.5)
+    assert quick_runs["rollingq"]["report"]["num_rotations"] >= 1
+    assert joint["num_rotations"] == 0
+
+
+def test_traces_are_logged(quick_runs):
+    history = quick_runs["rollingq"]["history"]
+    assert len(history["rollingq"]) == QUICK["epochs"] and len(history["monitor"]) == QUICK["epochs"] + 1
+    # No rotation during the noise warm-up, whatever AIR says.
+    assert not any(h["rollingq/rotated"] for h in history["rollingq"][: QUICK["warmup_noise_epochs"]])
+    report = quick_runs["attribution"]["report"]
+    assert len(report["air_trace"]) == QUICK["epochs"]
+    assert set(report) >= {"accuracy", "probe_accuracy/a", "accuracy_zeroed/b", "accuracy_noise/b", "attention_mass/b", "air"}
+
+
+def _fresh(code: str, env_extra=None) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+LOAD = """
+import json, sys, torch
+{imports}
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({path!r}{kwargs})
+x = torch.load({inputs!r})
+attention = model.fusion.layers[0].attention
+print(json.dumps({{"cls": type(model).__module__, "logits": model(modality_inputs=x).logits.tolist(),
+                  "rotations": int(attention.rollingq_num_rotations), "rollingq": model.config.rollingq}}))
+"""
+
+
+class FakeHub:
+    """The two calls `push_to_hub` makes (create_repo, create_commit), writing into a local folder."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def create_repo(self, repo_id, **kwargs):
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            target = self.root / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(op.path_or_fileobj, target)
+        return f"file://{self.root / repo_id}"
+
+
+def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "scripts/train_fusion.py", "--method", "rollingq", "--num_train", "300", "--num_test", "100",
+         "--epochs", "3", "--warmup_noise_epochs", "0", "--rollingq_beta", "0", "--disable_tqdm", "True",
+         "--output_dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "results.json", "modeling_multimodal_fusion.py",
+            "configuration_multimodal_fusion.py"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "results.json").read_text())["report"]
+    assert saved["num_rotations"] >= 1
+
+    import hf_multimax  # noqa: F401
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    data = load_fusion_task("synthetic", seed=0, num_train=300, num_test=100)[0]["test"]
+    x = FusionCollator(["a", "b"], [16, 16])([data[i] for i in range(5)])["modality_inputs"]
+    torch.save(x, tmp_path / "x.pt")
+    expected = model(modality_inputs=x).logits
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(hf_hub, "_hf_api", FakeHub(hub))
+    model.push_to_hub("someone/fusion-rollingq")
+    pushed = hub / "someone" / "fusion-rollingq"
+    assert (pushed / "README.md").exists() and (pushed / "model.safetensors").exists()
+
+    cases = {
+        "saved, plugin": (out, "import hf_multimax", ""),
+        "pushed, plugin": (pushed, "import hf_multimax", ""),
+        # Without the plugin: the remote code carried in the folder (auto_map + modeling files).
+        "pushed, remote code": (pushed, "", ", trust_remote_code=True"),
+    }
+    for what, (path, imports, kwargs) in cases.items():
+        loaded = json.loads(_fresh(LOAD.format(imports=imports, path=str(path), kwargs=kwargs, inputs=str(tmp_path / "x.pt"))))
+        assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-5), what
+        assert loaded["rotations"] == saved["num_rotations"] and loaded["rollingq"]["enabled"], what
+        plugin = "hf_multimax.modeling.multimodal_fusion"
+        assert loaded["cls"].startswith(plugin) == bool(imports), (what, loaded["cls"])
