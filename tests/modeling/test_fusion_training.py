@@ -4,6 +4,7 @@ pushed through push_to_hub to a local stand-in for the Hub)."""
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -62,11 +63,13 @@ LOAD = """
 import json, sys, torch
 {imports}
 from transformers import AutoModelForSequenceClassification
-model = AutoModelForSequenceClassification.from_pretrained({path!r}{kwargs})
-x = torch.load({inputs!r})
-attention = model.fusion.layers[0].attention
-print(json.dumps({{"cls": type(model).__module__, "logits": model(modality_inputs=x).logits.tolist(),
-                  "rotations": int(attention.rollingq_num_rotations), "rollingq": model.config.rollingq}}))
+results = []
+for path in {paths!r}:
+    model = AutoModelForSequenceClassification.from_pretrained(path{kwargs})
+    attention = model.fusion.layers[0].attention
+    results.append({{"cls": type(model).__module__, "logits": model(modality_inputs=torch.load({inputs!r})).logits.tolist(),
+                    "rotations": int(attention.rollingq_num_rotations), "rollingq": model.config.rollingq}})
+print(json.dumps(results))
 """
 
 
@@ -89,13 +92,10 @@ class FakeHub:
 
 def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "scripts/train_fusion.py", "--method", "rollingq", "--num_train", "300", "--num_test", "100",
-         "--epochs", "3", "--warmup_noise_epochs", "0", "--rollingq_beta", "0", "--disable_tqdm", "True",
-         "--output_dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    script = runpy.run_path(str(ROOT / "scripts" / "train_fusion.py"), run_name="train_fusion")
+    script["main"](["--method", "rollingq", "--num_train", "300", "--num_test", "100", "--epochs", "3",
+                    "--warmup_noise_epochs", "0", "--rollingq_beta", "0", "--disable_tqdm", "True",
+                    "--output_dir", str(out)])
     assert {"config.json", "model.safetensors", "results.json", "modeling_multimodal_fusion.py",
             "configuration_multimodal_fusion.py"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "results.json").read_text())["report"]
@@ -116,15 +116,15 @@ def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, m
     pushed = hub / "someone" / "fusion-rollingq"
     assert (pushed / "README.md").exists() and (pushed / "model.safetensors").exists()
 
-    cases = {
-        "saved, plugin": (out, "import hf_multimax", ""),
-        "pushed, plugin": (pushed, "import hf_multimax", ""),
+    cases = [
+        ([out, pushed], "import hf_multimax", ""),
         # Without the plugin: the remote code carried in the folder (auto_map + modeling files).
-        "pushed, remote code": (pushed, "", ", trust_remote_code=True"),
-    }
-    for what, (path, imports, kwargs) in cases.items():
-        loaded = json.loads(_fresh(LOAD.format(imports=imports, path=str(path), kwargs=kwargs, inputs=str(tmp_path / "x.pt"))))
-        assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-5), what
-        assert loaded["rotations"] == saved["num_rotations"] and loaded["rollingq"]["enabled"], what
-        plugin = "hf_multimax.modeling.multimodal_fusion"
-        assert loaded["cls"].startswith(plugin) == bool(imports), (what, loaded["cls"])
+        ([pushed], "", ", trust_remote_code=True"),
+    ]
+    for paths, imports, kwargs in cases:
+        code = LOAD.format(imports=imports, paths=[str(p) for p in paths], kwargs=kwargs, inputs=str(tmp_path / "x.pt"))
+        for path, loaded in zip(paths, json.loads(_fresh(code))):
+            what = (str(path), imports or "remote code")
+            assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-5), what
+            assert loaded["rotations"] == saved["num_rotations"] and loaded["rollingq"]["enabled"], what
+            assert loaded["cls"].startswith("hf_multimax.modeling.multimodal_fusion") == bool(imports), (what, loaded["cls"])

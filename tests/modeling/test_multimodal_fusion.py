@@ -205,3 +205,17 @@ def test_encoder_modality_with_frozen_encoder(tmp_path):
         model(modality_inputs={"text": text})
     with pytest.raises(ValueError, match=r"\[batch, tokens, 7\]"):
         model(modality_inputs={"text": text, "b": torch.randn(2, 4, 6)})
+
+
+def test_readme_fusion_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "multimodal_fusion" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README fusion block", "exec"), namespace)
+    out = namespace["out"]
+    assert out.attribution_shares.shape == (4, 2) and out.modality_attention_mass.shape == (4, 2)
+    assert out.loss.requires_grad

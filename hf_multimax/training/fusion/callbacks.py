@@ -57,6 +57,8 @@ class RollingQCallback(TrainerCallback):
         start_epoch (`int`): before the end of this epoch AIR is only measured. While a warm-up replaces
             the weak modality by noise, a rotation toward it cannot help and only spends the
             `max_rotations` budget. Default: `0`.
+
+    After the last epoch AIR is only measured: no training follows to adapt to a rotation.
     """
 
     def __init__(self, dataloader: DataLoader, start_epoch: int = 0):
@@ -65,7 +67,8 @@ class RollingQCallback(TrainerCallback):
         self.history: list[dict] = []
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        apply = state.epoch is not None and state.epoch >= self.start_epoch + 1 - 1e-6
+        epoch = state.epoch or 0.0
+        apply = self.start_epoch + 1 - 1e-6 <= epoch < args.num_train_epochs - 1e-6
         results = model.rollingq_update(rollingq_statistics(model, self.dataloader), apply=apply)
         last = results[-1]
         values = {"rollingq/air": last["air"], "rollingq/rotated": float(any(r["rotated"] for r in results)),
