@@ -27,3 +27,16 @@ def test_readme_examples_run(tmp_path):
     model = namespace["model"]
     assert model.config.multimax["order"] == 1 and model.model.layers[0].self_attn.multimax.num_heads == 4
     assert model(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)
+
+
+def test_readme_sparsemix_example_runs(tmp_path):
+    path, out = tmp_path / "base", tmp_path / "sparse"
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    block = next(b for b in python_blocks() if 'attn_implementation="sparsemix"' in b)
+    namespace = {"path": str(path), "out": str(out)}
+    exec(compile(block, "README SparseMix block", "exec"), namespace)
+    assert "sparsemix_kl" in namespace["outputs"], "1024 tokens in blocks of 64 take the sparse path"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config._attn_implementation == "sparsemix" and reloaded.config.sparsemix["top_k"] == 8

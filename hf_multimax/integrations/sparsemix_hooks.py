@@ -136,7 +136,7 @@ def _add_kl_to_loss(model, args, output):
     kl = sparsemix_kl_loss(model)
     if kl is not None:
         output["loss"] = loss + kl.to(loss.dtype)
-        output["sparsemix_kl"] = kl.detach()
+        output["sparsemix_kl"] = model._sparsemix_last_kl = kl.detach()
     return output
 
 

@@ -110,11 +110,19 @@ def test_all_blocks_kept_is_dense_attention_at_any_length(causal):
         assert_close(out, dense, torch.float32, backend)
 
 
-def test_flex_forward_matches_eager():
-    q, k, v, mask, theta, g, idx, valid = _inputs(CASES[1], torch.float32, True)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["causal_gqa", "causal_padded", "bidirectional_padded"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager_flex"])
+def test_flex_forward_matches_eager(case, compiled, monkeypatch):
+    if not compiled:
+        # torch runs flex uncompiled when its compile cache is full: the selection must then come from
+        # the mask_mod, since eager flex ignores the BlockMask's block lists.
+        from torch.nn.attention.flex_attention import flex_attention
+
+        monkeypatch.setattr("hf_multimax.ops.sparsemix.flex._compiled_flex", lambda: flex_attention)
+    q, k, v, mask, theta, g, idx, valid = _inputs(case, torch.float32, True)
     with torch.no_grad():
-        out, _ = flex_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=True, theta=theta)
-        ref, _ = naive_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=True, theta=theta)
+        out, _ = flex_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
+        ref, _ = naive_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 

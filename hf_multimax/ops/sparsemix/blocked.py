@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..multimax.chunked import compile_enabled, without_duck_shapes
 from ..multimax.naive import naive_multimax_modulate_backward
 from .layout import SparseLayout
 from .naive import tile_scores
@@ -19,7 +20,7 @@ def _softmax_parts(y: torch.Tensor):
     """Unnormalised probabilities, row sums and log-sum-exp of masked (-inf) scores."""
     m = y.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key
-    p = torch.exp(y.sub_(m))
+    p = torch.exp(y - m)
     denom = p.sum(dim=-1, keepdim=True)
     has_key = denom > 0
     # +inf log-sum-exp makes the backward's recomputed probabilities exactly zero on empty rows.
@@ -27,54 +28,99 @@ def _softmax_parts(y: torch.Tensor):
     return p, torch.where(has_key, denom, torch.ones_like(denom)), lse
 
 
+def _local_causal_mask(s, slot_bias, upper):
+    """Scores `[B, Hkv, c, G, bs, S, bs]` of a tile whose only token-level mask is the causal triangle
+    of the local slot (slot 1): empty slots (`slot_bias` -inf) and the triangle's upper part to -inf;
+    returns `[B, Hkv, c, G, bs, S*bs]`."""
+    slot = torch.arange(s.shape[-2], device=s.device)
+    y = s + slot_bias[:, :, :, None, None, :, None]
+    return torch.where((slot[:, None] == 1) & upper[:, None, :], float("-inf"), y).flatten(-2)
+
+
+def _fast_forward_tile(s, slot_bias, upper):
+    return _softmax_parts(_local_causal_mask(s, slot_bias, upper))
+
+
+def _fast_backward_tile(s, slot_bias, upper, lse, dp, delta):
+    p = torch.exp(_local_causal_mask(s, slot_bias, upper) - lse)
+    return p, p * (dp - delta)
+
+
+_TILES: dict[tuple[str, bool], object] = {}
+
+
+def _tile(name):
+    """The fused elementwise body of the common causal tile, compiled once per process on first use
+    (never at import); `HF_MULTIMAX_COMPILE=0` runs it eagerly. Three memory passes instead of seven."""
+    key = (name, compile_enabled())
+    if key not in _TILES:
+        fn = {"forward": _fast_forward_tile, "backward": _fast_backward_tile}[name]
+        _TILES[key] = without_duck_shapes(torch.compile(fn, dynamic=True)) if key[1] else fn
+    return _TILES[key]
+
+
+def _fast(layout: SparseLayout) -> bool:
+    return layout.local_fast and layout.theta is None
+
+
 class _BlockedSparseMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_blocks, k_flat, v_flat, theta, affine, layout: SparseLayout):
+    def forward(ctx, q_blocks, k_flat, v_flat, theta, affine, layout: SparseLayout, scale: float):
         q_blocks, k_flat, v_flat = q_blocks.detach(), k_flat.detach(), v_flat.detach()
         B, Hkv, nQB, rows, _ = q_blocks.shape
         out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=layout.acc, device=q_blocks.device)
         lse = torch.empty(B, Hkv, nQB, layout.groups, layout.geometry.block_size, 1, dtype=layout.acc,
                           device=q_blocks.device)
+        fast, upper = _fast(layout), layout.upper_triangle(q_blocks.device)
         for c0, c1 in layout.chunks():
-            _, y = tile_scores(layout, q_blocks[:, :, c0:c1], layout.gather(k_flat, c0, c1))
-            p, denom, lse[:, :, c0:c1] = _softmax_parts(layout.mask_tile_(y, c0, c1))
+            # The scale goes on the query tile (1/S of the score tile's size), not on a full-size copy.
+            s, y = tile_scores(layout, q_blocks[:, :, c0:c1].to(layout.acc) * scale, layout.gather(k_flat, c0, c1))
+            if fast:
+                p, denom, lse[:, :, c0:c1] = _tile("forward")(layout.slot_view(s), layout.slot_bias(c0, c1, s.dtype), upper)
+            else:
+                p, denom, lse[:, :, c0:c1] = _softmax_parts(layout.mask_tile_(y, c0, c1))
             # Normalised after the product: Dv columns to divide instead of S * bs.
             pv = torch.matmul(p.flatten(3, 4), layout.gather(v_flat, c0, c1).to(layout.acc))
             out[:, :, c0:c1] = pv.div_(denom.flatten(3, 4))
         ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse)
-        ctx.layout = layout
+        ctx.layout, ctx.scale = layout, scale
         ctx.param_shapes = tuple(None if t is None else (t.shape, t.dtype) for t in (theta, affine))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q_blocks, k_flat, v_flat, out, lse = ctx.saved_tensors
-        layout = ctx.layout
+        layout, scale = ctx.layout, ctx.scale
         bs = layout.geometry.block_size
         acc = layout.acc
         grad_out = grad_out.to(acc)
-        delta = (grad_out * out).sum(dim=-1).view(*lse.shape)
         dq = torch.empty(q_blocks.shape, dtype=acc, device=q_blocks.device)
         dk = torch.zeros(k_flat.shape, dtype=acc, device=k_flat.device)
         dv = torch.zeros(v_flat.shape, dtype=acc, device=v_flat.device)
         theta, affine = layout.theta, layout.affine
         dtheta = None if theta is None else torch.zeros_like(theta)
         daffine = None if affine is None else torch.zeros_like(affine)
+        fast, upper = _fast(layout), layout.upper_triangle(q_blocks.device)
         for c0, c1 in layout.chunks():
-            q_tile = q_blocks[:, :, c0:c1].to(acc)
+            q_tile = q_blocks[:, :, c0:c1].to(acc) * scale
             k_tile, v_tile = layout.gather(k_flat, c0, c1).to(acc), layout.gather(v_flat, c0, c1).to(acc)
             s, y = tile_scores(layout, q_tile, k_tile)
-            p = torch.exp(layout.mask_tile_(y, c0, c1).sub_(lse[:, :, c0:c1]))
             do = grad_out[:, :, c0:c1]  # [B, Hkv, c, G*bs, Dv]
-            dp = torch.matmul(do, v_tile.transpose(-1, -2)).view(p.shape)
-            dy = p * (dp - delta[:, :, c0:c1])
+            dp = torch.matmul(do, v_tile.transpose(-1, -2)).view(y.shape)
+            delta = (do * out[:, :, c0:c1]).sum(dim=-1).view(y.shape[:-1] + (1,))  # rowsum(dO * O), per tile
+            if fast:
+                p, dy = _tile("backward")(layout.slot_view(s), layout.slot_bias(c0, c1, s.dtype), upper, lse[:, :, c0:c1],
+                                          dp, delta)
+            else:
+                p = torch.exp(layout.mask_tile_(y, c0, c1).sub_(lse[:, :, c0:c1]))
+                dy = p * (dp - delta)
             if theta is not None:
                 dy, gtheta, gaffine = naive_multimax_modulate_backward(dy, s, theta, affine)
                 dtheta += gtheta
                 if daffine is not None:
                     daffine += gaffine
-            ds = dy.flatten(3, 4)  # [B, Hkv, c, G*bs, S*bs], w.r.t. scores of the pre-scaled queries
-            dq[:, :, c0:c1] = torch.matmul(ds, k_tile)
+            ds = dy.flatten(3, 4)  # [B, Hkv, c, G*bs, S*bs], w.r.t. the scores of the scaled queries
+            dq[:, :, c0:c1] = torch.matmul(ds, k_tile).mul_(scale)
             flat_idx = layout.flat_idx[:, :, c0:c1].reshape(-1)
             dk.index_add_(0, flat_idx, torch.matmul(ds.transpose(-1, -2), q_tile).reshape(-1, bs, dk.shape[-1]))
             dv.index_add_(0, flat_idx, torch.matmul(p.flatten(3, 4).transpose(-1, -2), do).reshape(-1, bs, dv.shape[-1]))
@@ -82,7 +128,7 @@ class _BlockedSparseMix(torch.autograd.Function):
             None if g is None else g.reshape(shape).to(dtype)
             for g, (shape, dtype) in zip((dtheta, daffine), (sh or (None, None) for sh in ctx.param_shapes))
         )
-        return dq, dk, dv, dtheta, daffine, None
+        return dq, dk, dv, dtheta, daffine, None, None
 
 
 def blocked_sparsemix_attention(
@@ -114,8 +160,8 @@ def blocked_sparsemix_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     # theta/affine reach the Function as inputs (for their gradients) and through the layout (shaped).
-    # Queries pre-scaled (autograd carries the scale into their gradient): one pass fewer per tile.
     out = _BlockedSparseMix.apply(
-        layout.blocked_queries(query).to(layout.acc) * scale, layout.flat_blocks(key), layout.flat_blocks(value), theta, affine, layout,
+        layout.blocked_queries(query), layout.flat_blocks(key), layout.flat_blocks(value), theta, affine, layout,
+        float(scale),
     )
     return layout.unblock_queries(out).to(value.dtype), None

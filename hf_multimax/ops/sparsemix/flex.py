@@ -11,33 +11,53 @@ from .layout import SparseLayout
 __all__ = ["flex_sparsemix_attention"]
 
 
+def _kv_blocks(idx: torch.Tensor, valid: torch.Tensor, n_k_blocks: int):
+    """`(count [B, H, nQB], indices [B, H, nQB, n_k_blocks])` as BlockMask wants them: each row's
+    blocks first, then padding."""
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    indices = idx.gather(-1, order).to(torch.int32)
+    indices = torch.nn.functional.pad(indices, (0, max(0, n_k_blocks - indices.shape[-1])))
+    return valid.sum(-1).to(torch.int32), indices
+
+
 def _block_mask(layout: SparseLayout, q_len: int, k_len: int):
     from torch.nn.attention.flex_attention import BlockMask
 
     g, bs = layout.geometry, layout.geometry.block_size
     idx = layout.block_idx.repeat_interleave(layout.groups, dim=1)  # per query head
     valid = layout.block_valid.repeat_interleave(layout.groups, dim=1)
-    # BlockMask wants each row's kept blocks first, then any padding, over all n_k_blocks columns.
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
-    kv_idx = idx.gather(-1, order).to(torch.int32)
-    kv_idx = torch.nn.functional.pad(kv_idx, (0, g.n_k_blocks - kv_idx.shape[-1] if g.n_k_blocks > kv_idx.shape[-1] else 0))
-    kv_num = valid.sum(-1).to(torch.int32)
+    # The selection is in the mask_mod too, not only in the block lists: torch falls back to eager
+    # flex (which evaluates mask_mod everywhere and ignores the lists) when its compile cache is full.
+    kept = torch.zeros(*idx.shape[:3], g.n_k_blocks + 1, dtype=torch.bool, device=idx.device)
+    kept.scatter_(-1, idx.masked_fill(~valid, g.n_k_blocks), True)
     q_shift = g.q_block0 * bs  # padded query row r sits at absolute position q_shift + r
     hf_mask = layout.mask
     one_batch = hf_mask is not None and hf_mask.shape[0] == 1
 
-    def mask_mod(b, h, q_idx, kv_idx_):
-        keep = kv_idx_ < g.k_len
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (kv_idx < g.k_len) & kept[b, h, q_idx // bs, kv_idx // bs]
         if g.causal:
-            keep = keep & (kv_idx_ <= q_idx + q_shift)
+            keep = keep & (kv_idx <= q_idx + q_shift)
         if hf_mask is not None:
             # [B, Hkv, G, nQB, bs, nKB, bs] blocked view of the padded mask
-            bb = 0 if one_batch else b
-            row = hf_mask[bb, h // layout.groups, h % layout.groups, q_idx // bs, q_idx % bs, kv_idx_ // bs, kv_idx_ % bs]
+            row = hf_mask[0 if one_batch else b, h // layout.groups, h % layout.groups, q_idx // bs, q_idx % bs,
+                          kv_idx // bs, kv_idx % bs]
             keep = keep & row
         return keep
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+    # Blocks that need no mask_mod ("full"): without a mask, every kept block before the query
+    # block's own (causal) or every kept block (bidirectional), except the padded last block.
+    full = valid.clone() if hf_mask is None else torch.zeros_like(valid)
+    if g.causal:
+        own = torch.arange(g.n_q_blocks, device=idx.device)[:, None] + g.q_block0
+        full &= idx < own
+    if layout.k_pad:
+        full &= idx != g.n_k_blocks - 1
+    partial = valid & ~full
+    kv_num, kv_idx = _kv_blocks(idx, partial, g.n_k_blocks)
+    full_num, full_idx = _kv_blocks(idx, full, g.n_k_blocks)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, k_len))
 
 
 def flex_sparsemix_attention(

@@ -57,9 +57,9 @@ class SparseLayout:
             affine = self._per_head(affine, 2, "affine")
         self.theta, self.affine = theta, affine
 
-        # Slot 1 always holds the local block when it is valid (select_blocks); see mask_tile_.
+        # Slot 1 always holds the local block when it is valid (select_blocks); see slot_bias.
         local_valid = block_valid[..., 1] if block_valid.shape[-1] > 1 else block_valid[..., 0] & False
-        self._local_fast = (
+        self.local_fast = (
             is_causal and mask is None and block_valid.shape[-1] > 1
             and bool(local_valid.all()) and bool((block_idx[..., 1] == self._abs_blocks(key.device)).all())
         )
@@ -88,10 +88,11 @@ class SparseLayout:
         return t.to(self.acc).view(rows, 1, self.n_kv_heads, 1, self.groups, 1, 1)
 
     def blocked_queries(self, query: torch.Tensor) -> torch.Tensor:
-        """`[B, H, Q, D]` -> `[B, Hkv, nQB, G * bs, D]` (padding rows are zeros)."""
+        """`[B, H, Q, D]` -> `[B, Hkv, nQB, G * bs, D]` (padding rows are zeros). A view, no copy,
+        for aligned lengths without grouped heads (long MHA prefill)."""
         g, bs = self.geometry, self.geometry.block_size
         B, H, _, D = query.shape
-        q = torch.nn.functional.pad(query, (0, 0, g.front_pad, self.q_tail))
+        q = query if g.front_pad == self.q_tail == 0 else torch.nn.functional.pad(query, (0, 0, g.front_pad, self.q_tail))
         q = q.view(B, self.n_kv_heads, self.groups, g.n_q_blocks, bs, D).permute(0, 1, 3, 2, 4, 5)
         return q.reshape(B, self.n_kv_heads, g.n_q_blocks, self.groups * bs, D)
 
@@ -101,12 +102,15 @@ class SparseLayout:
         B, D = q_blocks.shape[0], q_blocks.shape[-1]
         x = q_blocks.view(B, self.n_kv_heads, g.n_q_blocks, self.groups, bs, D).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(B, self.n_heads, g.n_q_blocks * bs, D)
+        if g.front_pad == self.q_tail == 0:
+            return x  # no slice: its backward would allocate a full-size gradient
         return x[:, :, g.front_pad : g.front_pad + g.q_len]
 
     def flat_blocks(self, kv: torch.Tensor) -> torch.Tensor:
-        """`[B, Hkv, K, D]` -> `[B * Hkv * nKB, bs, D]` (tail padded with zeros)."""
+        """`[B, Hkv, K, D]` -> `[B * Hkv * nKB, bs, D]` (tail padded with zeros; a view when K is a
+        multiple of the block size)."""
         bs = self.geometry.block_size
-        kv = torch.nn.functional.pad(kv, (0, 0, 0, self.k_pad))
+        kv = kv if self.k_pad == 0 else torch.nn.functional.pad(kv, (0, 0, 0, self.k_pad))
         return kv.reshape(-1, bs, kv.shape[-1])
 
     def gather(self, flat: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
@@ -135,27 +139,31 @@ class SparseLayout:
         return keep
 
     def mask_tile_(self, y: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-        """Set the masked scores of a tile `[B, Hkv, c, G, bs, S*bs]` to -inf, in place.
-
-        Causal calls without a mask whose local block is forced (the common LM case) need no
-        token-level mask except the causal triangle of the local slot (slot 1); padding keys past
-        the last query are inside that triangle. Everything else takes the general boolean mask.
-        """
-        bs = self.geometry.block_size
-        if not self._local_fast:
+        """Set the masked scores of a tile `[B, Hkv, c, G, bs, S*bs]` to -inf, in place."""
+        if not self.local_fast:
             return y.masked_fill_(~self.keep(c0, c1), float("-inf"))
-        valid = self.block_valid[:, :, c0:c1]
-        slot_bias = torch.zeros(valid.shape, dtype=y.dtype, device=y.device).masked_fill_(~valid, float("-inf"))
-        y.view(*y.shape[:-1], -1, bs).add_(slot_bias[:, :, :, None, None, :, None])
-        y[..., bs : 2 * bs].add_(self._triangle(y))
+        bs = self.geometry.block_size
+        y.view(*y.shape[:-1], -1, bs).add_(self.slot_bias(c0, c1, y.dtype)[:, :, :, None, None, :, None])
+        y[..., bs : 2 * bs].masked_fill_(self.upper_triangle(y.device), float("-inf"))
         return y
 
-    def _triangle(self, y):
+    # Causal calls without a mask whose local block is forced (the common LM case) need no token-level
+    # mask except the causal triangle of the local slot (slot 1, see select_blocks); padding keys past
+    # the last query are inside that triangle. `local_fast` says a call is one.
+
+    def slot_bias(self, c0: int, c1: int, dtype) -> torch.Tensor:
+        """`[B, Hkv, c, S]`: 0 for filled slots, -inf for empty ones."""
+        valid = self.block_valid[:, :, c0:c1]
+        return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+
+    def upper_triangle(self, device) -> torch.Tensor:
+        """`[bs, bs]` True above the diagonal: the keys of the local block after each query."""
         bs = self.geometry.block_size
-        if getattr(self, "_tri", None) is None or self._tri.dtype != y.dtype:
-            upper = torch.ones(bs, bs, dtype=torch.bool, device=y.device).triu_(1)
-            self._tri = torch.zeros(bs, bs, dtype=y.dtype, device=y.device).masked_fill_(upper, float("-inf"))
-        return self._tri
+        return torch.ones(bs, bs, dtype=torch.bool, device=device).triu_(1)
+
+    def slot_view(self, s: torch.Tensor) -> torch.Tensor:
+        """Tile scores `[B, Hkv, c, G, bs, S*bs]` viewed as `[B, Hkv, c, G, bs, S, bs]`."""
+        return s.view(*s.shape[:-1], -1, self.geometry.block_size)
 
     def chunks(self, budget: int = 1 << 20):
         """Query-block ranges whose tiles hold about `budget` scores (cache-sized work units)."""
