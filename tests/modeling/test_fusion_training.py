@@ -50,6 +50,9 @@ def test_traces_are_logged(quick_runs):
     assert not any(h["rollingq/rotated"] for h in history["rollingq"][: QUICK["warmup_noise_epochs"]])
     report = quick_runs["attribution"]["report"]
     assert len(report["air_trace"]) == QUICK["epochs"]
+    # FusionTrainer logs the training batches' attribution shares (the regularizer computes them).
+    train_log = quick_runs["attribution"]["history"]["train_log"]
+    assert len(train_log) == QUICK["epochs"] and all(0 <= h["attribution_share/b"] <= 1 for h in train_log)
     assert set(report) >= {"accuracy", "probe_accuracy/a", "accuracy_zeroed/b", "accuracy_noise/b", "attention_mass/b", "air"}
 
 
@@ -129,3 +132,19 @@ def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, m
             assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-5), what
             assert loaded["rotations"] == saved["num_rotations"] and loaded["rollingq"]["enabled"], what
             assert loaded["cls"].startswith("hf_multimax.modeling.multimodal_fusion") == bool(imports), (what, loaded["cls"])
+
+
+def test_encoders_and_projections_get_their_own_optimizer_group(tmp_path):
+    from hf_multimax.training.fusion import FusionTrainer, FusionTrainingArguments
+    from hf_multimax.training.fusion.recipe import build_fusion_model
+
+    model = build_fusion_model(FusionArguments(method="attribution"), ["a", "b"], [16, 16], 6)
+    args = FusionTrainingArguments(output_dir=str(tmp_path), learning_rate=0.01, encoder_lr_multiplier=0.1,
+                                   report_to="none", use_cpu=True)
+    optimizer = FusionTrainer(model=model, args=args).create_optimizer()
+    groups = {g.get("name", "fusion"): g for g in optimizer.param_groups}
+    encoder_ids = {id(p) for n, p in model.named_parameters() if n.startswith("fusion.projections.")}
+    assert {id(p) for p in groups["encoders"]["params"]} == encoder_ids
+    assert groups["encoders"]["lr"] == pytest.approx(0.001)
+    assert all(g["lr"] == pytest.approx(0.01) for g in optimizer.param_groups if g.get("name") != "encoders")
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))

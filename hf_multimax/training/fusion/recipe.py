@@ -144,7 +144,7 @@ def run_fusion(args: FusionArguments, data=None) -> dict:
         "args": asdict(args),
         "report": report,
         "history": {"rollingq": rollingq.history, "monitor": monitor.history,
-                    "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
+                    "train_log": [h for h in trainer.state.log_history if "loss" in h]},
         "train_runtime": runtime,
     }
     if args.output_dir:
