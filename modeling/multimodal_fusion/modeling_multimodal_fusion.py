@@ -23,9 +23,9 @@ from .configuration_multimodal_fusion import MultimodalFusionConfig
 
 __all__ = [
     "MultimodalFusionClassifierOutput",
+    "MultimodalFusionForSequenceClassification",
     "MultimodalFusionModel",
     "MultimodalFusionModelOutput",
-    "MultimodalFusionForSequenceClassification",
     "MultimodalFusionPreTrainedModel",
     "rotation_towards",
 ]

@@ -105,8 +105,9 @@ def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, m
     saved = json.loads((out / "results.json").read_text())["report"]
     assert saved["num_rotations"] >= 1
 
-    import hf_multimax  # noqa: F401
     from transformers import AutoModelForSequenceClassification
+
+    import hf_multimax  # noqa: F401
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     data = load_fusion_task("synthetic", seed=0, num_train=300, num_test=100)[0]["test"]

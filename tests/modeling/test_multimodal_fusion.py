@@ -3,14 +3,14 @@ regularizer's gradient, RollingQ's rotation and its persistence."""
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig
-
 from hf_multimax.modeling.multimodal_fusion import (
     MultimodalFusionConfig,
     MultimodalFusionForSequenceClassification,
     MultimodalFusionModel,
     rotation_towards,
 )
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig
+
 from tests.conftest import assert_close
 
 
@@ -212,7 +212,7 @@ def test_readme_fusion_example_runs():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "multimodal_fusion" in b]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "multimodal_fusion" in b]
     assert len(blocks) == 1
     namespace = {}
     exec(compile(blocks[0], "README fusion block", "exec"), namespace)
