@@ -1,14 +1,15 @@
-"""SparseMix fast CPU backend: the eager backend's tiles in a custom autograd Function that keeps
-only the output and the row log-sum-exp, and recomputes each tile's scores in backward (the
-FlashAttention recipe over gathered blocks). Extra memory is one tile, not the gathered keys and
-values of the whole sequence; gradients of keys and values are scattered back with `index_add_`.
+"""SparseMix fast backend: tiles of query blocks over their gathered key/value blocks in a custom
+autograd Function that keeps only the output and the row log-sum-exp and recomputes each tile in
+backward (the FlashAttention recipe over gathered blocks). Extra memory is one tile, not the
+gathered keys and values of the whole sequence; key/value gradients are scattered back with
+`index_add_`. With softmax on CPU each tile runs torch's fused flash-attention kernels (forward and
+backward); MultiMax, and other devices, run the same tiles as explicit tensor code.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..multimax.chunked import compile_enabled, without_duck_shapes
 from ..multimax.naive import naive_multimax_modulate_backward
 from .layout import SparseLayout
 from .naive import tile_scores
@@ -28,41 +29,6 @@ def _softmax_parts(y: torch.Tensor):
     return p, torch.where(has_key, denom, torch.ones_like(denom)), lse
 
 
-def _local_causal_mask(s, slot_bias, upper):
-    """Scores `[B, Hkv, c, G, bs, S, bs]` of a tile whose only token-level mask is the causal triangle
-    of the local slot (slot 1): empty slots (`slot_bias` -inf) and the triangle's upper part to -inf;
-    returns `[B, Hkv, c, G, bs, S*bs]`."""
-    slot = torch.arange(s.shape[-2], device=s.device)
-    y = s + slot_bias[:, :, :, None, None, :, None]
-    return torch.where((slot[:, None] == 1) & upper[:, None, :], float("-inf"), y).flatten(-2)
-
-
-def _fast_forward_tile(s, slot_bias, upper):
-    return _softmax_parts(_local_causal_mask(s, slot_bias, upper))
-
-
-def _fast_backward_tile(s, slot_bias, upper, lse, dp, delta):
-    p = torch.exp(_local_causal_mask(s, slot_bias, upper) - lse)
-    return p, p * (dp - delta)
-
-
-_TILES: dict[tuple[str, bool], object] = {}
-
-
-def _tile(name):
-    """The fused elementwise body of the common causal tile, compiled once per process on first use
-    (never at import); `HF_MULTIMAX_COMPILE=0` runs it eagerly. Three memory passes instead of seven."""
-    key = (name, compile_enabled())
-    if key not in _TILES:
-        fn = {"forward": _fast_forward_tile, "backward": _fast_backward_tile}[name]
-        _TILES[key] = without_duck_shapes(torch.compile(fn, dynamic=True)) if key[1] else fn
-    return _TILES[key]
-
-
-def _fast(layout: SparseLayout) -> bool:
-    return layout.local_fast and layout.theta is None
-
-
 class _BlockedSparseMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_blocks, k_flat, v_flat, theta, affine, layout: SparseLayout, scale: float):
@@ -71,14 +37,10 @@ class _BlockedSparseMix(torch.autograd.Function):
         out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=layout.acc, device=q_blocks.device)
         lse = torch.empty(B, Hkv, nQB, layout.groups, layout.geometry.block_size, 1, dtype=layout.acc,
                           device=q_blocks.device)
-        fast, upper = _fast(layout), layout.upper_triangle(q_blocks.device)
         for c0, c1 in layout.chunks():
             # The scale goes on the query tile (1/S of the score tile's size), not on a full-size copy.
-            s, y = tile_scores(layout, q_blocks[:, :, c0:c1].to(layout.acc) * scale, layout.gather(k_flat, c0, c1))
-            if fast:
-                p, denom, lse[:, :, c0:c1] = _tile("forward")(layout.slot_view(s), layout.slot_bias(c0, c1, s.dtype), upper)
-            else:
-                p, denom, lse[:, :, c0:c1] = _softmax_parts(layout.mask_tile_(y, c0, c1))
+            _, y = tile_scores(layout, q_blocks[:, :, c0:c1].to(layout.acc) * scale, layout.gather(k_flat, c0, c1))
+            p, denom, lse[:, :, c0:c1] = _softmax_parts(layout.mask_tile_(y, c0, c1))
             # Normalised after the product: Dv columns to divide instead of S * bs.
             pv = torch.matmul(p.flatten(3, 4), layout.gather(v_flat, c0, c1).to(layout.acc))
             out[:, :, c0:c1] = pv.div_(denom.flatten(3, 4))
@@ -100,7 +62,6 @@ class _BlockedSparseMix(torch.autograd.Function):
         theta, affine = layout.theta, layout.affine
         dtheta = None if theta is None else torch.zeros_like(theta)
         daffine = None if affine is None else torch.zeros_like(affine)
-        fast, upper = _fast(layout), layout.upper_triangle(q_blocks.device)
         for c0, c1 in layout.chunks():
             q_tile = q_blocks[:, :, c0:c1].to(acc) * scale
             k_tile, v_tile = layout.gather(k_flat, c0, c1).to(acc), layout.gather(v_flat, c0, c1).to(acc)
@@ -108,12 +69,8 @@ class _BlockedSparseMix(torch.autograd.Function):
             do = grad_out[:, :, c0:c1]  # [B, Hkv, c, G*bs, Dv]
             dp = torch.matmul(do, v_tile.transpose(-1, -2)).view(y.shape)
             delta = (do * out[:, :, c0:c1]).sum(dim=-1).view(y.shape[:-1] + (1,))  # rowsum(dO * O), per tile
-            if fast:
-                p, dy = _tile("backward")(layout.slot_view(s), layout.slot_bias(c0, c1, s.dtype), upper, lse[:, :, c0:c1],
-                                          dp, delta)
-            else:
-                p = torch.exp(layout.mask_tile_(y, c0, c1).sub_(lse[:, :, c0:c1]))
-                dy = p * (dp - delta)
+            p = torch.exp(layout.mask_tile_(y, c0, c1).sub_(lse[:, :, c0:c1]))
+            dy = p * (dp - delta)
             if theta is not None:
                 dy, gtheta, gaffine = naive_multimax_modulate_backward(dy, s, theta, affine)
                 dtheta += gtheta
@@ -129,6 +86,75 @@ class _BlockedSparseMix(torch.autograd.Function):
             for g, (shape, dtype) in zip((dtheta, daffine), (sh or (None, None) for sh in ctx.param_shapes))
         )
         return dq, dk, dv, dtheta, daffine, None, None
+
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _flash_tile(layout: SparseLayout, q_blocks, k_flat, v_flat, c0: int, c1: int):
+    """A tile's queries `[n, 1, G*bs, D]` and gathered keys/values `[n, 1, S*bs, D]` (n = B*Hkv*c),
+    and its additive mask, in the layout torch's CPU flash kernels take (one head: the group's
+    query heads are stacked as rows against their shared keys)."""
+    rows, cols = q_blocks.shape[-2], layout.block_idx.shape[-1] * layout.geometry.block_size
+    q = q_blocks[:, :, c0:c1].reshape(-1, 1, rows, q_blocks.shape[-1])
+    k = layout.gather(k_flat, c0, c1).reshape(-1, 1, cols, k_flat.shape[-1])
+    v = layout.gather(v_flat, c0, c1).reshape(-1, 1, cols, v_flat.shape[-1])
+    return q, k, v, layout.additive_mask(c0, c1, q.dtype).reshape(-1, 1, rows, cols)
+
+
+class _FlashBlockedSparseMix(torch.autograd.Function):
+    """Softmax over the selected blocks with torch's fused CPU flash-attention kernels per tile:
+    scores never leave the cache; the backward regathers keys and values and runs the fused backward
+    kernel from the saved output and log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q_blocks, k_flat, v_flat, layout: SparseLayout, scale: float):
+        q_blocks, k_flat, v_flat = q_blocks.detach(), k_flat.detach(), v_flat.detach()
+        B, Hkv, nQB, rows, _ = q_blocks.shape
+        out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=q_blocks.dtype, device=q_blocks.device)
+        lse = torch.empty(B, Hkv, nQB, rows, dtype=torch.promote_types(q_blocks.dtype, torch.float32), device=q_blocks.device)
+        for c0, c1 in layout.chunks():
+            q, k, v, mask = _flash_tile(layout, q_blocks, k_flat, v_flat, c0, c1)
+            o, l = _flash_forward(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+            out[:, :, c0:c1] = o.view(B, Hkv, c1 - c0, rows, -1)
+            lse[:, :, c0:c1] = l.view(B, Hkv, c1 - c0, rows)
+        ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_blocks, k_flat, v_flat, out, lse = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        bs = layout.geometry.block_size
+        grad_out = grad_out.to(q_blocks.dtype)
+        dq = torch.empty_like(q_blocks)
+        # Key/value gradients gather contributions from every tile that selected a block: fp32 at least.
+        acc = lse.dtype
+        dk = torch.zeros(k_flat.shape, dtype=acc, device=k_flat.device)
+        dv = torch.zeros(v_flat.shape, dtype=acc, device=v_flat.device)
+        for c0, c1 in layout.chunks():
+            q, k, v, mask = _flash_tile(layout, q_blocks, k_flat, v_flat, c0, c1)
+            shape = q.shape[:-1] + (-1,)
+            gq, gk, gv = _flash_backward(
+                grad_out[:, :, c0:c1].reshape(shape), q, k, v, out[:, :, c0:c1].reshape(shape),
+                lse[:, :, c0:c1].reshape(q.shape[:-1]), 0.0, False, attn_mask=mask, scale=scale,
+            )
+            dq[:, :, c0:c1] = gq.view(dq[:, :, c0:c1].shape)
+            flat_idx = layout.flat_idx[:, :, c0:c1].reshape(-1)
+            dk.index_add_(0, flat_idx, gk.reshape(-1, bs, dk.shape[-1]).to(acc))
+            dv.index_add_(0, flat_idx, gv.reshape(-1, bs, dv.shape[-1]).to(acc))
+        return dq, dk.to(k_flat.dtype), dv.to(v_flat.dtype), None, None
+
+
+def _use_flash(layout: SparseLayout, query, key, value) -> bool:
+    # torch's fused kernels: CPU, softmax, one dtype, equal head dims, float types.
+    return (
+        query.device.type == "cpu" and layout.theta is None and query.dtype == key.dtype == value.dtype
+        and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and query.shape[-1] == value.shape[-1]
+    )
 
 
 def blocked_sparsemix_attention(
@@ -160,8 +186,9 @@ def blocked_sparsemix_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     # theta/affine reach the Function as inputs (for their gradients) and through the layout (shaped).
-    out = _BlockedSparseMix.apply(
-        layout.blocked_queries(query), layout.flat_blocks(key), layout.flat_blocks(value), theta, affine, layout,
-        float(scale),
-    )
+    q_blocks, k_flat, v_flat = layout.blocked_queries(query), layout.flat_blocks(key), layout.flat_blocks(value)
+    if _use_flash(layout, query, key, value):
+        out = _FlashBlockedSparseMix.apply(q_blocks, k_flat, v_flat, layout, float(scale))
+    else:
+        out = _BlockedSparseMix.apply(q_blocks, k_flat, v_flat, theta, affine, layout, float(scale))
     return layout.unblock_queries(out).to(value.dtype), None

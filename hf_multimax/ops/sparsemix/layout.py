@@ -57,7 +57,7 @@ class SparseLayout:
             affine = self._per_head(affine, 2, "affine")
         self.theta, self.affine = theta, affine
 
-        # Slot 1 always holds the local block when it is valid (select_blocks); see slot_bias.
+        # Slot 1 always holds the local block when it is valid (select_blocks); see additive_mask.
         local_valid = block_valid[..., 1] if block_valid.shape[-1] > 1 else block_valid[..., 0] & False
         self.local_fast = (
             is_causal and mask is None and block_valid.shape[-1] > 1
@@ -140,30 +140,37 @@ class SparseLayout:
 
     def mask_tile_(self, y: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Set the masked scores of a tile `[B, Hkv, c, G, bs, S*bs]` to -inf, in place."""
-        if not self.local_fast:
-            return y.masked_fill_(~self.keep(c0, c1), float("-inf"))
-        bs = self.geometry.block_size
-        y.view(*y.shape[:-1], -1, bs).add_(self.slot_bias(c0, c1, y.dtype)[:, :, :, None, None, :, None])
-        y[..., bs : 2 * bs].masked_fill_(self.upper_triangle(y.device), float("-inf"))
-        return y
+        return y.masked_fill_(~self.keep(c0, c1), float("-inf"))
 
-    # Causal calls without a mask whose local block is forced (the common LM case) need no token-level
-    # mask except the causal triangle of the local slot (slot 1, see select_blocks); padding keys past
-    # the last query are inside that triangle. `local_fast` says a call is one.
+    def additive_mask(self, c0: int, c1: int, dtype) -> torch.Tensor:
+        """The tile's keep mask as 0 / -inf, broadcastable to `[B, Hkv, c, G*bs, S*bs]`.
 
-    def slot_bias(self, c0: int, c1: int, dtype) -> torch.Tensor:
-        """`[B, Hkv, c, S]`: 0 for filled slots, -inf for empty ones."""
-        valid = self.block_valid[:, :, c0:c1]
-        return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+        Causal calls without a mask whose local block is forced (the common LM case) need no
+        token-level mask but the causal triangle of the local slot (slot 1, see `select_blocks`):
+        padding keys past the last query are inside it. Once every slot of the tile is filled (all
+        but the first `top_k + 1` query blocks) that is one `[G*bs, S*bs]` pattern for all tiles.
+        """
+        g, bs = self.geometry, self.geometry.block_size
+        if self.local_fast:
+            pattern = self._local_pattern(dtype)
+            valid = self.block_valid[:, :, c0:c1]
+            if bool(valid.all()):
+                return pattern.expand(*valid.shape[:3], *pattern.shape)
+            slots = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+            return pattern + slots.repeat_interleave(bs, dim=-1)[..., None, :]
+        keep = self.keep(c0, c1).expand(*self.block_idx[:, :, c0:c1].shape[:3], self.groups, bs, -1)
+        zero = torch.zeros((), dtype=dtype, device=keep.device)
+        return torch.where(keep, zero, float("-inf")).flatten(3, 4)
 
-    def upper_triangle(self, device) -> torch.Tensor:
-        """`[bs, bs]` True above the diagonal: the keys of the local block after each query."""
-        bs = self.geometry.block_size
-        return torch.ones(bs, bs, dtype=torch.bool, device=device).triu_(1)
-
-    def slot_view(self, s: torch.Tensor) -> torch.Tensor:
-        """Tile scores `[B, Hkv, c, G, bs, S*bs]` viewed as `[B, Hkv, c, G, bs, S, bs]`."""
-        return s.view(*s.shape[:-1], -1, self.geometry.block_size)
+    def _local_pattern(self, dtype) -> torch.Tensor:
+        bs, S = self.geometry.block_size, self.block_idx.shape[-1]
+        if getattr(self, "_pattern", None) is None or self._pattern.dtype != dtype:
+            upper = torch.ones(bs, bs, dtype=torch.bool, device=self.block_idx.device).triu_(1)
+            masked = torch.zeros(bs, S, bs, dtype=torch.bool, device=upper.device)
+            masked[:, 1] = upper
+            pattern = torch.zeros(bs, S * bs, dtype=dtype, device=upper.device).masked_fill_(masked.view(bs, -1), float("-inf"))
+            self._pattern = pattern.repeat(self.groups, 1)  # rows are (query head in the group, token)
+        return self._pattern
 
     def chunks(self, budget: int = 1 << 20):
         """Query-block ranges whose tiles hold about `budget` scores (cache-sized work units)."""
