@@ -1,0 +1,59 @@
+"""The SparseMix retrieval experiment: a deterministic task whose answer sits in another block than
+the query, and the whole pipeline (dense -> sparse -> warm-up -> fine-tuning) in its quick mode."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_multimax.training.retrieval import RetrievalTask
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    task = RetrievalTask()
+    a, b = task.generate(4, 1024, seed=3), task.generate(4, 1024, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], task.generate(4, 1024, seed=4)["input_ids"])
+
+
+@pytest.mark.parametrize("length, segment", [(1024, 64), (4096, 64), (128, 8)], ids=["1k", "4k", "curriculum"])
+def test_answer_is_recoverable_from_a_needle_in_another_block(length, segment):
+    task = RetrievalTask(segment=segment)
+    d = task.generate(6, length, seed=0)
+    ids, labels = d["input_ids"], d["labels"]
+    n_pairs, n_queries = task.counts(length)
+    assert d["query_pos"].shape == (6, n_queries)
+    for i in range(6):
+        q, needle, answer = d["query_pos"][i], d["needle_pos"][i], d["answer"][i]
+        # Labels only on the answers, each right after its query.
+        assert torch.equal(labels[i].ne(-100).nonzero()[:, 0], q + 1)
+        assert torch.equal(labels[i, q + 1], answer)
+        pair = ids[i, needle] - task.pair_start
+        assert torch.equal(pair // task.n_values, ids[i, q] - task.query_start)  # the needle holds the asked key
+        assert torch.equal(pair % task.n_values + task.answer_start, answer)  # and the answer's value
+        # Keys are unique in a sequence, so the lookup has exactly one answer.
+        pairs = ids[i][(ids[i] >= task.pair_start) & (ids[i] < task.query_start)] - task.pair_start
+        assert len(pairs) == n_pairs and len(set((pairs // task.n_values).tolist())) == n_pairs
+        # Needles are never in the sink block nor in the query's block, and always earlier.
+        assert (needle // segment > 0).all() and (needle // segment < q // segment).all()
+
+
+def test_quick_pipeline_writes_every_field(tmp_path):
+    spec = importlib.util.spec_from_file_location("sparsemix_retrieval", ROOT / "scripts" / "sparsemix_retrieval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "retrieval.json"
+    script.main(["--quick", "--output", str(out), "--threads", "1"])
+    result = json.loads(out.read_text())
+    acc = result["accuracy"]
+    assert set(acc) == {"dense", "sparse_untrained_scorer", "sparse_after_warmup", "sparse_after_finetune"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert set(result["needle_block_recall"]) == {"untrained_scorer", "after_warmup", "after_finetune"}
+    assert all(0.0 <= v <= 1.0 for rec in result["needle_block_recall"].values() for v in rec.values())
+    assert {"dense_training", "eval_dense", "scorer_warmup", "sparse_finetune", "total"} <= set(result["times_s"])
+    assert result["settings"]["seed"] == 0 and result["sparse_dense_ratio"] >= 0
+    assert [s["length"] for s in result["dense_training"]] == [128, 1024]
