@@ -45,7 +45,7 @@ _ORIGINALS: dict[str, object] = {}
 
 
 def is_multimax_name(name) -> bool:
-    return isinstance(name, str) and (name == ATTENTION_NAME or name.startswith(ATTENTION_NAME + ":"))
+    return MultiMaxSettings.is_own_name(name)
 
 
 def wants_multimax(config, fallback=None) -> bool:
@@ -74,17 +74,8 @@ def _num_heads(module: torch.nn.Module) -> int | None:
 
 
 def multimax_settings(config, fallback=None) -> MultiMaxSettings:
-    """The validated settings stored in `config.multimax` (else in `fallback.multimax`: a sub-model's
-    config inherits the top-level settings), with the backend named in the attention implementation
-    string (`"multimax:eager"`) taking precedence."""
-    values = getattr(config, "multimax", None)
-    if values is None and fallback is not None:
-        values = getattr(fallback, "multimax", None)
-    settings = MultiMaxSettings.from_dict(values)
-    name = config._attn_implementation
-    if is_multimax_name(name) and ":" in name:
-        settings = MultiMaxSettings(**{**settings.to_dict(), "backend": name.split(":", 1)[1]})
-    return settings
+    """`config.multimax` validated (see `ConfigSettings.from_config`)."""
+    return MultiMaxSettings.from_config(config, fallback)
 
 
 def output_head_of(model: PreTrainedModel) -> torch.nn.Module | None:

@@ -31,20 +31,12 @@ SPARSEMIX_NAME = "sparsemix"
 
 
 def is_sparsemix_name(name) -> bool:
-    return isinstance(name, str) and (name == SPARSEMIX_NAME or name.startswith(SPARSEMIX_NAME + ":"))
+    return SparseMixSettings.is_own_name(name)
 
 
 def sparsemix_settings(config, fallback=None) -> SparseMixSettings:
-    """Validated `config.sparsemix` (else the top-level config's), the backend in the implementation
-    string (`"sparsemix:blocked"`) taking precedence."""
-    values = getattr(config, "sparsemix", None)
-    if values is None and fallback is not None:
-        values = getattr(fallback, "sparsemix", None)
-    settings = SparseMixSettings.from_dict(values)
-    name = config._attn_implementation
-    if is_sparsemix_name(name) and ":" in name:
-        settings = SparseMixSettings(**{**settings.to_dict(), "backend": name.split(":", 1)[1]})
-    return settings
+    """`config.sparsemix` validated (see `ConfigSettings.from_config`)."""
+    return SparseMixSettings.from_config(config, fallback)
 
 
 def _kv_heads_and_dim(module: torch.nn.Module, config) -> tuple[int, int]:

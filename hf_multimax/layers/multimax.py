@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..ops.multimax import BACKENDS, THETA_NAMES, naive_multimax_modulate
+from .settings import ConfigSettings
 
 __all__ = ["MultiMaxSettings", "MultiMaxModulator"]
 
@@ -18,7 +19,7 @@ _ORDER_PARAMS = {1: ("t1", "t2", "b1", "d1"), 2: ("t1", "t2", "t3", "t4", "b1", 
 
 
 @dataclasses.dataclass
-class MultiMaxSettings:
+class MultiMaxSettings(ConfigSettings):
     """How MultiMax is applied to a model. Stored as the `multimax` dict of the model config.
 
     Args:
@@ -36,6 +37,8 @@ class MultiMaxSettings:
         1
     """
 
+    config_key: ClassVar[str] = "multimax"
+
     order: int = 2
     per_head: bool = False
     affine: bool = False
@@ -52,23 +55,6 @@ class MultiMaxSettings:
         allowed = ("auto", *BACKENDS)
         if self.backend not in allowed:
             raise ValueError(f"multimax.backend={self.backend!r} is not supported; allowed values: {allowed}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | "MultiMaxSettings" | None) -> "MultiMaxSettings":
-        if values is None:
-            return cls()
-        if isinstance(values, cls):
-            return values
-        if not isinstance(values, Mapping):
-            raise ValueError(f"multimax settings must be a dict or MultiMaxSettings, got {type(values).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown multimax setting(s) {unknown}; allowed keys: {sorted(fields)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class MultiMaxModulator(nn.Module):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..ops.sparsemix import BACKENDS
+from .settings import ConfigSettings
 
 __all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings"]
 
@@ -21,7 +22,7 @@ def _positive_int(name: str, value, minimum: int = 1) -> None:
 
 
 @dataclasses.dataclass
-class SparseMixSettings:
+class SparseMixSettings(ConfigSettings):
     """How SparseMix is applied to a model. Stored as the `sparsemix` dict of the model config.
 
     Args:
@@ -43,6 +44,8 @@ class SparseMixSettings:
     Inputs shorter than `(top_k + sink + local) * block_size` keys run the dense path: every block
     would be kept anyway.
     """
+
+    config_key: ClassVar[str] = "sparsemix"
 
     block_size: int = 64
     top_k: int = 8
@@ -77,23 +80,6 @@ class SparseMixSettings:
     @property
     def kept_blocks(self) -> int:
         return self.top_k + int(self.sink) + int(self.local)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | "SparseMixSettings" | None) -> "SparseMixSettings":
-        if values is None:
-            return cls()
-        if isinstance(values, cls):
-            return values
-        if not isinstance(values, Mapping):
-            raise ValueError(f"sparsemix settings must be a dict or SparseMixSettings, got {type(values).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown sparsemix setting(s) {unknown}; allowed keys: {sorted(fields)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class SparseMixScorer(nn.Module):

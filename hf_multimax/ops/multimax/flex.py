@@ -10,7 +10,7 @@ import torch
 from ..naive_attention import check_qkv
 from .naive import check_theta
 
-__all__ = ["flex_multimax_attention", "flex_is_available"]
+__all__ = ["flex_inputs", "flex_is_available", "flex_multimax_attention"]
 
 
 def flex_is_available() -> tuple[bool, str]:
@@ -19,6 +19,19 @@ def flex_is_available() -> tuple[bool, str]:
     except ImportError as err:  # pragma: no cover - torch < 2.5
         return False, f"torch.nn.attention.flex_attention is unavailable: {err}"
     return True, ""
+
+
+def flex_inputs(*tensors: torch.Tensor | None, cpu_training_backend: str) -> tuple[torch.Tensor | None, ...]:
+    """The tensors as flex can take them: detached when no gradient is needed (torch refuses CPU
+    flex for inputs that require grad, even under no_grad); a ValueError naming the backend to use
+    when gradients are needed on CPU, where torch has no flex backward."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad and tensors[0].device.type == "cpu":
+        raise ValueError(
+            "the flex backend has no backward on CPU (torch implements FlexAttention's backward for GPU only); "
+            f"use backend='{cpu_training_backend}' (or 'auto') to train on CPU"
+        )
+    return tensors if needs_grad else tuple(None if t is None else t.detach() for t in tensors)
 
 
 @functools.cache
@@ -102,18 +115,7 @@ def flex_multimax_attention(
         raise ValueError(f"the flex backend does not support attention dropout (got dropout_p={dropout_p}); use eager")
     check_qkv(query, key, value)
     check_theta(theta)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, theta, affine)
-    )
-    if needs_grad and query.device.type == "cpu":
-        raise ValueError(
-            "the flex backend has no backward on CPU (torch implements FlexAttention's backward for GPU only); "
-            "use backend='chunked' (or 'auto') to train on CPU"
-        )
-    if not needs_grad:
-        # torch refuses CPU flex for inputs that require grad, even under no_grad.
-        query, key, value, theta = query.detach(), key.detach(), value.detach(), theta.detach()
-        affine = None if affine is None else affine.detach()
+    query, key, value, theta, affine = flex_inputs(query, key, value, theta, affine, cpu_training_backend="chunked")
     B, H, Q, _ = query.shape
     K = key.shape[-2]
     theta = theta.reshape(8, -1) if theta.dim() > 1 else theta  # [8, H] per head

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..multimax.flex import _compiled_flex, _score_mod
+from ..multimax.flex import _compiled_flex, _score_mod, flex_inputs
 from .layout import SparseLayout
 
 __all__ = ["flex_sparsemix_attention"]
@@ -81,18 +81,7 @@ def flex_sparsemix_attention(
     """
     layout = SparseLayout(query, key, value, block_idx, block_valid, block_size=block_size, is_causal=is_causal,
                           mask=mask, theta=theta, affine=affine)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, theta, affine)
-    )
-    if needs_grad and query.device.type == "cpu":
-        raise ValueError(
-            "the flex backend has no backward on CPU (torch implements FlexAttention's backward for GPU only); "
-            "use backend='blocked' (or 'auto') to train on CPU"
-        )
-    if not needs_grad:  # torch refuses CPU flex for inputs that require grad, even under no_grad
-        query, key, value = query.detach(), key.detach(), value.detach()
-        theta = None if theta is None else theta.detach()
-        affine = None if affine is None else affine.detach()
+    query, key, value, theta, affine = flex_inputs(query, key, value, theta, affine, cpu_training_backend="blocked")
     g = layout.geometry
     q = torch.nn.functional.pad(query, (0, 0, g.front_pad, layout.q_tail))
     k = torch.nn.functional.pad(key, (0, 0, 0, layout.k_pad))

@@ -150,7 +150,7 @@ class SparseLayout:
         padding keys past the last query are inside it. Once every slot of the tile is filled (all
         but the first `top_k + 1` query blocks) that is one `[G*bs, S*bs]` pattern for all tiles.
         """
-        g, bs = self.geometry, self.geometry.block_size
+        bs = self.geometry.block_size
         if self.local_fast:
             pattern = self._local_pattern(dtype)
             valid = self.block_valid[:, :, c0:c1]
