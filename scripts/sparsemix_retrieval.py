@@ -56,6 +56,13 @@ def markdown_table(result: dict) -> str:
             layers = sorted({k.split("_")[0] for k in rec})
             rec_text = "; ".join(f"{l}: {rec[l + '_mean_over_heads']:.3f} / {rec[l + '_any_head']:.3f}" for l in layers)
         lines.append(f"| {name} | {value:.4f} | {ratio:.3f} | {rec_text} |")
+    oracle = result["kl_target_needle_recall"]
+    lines.append("")
+    lines.append("Needle-block recall of a scorer that matched its KL target exactly (dense model; mean over heads / "
+                 "any head): " + "; ".join(
+                     f"{name} {oracle[f'layer0_{key}_mean_over_heads']:.3f} / {oracle[f'layer0_{key}_any_head']:.3f}"
+                     for key, name in (("mean", "mean over the block's rows (SparseMix's target)"),
+                                       ("max", "max over the rows"), ("query_row", "the query token's row alone"))))
     lines.append("")
     lines.append(f"sparse/dense ratio {result['sparse_dense_ratio']:.3f} (target >= {result['target_ratio']}): "
                  f"{'met' if result['meets_target'] else 'NOT met'}; total wall time {result['times_s']['total']:.0f} s")

@@ -38,6 +38,7 @@ __all__ = [
     "RetrievalTask",
     "evaluate_retrieval",
     "init_factored_embeddings",
+    "kl_target_needle_recall",
     "needle_block_recall",
     "run_retrieval_experiment",
     "tiny_llama_config",
@@ -277,6 +278,60 @@ def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8) -
     return out
 
 
+@torch.no_grad()
+def kl_target_needle_recall(model, dataset: RetrievalDataset, *, block_size: int, top_k: int, n: int = 64) -> dict:
+    """Could a scorer that matched its KL target perfectly find the needles? For each query, rank the
+    candidate key blocks (not sink, not local, not future) of its query block by the dense attention
+    mass pooled over the block's query rows, and report how often the needle's block is in the top
+    `top_k`, per layer, for three poolings of the rows:
+
+    - `mean`: the mean over the block's rows, SparseMix's KL target (`ops.sparsemix.dense_block_mass`);
+    - `max`: the max over the rows (SeerAttention's max-pooled ground truth);
+    - `query_row`: the query token's own row (an upper bound: what the lookup needs).
+
+    Counted per key/value head, averaged (`*_mean_over_heads`) and at best (`*_any_head`). Runs the
+    dense model (or a converted one; the probabilities are always dense) on the first `n` sequences.
+    """
+    was_training = model.training
+    model.eval()
+    data = dataset.data
+    n = min(n, len(dataset))
+    names = ("mean", "max", "query_row")
+    hits = {}
+    total = 0
+    for i in range(n):
+        ids = data["input_ids"][i : i + 1]
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        q_pos, needle = data["query_pos"][i], data["needle_pos"][i]
+        for li, layer in enumerate(model.model.layers):
+            q, k = _layer_queries_keys(model, hidden[li], layer)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            L = q.shape[-2]
+            scores = torch.matmul(q, k.transpose(-1, -2)) * layer.self_attn.scaling
+            causal = torch.ones(L, L, dtype=torch.bool).tril()
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)[0]  # [H, L, L]
+            n_blocks = L // block_size
+            mass = probs.view(probs.shape[0], L, n_blocks, block_size).sum(-1)  # [H, L rows, key blocks]
+            rows = mass.view(mass.shape[0], n_blocks, block_size, n_blocks)  # [H, query block, row, key block]
+            pooled = {"mean": rows.mean(2), "max": rows.amax(2)}
+            for name in names:
+                if name == "query_row":
+                    target = mass[:, q_pos]  # [H, n_q, key blocks]
+                else:
+                    target = pooled[name][:, q_pos // block_size]
+                a = (q_pos // block_size)[:, None]
+                j = torch.arange(n_blocks)[None, :]
+                candidate = (j > 0) & (j < a)  # not the sink, not the local block, not the future
+                top = target.masked_fill(~candidate, -1.0).topk(min(top_k, n_blocks), dim=-1).indices
+                hit = (top == (needle // block_size)[None, :, None]).any(-1)  # [H, n_q]
+                key = f"layer{li}_{name}"
+                hits[key + "_mean_over_heads"] = hits.get(key + "_mean_over_heads", 0.0) + hit.float().mean(0).sum().item()
+                hits[key + "_any_head"] = hits.get(key + "_any_head", 0.0) + hit.any(0).float().sum().item()
+        total += len(q_pos)
+    model.train(was_training)
+    return {key: value / total for key, value in sorted(hits.items())}
+
+
 @dataclass
 class RetrievalExperimentArguments:
     """Settings of one run (`scripts/sparsemix_retrieval.py --help` lists them)."""
@@ -400,6 +455,9 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
         # (b)
         acc = {"dense": _timed(times, "eval_dense", lambda: evaluate_retrieval(model, eval_set))}
         logger.info("dense accuracy %.4f", acc["dense"])
+        results["kl_target_needle_recall"] = _timed(times, "kl_target_recall", lambda: kl_target_needle_recall(
+            model, eval_set, block_size=args.block_size, top_k=args.top_k))
+        logger.info("needle recall of a scorer that matched its target %s", results["kl_target_needle_recall"])
         model.save_pretrained(f"{tmp}/dense")
 
         # (c) same weights, SparseMix attention, untrained scorer (w_key = 0: the mean-pooled gate)
