@@ -91,11 +91,12 @@ def sparsemix_attention_forward(
     if module.training and (settings.kl_weight > 0 or settings.dense_warmup) and geometry.n_k_blocks > settings.kept_blocks:
         blocks = sample_query_blocks(geometry, settings.kl_query_blocks, sink=settings.sink, local=settings.local,
                                      device=query.device)
-        scores = scorer_block_scores(query.detach(), key.detach(), scorer.w_query, scorer.w_key, geometry, scaling)
-        scorer.kl = scorer_kl(scores, query, key, geometry, blocks, scale=scaling, sink=settings.sink,
+        # Only the sampled blocks need the scorer's graph.
+        sampled = scorer_block_scores(query.detach(), key.detach(), scorer.w_query, scorer.w_key, geometry, scaling,
+                                      q_blocks=blocks)
+        scorer.kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink,
                               local=settings.local, mask=mask, score_mod=score_mod)
-        scores = scores.detach()
-    elif sparse:
+    if sparse:
         with torch.no_grad():
             scores = scorer_block_scores(query, key, scorer.w_query, scorer.w_key, geometry, scaling)
 

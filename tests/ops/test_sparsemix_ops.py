@@ -168,36 +168,58 @@ def test_untrained_scorer_is_the_mean_pooled_gate():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
     geometry = block_geometry(64, 64, BS, causal=True)
-    wq, wk = torch.randn(2, 16, 4, generator=g), torch.zeros(2, 16, 4)
+    wq, wk = torch.randn(2, 8, 4, generator=g), torch.zeros(2, 16, 4)
     scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5)
     mean_q = q.view(1, 2, 2, 4, BS, 8).mean(dim=(2, 4))
     mean_k = k.view(1, 2, 4, BS, 8).mean(dim=3)
     torch.testing.assert_close(scores, mean_q @ mean_k.transpose(-1, -2) * 0.5)
+    subset = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, q_blocks=torch.tensor([3, 1]))
+    torch.testing.assert_close(subset, scores[:, :, [3, 1]])
+
+
+def test_one_query_token_can_select_its_block():
+    """Fifteen tokens of a query block lean to key block 2, one token strongly to block 1: the
+    learned term's smooth maximum over tokens keeps block 1 first, where mean pooling picks block 2."""
+    q = torch.zeros(1, 1, 16, 4)
+    q[0, 0, :15, 1] = 1.0
+    q[0, 0, 15, 0] = 10.0
+    k = torch.zeros(1, 1, 48, 4)
+    k[0, 0, 16:32, 0] = 1.0  # key block 1
+    k[0, 0, 32:48, 1] = 1.0  # key block 2
+    geometry = block_geometry(16, 48, 16, causal=False)
+    w_query = torch.eye(4)[None]
+    w_key = torch.cat([torch.eye(4), torch.zeros(4, 4)])[None]  # reads the blocks' mean keys
+    scores = scorer_block_scores(q, k, w_query, w_key, geometry, scale=1e-3)
+    assert scores[0, 0, 0].argmax() == 1
+    mean_gate = scorer_block_scores(q, k, w_query, torch.zeros_like(w_key), geometry, scale=1.0)
+    assert mean_gate[0, 0, 0].argmax() == 2
 
 
 def test_block_mass_and_kl():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 96, 8, generator=g), torch.randn(1, 2, 96, 8, generator=g)
     geometry = block_geometry(96, 96, BS, causal=True)
-    mass = dense_block_mass(q, k, geometry, 4, scale=8**-0.5)
-    torch.testing.assert_close(mass.sum(-1), torch.ones(1, 2))
-    assert (mass[..., 5:] == 0).all(), "no mass on future blocks"
+    mean = dense_block_mass(q, k, geometry, 4, scale=8**-0.5, pool="mean")
+    torch.testing.assert_close(mean.sum(-1), torch.ones(1, 2))
+    assert (mean[..., 5:] == 0).all(), "no mass on future blocks"
     _, probs = naive_attention(q[:, :, 64:80], k, k, mask=torch.ones(16, 96, dtype=torch.bool).tril(64))
-    torch.testing.assert_close(mass[0, 0, 2], probs[0, 0, :, 32:48].sum(-1).mean())
+    per_row = probs[0, 0, :, 32:48].sum(-1)
+    torch.testing.assert_close(mean[0, 0, 2], per_row.mean())
+    torch.testing.assert_close(dense_block_mass(q, k, geometry, 4, scale=8**-0.5)[0, 0, 2], per_row.max())
 
     blocks = sample_query_blocks(geometry, 3, sink=True, local=True)
     assert len(blocks) == 3 and (blocks >= 2).all(), "blocks 0 and 1 have nothing to choose"
     # A scorer whose distribution equals the target has zero KL; anything else is positive.
-    target_scores = torch.zeros(1, 2, geometry.n_q_blocks, geometry.n_k_blocks)
-    for a in blocks.tolist():
-        target_scores[:, :, a] = dense_block_mass(q, k, geometry, a, scale=8**-0.5).clamp_min(1e-30).log()
+    target_scores = torch.stack(
+        [dense_block_mass(q, k, geometry, a, scale=8**-0.5).clamp_min(1e-30).log() for a in blocks.tolist()], dim=2
+    )
     kl = scorer_kl(target_scores, q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True)
     assert abs(kl.item()) < 1e-5
     scores = torch.zeros_like(target_scores, requires_grad=True)
     kl = scorer_kl(scores, q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True)
     assert kl.item() > 0
     kl.backward()
-    assert scores.grad[:, :, blocks].abs().sum() > 0
+    assert scores.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

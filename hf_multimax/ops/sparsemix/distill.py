@@ -29,10 +29,12 @@ def dense_block_mass(
     scale: float,
     mask: torch.Tensor | None = None,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pool: str = "max",
 ) -> torch.Tensor:
     """Dense attention mass of query block `q_block` (relative index) on each key block, averaged
-    over its queries and the query heads of each key/value head: `[B, Hkv, n_k_blocks]`, rows sum to 1
-    (0 for rows with nothing to attend)."""
+    over the query heads of each key/value head, then pooled over the block's queries: `[B, Hkv,
+    n_k_blocks]`. `pool="max"` (SeerAttention's max-pooled target; the default) keeps a block that
+    one query needs; `pool="mean"` sums to 1 and lets the block's other queries outvote it."""
     bs = geometry.block_size
     r0 = max(0, q_block * bs - geometry.front_pad)
     r1 = min(geometry.q_len, (q_block + 1) * bs - geometry.front_pad)
@@ -46,10 +48,13 @@ def dense_block_mass(
         keep = rows_mask if keep is None else rows_mask & keep
     _, probs = naive_attention(rows, key, key, score_mod=score_mod, scale=scale, mask=keep)
     pad = geometry.n_k_blocks * bs - geometry.k_len
-    mass = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (geometry.n_k_blocks, bs)).sum(-1).mean(-2)
-    B, H = mass.shape[:2]
+    if pool not in ("max", "mean"):
+        raise ValueError(f"pool={pool!r} is not supported; allowed values: ('max', 'mean')")
+    mass = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (geometry.n_k_blocks, bs)).sum(-1)
+    B, H, n_rows = mass.shape[:3]
     n_kv = key.shape[1]
-    return mass.view(B, n_kv, H // n_kv, -1).mean(2)
+    mass = mass.view(B, n_kv, H // n_kv, n_rows, -1).mean(2)  # [B, Hkv, rows, nKB]
+    return mass.amax(-2) if pool == "max" else mass.mean(-2)
 
 
 def scorer_kl(
@@ -67,22 +72,23 @@ def scorer_kl(
 ) -> torch.Tensor:
     """Mean over batch, key/value heads and the sampled query blocks of KL(target || scorer), over the
     blocks the scorer chooses among (allowed and not forced). The target is the detached dense
-    attention mass renormalised over those blocks.
+    attention mass (max-pooled over the block's queries) renormalised over those blocks.
 
     Args:
-        scores (`torch.Tensor`): `[B, Hkv, n_q_blocks, n_k_blocks]` scorer output, with its graph.
+        scores (`torch.Tensor`): `[B, Hkv, len(q_blocks), n_k_blocks]` scorer output for the sampled
+            query blocks (`scorer_block_scores(..., q_blocks=q_blocks)`), with its graph.
         query, key (`torch.Tensor`): the attention inputs (detached here).
         q_blocks (`torch.Tensor`): relative query-block indices from `sample_query_blocks`.
     """
     allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=scores.device)
     query, key = query.detach(), key.detach()
     terms = []
-    for a in q_blocks.tolist():
+    for n, a in enumerate(q_blocks.tolist()):
         cand = allowed[a] & ~forced[a]
         with torch.no_grad():
             target = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod) * cand
             target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
-        log_s = torch.log_softmax(scores[:, :, a].float().masked_fill(~cand, float("-inf")), dim=-1)
+        log_s = torch.log_softmax(scores[:, :, n].float().masked_fill(~cand, float("-inf")), dim=-1)
         # xlogy: 0 where the target is 0 (also where log_s is -inf).
         kl = torch.xlogy(target, target) - torch.where(target > 0, target * log_s, torch.zeros_like(log_s))
         terms.append(kl.sum(-1).mean())

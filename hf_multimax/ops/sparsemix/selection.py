@@ -63,17 +63,22 @@ def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0) -> torch.T
     The first block starts `front_pad` positions before token 0; padding rows (front and tail) are
     left out of both statistics.
     """
-    B, H, L, D = x.shape
-    n_blocks = -(-(front_pad + L) // block_size)
-    tail = n_blocks * block_size - front_pad - L
-    x = x.float()
-    padded = torch.nn.functional.pad(x, (0, 0, front_pad, tail)).view(B, H, n_blocks, block_size, D)
-    real = torch.ones(L, dtype=torch.bool, device=x.device)
-    real = torch.nn.functional.pad(real, (front_pad, tail)).view(n_blocks, block_size, 1)
+    padded, real = _blocked_rows(x.float(), block_size, front_pad)
+    real = real[..., None]
     count = real.sum(dim=1).clamp_min(1)
     mean = padded.sum(dim=3) / count
     peak = padded.masked_fill(~real, float("-inf")).amax(dim=3)
     return torch.cat([mean, peak], dim=-1)
+
+
+def _blocked_rows(x: torch.Tensor, block_size: int, front_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, H, L, D]` -> (`[B, H, n_blocks, block_size, D]` zero-padded, `[n_blocks, block_size]` real rows)."""
+    B, H, L, D = x.shape
+    n_blocks = -(-(front_pad + L) // block_size)
+    tail = n_blocks * block_size - front_pad - L
+    padded = torch.nn.functional.pad(x, (0, 0, front_pad, tail)).view(B, H, n_blocks, block_size, D)
+    real = torch.nn.functional.pad(torch.ones(L, dtype=torch.bool, device=x.device), (front_pad, tail))
+    return padded, real.view(n_blocks, block_size)
 
 
 def scorer_block_scores(
@@ -83,34 +88,53 @@ def scorer_block_scores(
     w_key: torch.Tensor,
     geometry: BlockGeometry,
     scale: float,
+    q_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
-    score[a, j] = scale * mean_q(a) . mean_k(j) + (pool_q(a) @ Wq) . (pool_k(j) @ Wk)
+        score[a, j] = scale * mean_q(a) . mean_k(j) + smoothmax_{i in a} (q_i Wq) . (pool_k(j) Wk)
 
-    The first term is the parameter-free mean-pooled gate (MoBA); the second is a learned low-rank
-    correction on mean+max pooled queries and keys (SeerAttention-style pooling), zero while `w_key`
-    is zero. Query heads of a group are averaged.
+    The first term is the parameter-free mean-pooled gate (MoBA). The second is the learned part:
+    each query token of block a scores the key block through rank-r projections (keys mean+max
+    pooled, SeerAttention-style), and the block takes a smooth maximum over its tokens
+    (`logsumexp - log(n)`), so one token that needs a far block can select it; a mean over 64
+    tokens would drown it. It is zero while `w_key` is zero. Query heads of a group are averaged.
 
     Args:
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
-        w_query, w_key (`torch.Tensor`): `[Hkv, 2D, r]`.
+        w_query (`torch.Tensor`): `[Hkv, D, r]`.
+        w_key (`torch.Tensor`): `[Hkv, 2D, r]`.
         geometry (`BlockGeometry`): from `block_geometry`.
         scale (`float`): the attention scale.
+        q_blocks (`torch.Tensor`, *optional*): relative indices of the query blocks to score.
+            Default: all.
 
     Returns:
-        `[B, Hkv, n_q_blocks, n_k_blocks]` fp32 scores.
+        `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
     """
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
-    pq = pool_blocks(query, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2D]
-    pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
+    q_tok = query.float().view(B, Hkv, H // Hkv, Q, D).mean(dim=2)  # [B, Hkv, Q, D]
+    rows, real = _blocked_rows(q_tok, geometry.block_size, geometry.front_pad)  # [B, Hkv, nQB, bs, D]
+    if q_blocks is not None:
+        rows, real = rows.index_select(2, q_blocks), real.index_select(0, q_blocks)
+    mean_q = rows.sum(dim=3) / real.sum(dim=1, keepdim=True).clamp_min(1)  # padding rows are zeros
     pk = pool_blocks(key, geometry.block_size)  # [B, Hkv, nKB, 2D]
-    gate = torch.matmul(pq[..., :D], pk[..., :D].transpose(-1, -2)) * scale
-    low_q = torch.einsum("bhad,hdr->bhar", pq, w_query.float())
+    gate = torch.matmul(mean_q, pk[..., :D].transpose(-1, -2)) * scale
     low_k = torch.einsum("bhjd,hdr->bhjr", pk, w_key.float())
-    return gate + torch.matmul(low_q, low_k.transpose(-1, -2))
+    n = rows.shape[2]
+    # Token-level scores in chunks of query blocks: [B, Hkv, c, bs, nKB] at once would be O(Q * nKB).
+    step = max(1, (1 << 22) // max(1, B * Hkv * geometry.block_size * low_k.shape[2]))
+    log_count = real.sum(dim=1).clamp_min(1).float().log()[:, None]  # [n, 1]
+    parts = []
+    for c0 in range(0, n, step):
+        low_q = torch.einsum("bhcid,hdr->bhcir", rows[:, :, c0 : c0 + step], w_query.float())
+        tok = torch.matmul(low_q, low_k[:, :, None].transpose(-1, -2))  # [B, Hkv, c, bs, nKB]
+        tok = tok.masked_fill(~real[c0 : c0 + step, :, None], float("-inf"))
+        parts.append(torch.logsumexp(tok, dim=3) - log_count[c0 : c0 + step])
+    learned = torch.cat(parts, dim=2)
+    return gate + learned
 
 
 def candidate_blocks(geometry: BlockGeometry, *, sink: bool, local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
