@@ -83,8 +83,8 @@ class SparseMixSettings(ConfigSettings):
 
 
 class SparseMixScorer(nn.Module):
-    """The learned block scorer of one attention layer: rank-r projections of query tokens and of
-    mean+max pooled key blocks, one per key/value head (see `ops.sparsemix.scorer_block_scores`).
+    """The learned block scorer of one attention layer: rank-r projections of query and key tokens,
+    one per key/value head (see `ops.sparsemix.scorer_block_scores`).
 
     `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
     starts random so that the KL term's gradient reaches `w_key` from the first step.
@@ -102,7 +102,7 @@ class SparseMixScorer(nn.Module):
         self.settings = settings or SparseMixSettings(scorer_rank=rank)
         # fp32 whatever the model dtype: scores are ranked, small errors reorder blocks.
         self.w_query = nn.Parameter(torch.empty(num_kv_heads, head_dim, rank, dtype=torch.float32))
-        self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
+        self.w_key = nn.Parameter(torch.empty(num_kv_heads, head_dim, rank, dtype=torch.float32))
         self.kl: torch.Tensor | None = None  # the last training forward's KL term, read by the model hook
         self.reset_parameters()
 

@@ -168,7 +168,7 @@ def test_untrained_scorer_is_the_mean_pooled_gate():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
     geometry = block_geometry(64, 64, BS, causal=True)
-    wq, wk = torch.randn(2, 8, 4, generator=g), torch.zeros(2, 16, 4)
+    wq, wk = torch.randn(2, 8, 4, generator=g), torch.zeros(2, 8, 4)
     scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5)
     mean_q = q.view(1, 2, 2, 4, BS, 8).mean(dim=(2, 4))
     mean_k = k.view(1, 2, 4, BS, 8).mean(dim=3)
@@ -178,17 +178,17 @@ def test_untrained_scorer_is_the_mean_pooled_gate():
 
 
 def test_one_query_token_can_select_its_block():
-    """Fifteen tokens of a query block lean to key block 2, one token strongly to block 1: the
-    learned term's smooth maximum over tokens keeps block 1 first, where mean pooling picks block 2."""
+    """Fifteen tokens of a query block lean to key block 2, one token strongly to block 1, whose
+    matching key is one needle token among fifteen zeros: the learned term's smooth maxima over
+    tokens keep block 1 first, where mean pooling picks block 2."""
     q = torch.zeros(1, 1, 16, 4)
     q[0, 0, :15, 1] = 1.0
     q[0, 0, 15, 0] = 10.0
     k = torch.zeros(1, 1, 48, 4)
-    k[0, 0, 16:32, 0] = 1.0  # key block 1
+    k[0, 0, 20, 0] = 4.0  # the needle of key block 1
     k[0, 0, 32:48, 1] = 1.0  # key block 2
     geometry = block_geometry(16, 48, 16, causal=False)
-    w_query = torch.eye(4)[None]
-    w_key = torch.cat([torch.eye(4), torch.zeros(4, 4)])[None]  # reads the blocks' mean keys
+    w_query, w_key = torch.eye(4)[None], torch.eye(4)[None]
     scores = scorer_block_scores(q, k, w_query, w_key, geometry, scale=1e-3)
     assert scores[0, 0, 0].argmax() == 1
     mean_gate = scorer_block_scores(q, k, w_query, torch.zeros_like(w_key), geometry, scale=1.0)

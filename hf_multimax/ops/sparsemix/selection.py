@@ -92,19 +92,20 @@ def scorer_block_scores(
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
-        score[a, j] = scale * mean_q(a) . mean_k(j) + smoothmax_{i in a} (q_i Wq) . (pool_k(j) Wk)
+        score[a, j] = scale * mean_q(a) . mean_k(j) + smoothmax_{i in a} (q_i Wq) . smoothmax_{t in j} (k_t Wk)
 
-    The first term is the parameter-free mean-pooled gate (MoBA). The second is the learned part:
-    each query token of block a scores the key block through rank-r projections (keys mean+max
-    pooled, SeerAttention-style), and the block takes a smooth maximum over its tokens
-    (`logsumexp - log(n)`), so one token that needs a far block can select it; a mean over 64
-    tokens would drown it. It is zero while `w_key` is zero. Query heads of a group are averaged.
+    The first term is the parameter-free mean-pooled gate (MoBA). The second is the learned part,
+    in rank r: each key block is summarised by a smooth maximum over its tokens of their projected
+    keys (per dimension), and each query token of block a scores that summary; the block takes a
+    smooth maximum over its tokens. Smooth maxima (`logsumexp - log(n)`) rather than means, on
+    both sides, so that one key token among 64 (a needle) and one query token that needs it can
+    still meet; gradients still reach every token. The learned part is zero while `w_key` is zero.
+    Query heads of a group are averaged.
 
     Args:
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
-        w_query (`torch.Tensor`): `[Hkv, D, r]`.
-        w_key (`torch.Tensor`): `[Hkv, 2D, r]`.
+        w_query, w_key (`torch.Tensor`): `[Hkv, D, r]`.
         geometry (`BlockGeometry`): from `block_geometry`.
         scale (`float`): the attention scale.
         q_blocks (`torch.Tensor`, *optional*): relative indices of the query blocks to score.
@@ -120,9 +121,12 @@ def scorer_block_scores(
     if q_blocks is not None:
         rows, real = rows.index_select(2, q_blocks), real.index_select(0, q_blocks)
     mean_q = rows.sum(dim=3) / real.sum(dim=1, keepdim=True).clamp_min(1)  # padding rows are zeros
-    pk = pool_blocks(key, geometry.block_size)  # [B, Hkv, nKB, 2D]
-    gate = torch.matmul(mean_q, pk[..., :D].transpose(-1, -2)) * scale
-    low_k = torch.einsum("bhjd,hdr->bhjr", pk, w_key.float())
+    k_rows, k_real = _blocked_rows(key.float(), geometry.block_size, 0)  # [B, Hkv, nKB, bs, D]
+    k_count = k_real.sum(dim=1, keepdim=True).clamp_min(1)  # [nKB, 1]
+    mean_k = k_rows.sum(dim=3) / k_count
+    gate = torch.matmul(mean_q, mean_k.transpose(-1, -2)) * scale
+    proj_k = torch.einsum("bhjtd,hdr->bhjtr", k_rows, w_key.float()).masked_fill(~k_real[..., None], float("-inf"))
+    low_k = torch.logsumexp(proj_k, dim=3) - k_count.log()  # [B, Hkv, nKB, r]
     n = rows.shape[2]
     # Token-level scores in chunks of query blocks: [B, Hkv, c, bs, nKB] at once would be O(Q * nKB).
     step = max(1, (1 << 22) // max(1, B * Hkv * geometry.block_size * low_k.shape[2]))
