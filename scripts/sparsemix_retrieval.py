@@ -20,8 +20,9 @@ import hf_multimax  # noqa: F401  (registers attn_implementation="sparsemix")
 from hf_multimax.training.retrieval import RetrievalExperimentArguments, run_retrieval_experiment
 
 # Small enough for a test: the lengths keep > top_k + 2 blocks so the sparse path really runs.
-QUICK = dict(eval_length=1024, eval_sequences=8, curriculum="128:4,1024:2", warmup_steps=2, finetune_steps=2,
-             dense_batch_tokens=2048, sparse_batch_size=2, block_size=32, top_k=4, hidden_size=32, disable_tqdm=True)
+QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2", "warmup_steps": 2, "finetune_steps": 2,
+         "dense_batch_tokens": 2048, "sparse_batch_size": 2, "block_size": 32, "top_k": 4, "hidden_size": 32,
+         "disable_tqdm": True}
 
 
 @dataclass
@@ -40,10 +41,10 @@ def markdown_table(result: dict) -> str:
         ("sparsemix, after sparse fine-tuning", acc["sparse_after_finetune"], recall["after_finetune"]),
     ]
     lines = [
-        f"L={s['eval_length']}, block {s['block_size']}, top_k {s['top_k']} "
-        f"({result['task']['kept_blocks_per_query_block']} key blocks kept), "
-        f"{s['eval_sequences']} held-out sequences x {result['task']['eval_queries_per_sequence']} queries, "
-        f"chance {result['task']['chance_accuracy']:.3f}",
+        (f"L={s['eval_length']}, block {s['block_size']}, top_k {s['top_k']} "
+         f"({result['task']['kept_blocks_per_query_block']} key blocks kept), "
+         f"{s['eval_sequences']} held-out sequences x {result['task']['eval_queries_per_sequence']} queries, "
+         f"chance {result['task']['chance_accuracy']:.3f}"),
         "",
         "| model | accuracy | / dense | needle-block recall (mean over heads / any head) |",
         "|---|---|---|---|",
@@ -61,8 +62,9 @@ def markdown_table(result: dict) -> str:
     lines.append("Needle-block recall of a scorer that matched its KL target exactly (dense model; mean over heads / "
                  "any head): " + "; ".join(
                      f"{name} {oracle[f'layer0_{key}_mean_over_heads']:.3f} / {oracle[f'layer0_{key}_any_head']:.3f}"
-                     for key, name in (("mean", "mean over the block's rows (SparseMix's target)"),
-                                       ("max", "max over the rows"), ("query_row", "the query token's row alone"))))
+                     for key, name in (("mean", "mean over the block's rows"),
+                                       ("max", "max over the rows (SparseMix's target since 025b385)"),
+                                       ("query_row", "the query token's row alone"))))
     lines.append("")
     lines.append(f"sparse/dense ratio {result['sparse_dense_ratio']:.3f} (target >= {result['target_ratio']}): "
                  f"{'met' if result['meets_target'] else 'NOT met'}; total wall time {result['times_s']['total']:.0f} s")

@@ -285,8 +285,8 @@ def kl_target_needle_recall(model, dataset: RetrievalDataset, *, block_size: int
     mass pooled over the block's query rows, and report how often the needle's block is in the top
     `top_k`, per layer, for three poolings of the rows:
 
-    - `mean`: the mean over the block's rows, SparseMix's KL target (`ops.sparsemix.dense_block_mass`);
-    - `max`: the max over the rows (SeerAttention's max-pooled ground truth);
+    - `mean`: the mean over the block's rows (SparseMix's KL target up to 4b8d034);
+    - `max`: the max over the rows (SeerAttention's max-pooled ground truth; SparseMix's since 025b385);
     - `query_row`: the query token's own row (an upper bound: what the lookup needs).
 
     Counted per key/value head, averaged (`*_mean_over_heads`) and at best (`*_any_head`). Runs the
@@ -445,7 +445,7 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
             stage_task = dataclasses.replace(task, segment=training_segment(length, args.block_size))
             data = RetrievalDataset(stage_task, steps * batch, length, seed=args.seed * 1000 + i)
             record = {"length": length, "segment": stage_task.segment, "batch_size": batch}
-            record.update(_timed(record, "wall_s", lambda: _train(
+            record.update(_timed(record, "wall_s", lambda data=data, steps=steps, batch=batch: _train(
                 model, data, steps=steps, lr=args.dense_lr, batch_size=batch, seed=args.seed, out_dir=tmp,
                 disable_tqdm=args.disable_tqdm)))
             dense_stages.append(record)
