@@ -95,7 +95,8 @@ def sparsemix_attention_forward(
         sampled = scorer_block_scores(query.detach(), key.detach(), scorer.w_query, scorer.w_key, geometry, scaling,
                                       q_blocks=blocks)
         scorer.kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink,
-                              local=settings.local, mask=mask, score_mod=score_mod)
+                              local=settings.local, mask=mask, score_mod=score_mod,
+                              target_power=settings.kl_target_power)
     if sparse:
         with torch.no_grad():
             scores = scorer_block_scores(query, key, scorer.w_query, scorer.w_key, geometry, scaling)

@@ -138,8 +138,8 @@ def test_dense_warmup_keeps_the_model_dense_and_the_scorer_learns():
     with torch.no_grad():
         assert_close(model(ids).logits, dense(ids).logits, what="dense warm-up runs dense attention")
     n = hf_multimax.freeze_all_but_scorers(model)
-    # 2 layers x 2 KV heads x (w_query + w_key, each [head_dim 8, rank 16])
-    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * (2 * 8 * 16)
+    # 2 layers x 2 KV heads x (w_query + w_key, each [2 * head_dim 8, rank 16])
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * (2 * 16 * 16)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     kls = []
@@ -255,6 +255,7 @@ def test_switching_attention_attaches_and_removes_scorers():
         ({"normalizer": "sparsemax"}, "normalizer"),
         ({"backend": "cuda"}, "backend"),
         ({"kl_weight": -1}, "kl_weight"),
+        ({"kl_target_power": 0}, "kl_target_power"),
         ({"sink": 1}, "sink"),
         ({"topk": 3}, "unknown sparsemix setting"),
     ],

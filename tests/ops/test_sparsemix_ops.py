@@ -10,6 +10,7 @@ from hf_multimax.ops.sparsemix import (
     BACKENDS,
     block_geometry,
     blocked_sparsemix_attention,
+    candidate_blocks,
     dense_block_mass,
     flex_sparsemix_attention,
     naive_sparsemix_attention,
@@ -168,31 +169,13 @@ def test_untrained_scorer_is_the_mean_pooled_gate():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
     geometry = block_geometry(64, 64, BS, causal=True)
-    wq, wk = torch.randn(2, 8, 4, generator=g), torch.zeros(2, 8, 4)
+    wq, wk = torch.randn(2, 16, 4, generator=g), torch.zeros(2, 16, 4)
     scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5)
     mean_q = q.view(1, 2, 2, 4, BS, 8).mean(dim=(2, 4))
     mean_k = k.view(1, 2, 4, BS, 8).mean(dim=3)
     torch.testing.assert_close(scores, mean_q @ mean_k.transpose(-1, -2) * 0.5)
     subset = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, q_blocks=torch.tensor([3, 1]))
     torch.testing.assert_close(subset, scores[:, :, [3, 1]])
-
-
-def test_one_query_token_can_select_its_block():
-    """Fifteen tokens of a query block lean to key block 2, one token strongly to block 1, whose
-    matching key is one needle token among fifteen zeros: the learned term's smooth maxima over
-    tokens keep block 1 first, where mean pooling picks block 2."""
-    q = torch.zeros(1, 1, 16, 4)
-    q[0, 0, :15, 1] = 1.0
-    q[0, 0, 15, 0] = 10.0
-    k = torch.zeros(1, 1, 48, 4)
-    k[0, 0, 20, 0] = 4.0  # the needle of key block 1
-    k[0, 0, 32:48, 1] = 1.0  # key block 2
-    geometry = block_geometry(16, 48, 16, causal=False)
-    w_query, w_key = torch.eye(4)[None], torch.eye(4)[None]
-    scores = scorer_block_scores(q, k, w_query, w_key, geometry, scale=1e-3)
-    assert scores[0, 0, 0].argmax() == 1
-    mean_gate = scorer_block_scores(q, k, w_query, torch.zeros_like(w_key), geometry, scale=1.0)
-    assert mean_gate[0, 0, 0].argmax() == 2
 
 
 def test_block_mass_and_kl():
@@ -220,6 +203,12 @@ def test_block_mass_and_kl():
     assert kl.item() > 0
     kl.backward()
     assert scores.grad.abs().sum() > 0
+    # A sharpened target (target_power) is nearly one-hot on each block's best candidate.
+    _, forced = candidate_blocks(geometry, sink=True, local=True)
+    best = target_scores.masked_fill(forced[blocks], float("-inf")).argmax(-1, keepdim=True)
+    one_hot = torch.full_like(target_scores, -1e4).scatter(-1, best, 0.0)
+    sharp = scorer_kl(one_hot, q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True, target_power=256.0)
+    assert sharp.item() < 1e-3 < scorer_kl(one_hot, q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True).item()
 
 
 @pytest.mark.parametrize(

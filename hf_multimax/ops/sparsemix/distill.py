@@ -69,10 +69,12 @@ def scorer_kl(
     local: bool,
     mask: torch.Tensor | None = None,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target_power: float = 1.0,
 ) -> torch.Tensor:
     """Mean over batch, key/value heads and the sampled query blocks of KL(target || scorer), over the
     blocks the scorer chooses among (allowed and not forced). The target is the detached dense
-    attention mass (max-pooled over the block's queries) renormalised over those blocks.
+    attention mass (max-pooled over the block's queries) raised to `target_power` and renormalised
+    over those blocks (computed in log space: a power of 64 underflows fp32 otherwise).
 
     Args:
         scores (`torch.Tensor`): `[B, Hkv, len(q_blocks), n_k_blocks]` scorer output for the sampled
@@ -86,8 +88,9 @@ def scorer_kl(
     for n, a in enumerate(q_blocks.tolist()):
         cand = allowed[a] & ~forced[a]
         with torch.no_grad():
-            target = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod) * cand
-            target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+            mass = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod)
+            log_t = (target_power * mass.clamp_min(1e-30).log()).masked_fill(~cand, float("-inf"))
+            target = torch.softmax(log_t, dim=-1) * (mass * cand).sum(-1, keepdim=True).gt(0)
         log_s = torch.log_softmax(scores[:, :, n].float().masked_fill(~cand, float("-inf")), dim=-1)
         # xlogy: 0 where the target is 0 (also where log_s is -inf).
         kl = torch.xlogy(target, target) - torch.where(target > 0, target * log_s, torch.zeros_like(log_s))
