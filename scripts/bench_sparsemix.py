@@ -146,9 +146,12 @@ def main():
     parser.add_argument("--top_k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="outputs/bench_sparsemix.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny sizes, one repeat")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._memory:
         variant, length, settings = args._memory
         return peak_memory_child(variant, int(length), SparseMixSettings.from_dict(json.loads(settings)))

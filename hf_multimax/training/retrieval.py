@@ -353,6 +353,7 @@ class RetrievalExperimentArguments:
     scorer_rank: int = 16
     kl_query_blocks: int = field(default=8, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
     kl_weight: float = 1.0
+    kl_target_power: float = field(default=64.0, metadata={"help": "Sharpening of the scorer's KL target."})
     layers: int = 1
     hidden_size: int = 128
     heads: int = 2
@@ -374,7 +375,8 @@ class RetrievalExperimentArguments:
 
     def sparsemix_settings(self, dense_warmup: bool) -> dict:
         return {"block_size": self.block_size, "top_k": self.top_k, "scorer_rank": self.scorer_rank,
-                "kl_query_blocks": self.kl_query_blocks, "kl_weight": self.kl_weight, "dense_warmup": dense_warmup}
+                "kl_query_blocks": self.kl_query_blocks, "kl_weight": self.kl_weight,
+                "kl_target_power": self.kl_target_power, "dense_warmup": dense_warmup}
 
 
 def training_segment(length: int, block_size: int) -> int:
