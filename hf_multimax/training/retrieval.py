@@ -353,7 +353,7 @@ class RetrievalExperimentArguments:
     scorer_rank: int = 16
     kl_query_blocks: int = field(default=8, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
     kl_weight: float = 1.0
-    kl_target_power: float = field(default=64.0, metadata={"help": "Sharpening of the scorer's KL target."})
+    kl_target_power: float = field(default=256.0, metadata={"help": "Sharpening of the scorer's KL target."})
     layers: int = 1
     hidden_size: int = 128
     heads: int = 2
