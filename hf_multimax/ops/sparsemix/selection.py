@@ -67,7 +67,7 @@ def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0) -> torch.T
     real = real[..., None]
     count = real.sum(dim=1).clamp_min(1)
     mean = padded.sum(dim=3) / count
-    peak = padded.masked_fill(~real, float("-inf")).amax(dim=3)
+    peak = (padded if bool(real.all()) else padded.masked_fill(~real, float("-inf"))).amax(dim=3)
     return torch.cat([mean, peak], dim=-1)
 
 
@@ -76,7 +76,9 @@ def _blocked_rows(x: torch.Tensor, block_size: int, front_pad: int) -> tuple[tor
     B, H, L, D = x.shape
     n_blocks = -(-(front_pad + L) // block_size)
     tail = n_blocks * block_size - front_pad - L
-    padded = torch.nn.functional.pad(x, (0, 0, front_pad, tail)).view(B, H, n_blocks, block_size, D)
+    if front_pad or tail:  # aligned inputs (long prefill) are a view, not a copy
+        x = torch.nn.functional.pad(x, (0, 0, front_pad, tail))
+    padded = x.view(B, H, n_blocks, block_size, D)
     real = torch.nn.functional.pad(torch.ones(L, dtype=torch.bool, device=x.device), (front_pad, tail))
     return padded, real.view(n_blocks, block_size)
 
