@@ -16,7 +16,7 @@ import torch
 from ..naive_attention import check_qkv
 from .naive import check_theta, naive_multimax_modulate, naive_multimax_modulate_backward
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "chunked_multimax_attention", "compile_enabled", "without_duck_shapes"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "chunked_multimax_attention", "compile_enabled"]
 
 DEFAULT_BLOCK_SIZE = 128  # query rows per block: measured best on a 2-core AVX2 CPU at L=2k..8k
 KEY_CHUNK = 1024  # keys per recomputed backward tile: bounds backward memory at long lengths
@@ -99,11 +99,11 @@ def _tile(name):
     key = (name, compile_enabled())
     if key not in _TILES:
         fn = {"forward": _forward_tile, "backward": _backward_tile}[name]
-        _TILES[key] = without_duck_shapes(torch.compile(fn, dynamic=True)) if key[1] else fn
+        _TILES[key] = _without_duck_shapes(torch.compile(fn, dynamic=True)) if key[1] else fn
     return _TILES[key]
 
 
-def without_duck_shapes(compiled):
+def _without_duck_shapes(compiled):
     """Duck shaping would tie dims that happen to be equal on the first call (a 128-query block
     against 128 keys, block size == head dim) and recompile when they differ; we want one graph
     for every length."""
