@@ -8,6 +8,7 @@ from .blocked import blocked_sparsemix_attention
 from .distill import dense_block_mass, sample_query_blocks, scorer_kl
 from .flex import flex_sparsemix_attention
 from .naive import naive_sparsemix_attention
+from .pipeline import select_sparsemix_blocks, sparsemix_attention
 from .selection import (
     BlockGeometry,
     block_geometry,
@@ -40,4 +41,6 @@ __all__ = [
     "scorer_kl",
     "select_blocks",
     "selection_mask",
+    "select_sparsemix_blocks",
+    "sparsemix_attention",
 ]
