@@ -1,9 +1,9 @@
 """Package list for setuptools (everything else is in pyproject.toml).
 
-The HF-convention architectures live in the top-level `modeling/` folder (DESIGN.md: the files a
-published checkpoint carries as remote code) but install as `hf_multimax.modeling`, so no generic
-top-level `modeling` package lands in site-packages. A pyproject `find` directive cannot rename a
-folder, hence the few lines here.
+The HF-convention architectures live in the top-level `modeling/` folder (they are the files a
+published checkpoint carries as remote code, kept apart from the package) but install as
+`hf_multimax.modeling`, so no generic top-level `modeling` package lands in site-packages. A
+pyproject `find` directive cannot rename a folder, hence the few lines here.
 """
 
 from setuptools import find_namespace_packages, find_packages, setup

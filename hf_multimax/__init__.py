@@ -1,24 +1,28 @@
 """hf-multimax: learnable attention mechanisms for Hugging Face Transformers.
 
-`import hf_multimax` registers `attn_implementation="multimax"` and `"sparsemix"` (and
-`"<name>:<backend>"`) with transformers, once. Nothing else happens at import: no compilation, no
-threads, no downloads.
+`import hf_multimax` registers `attn_implementation="multimax"`, `"sparsemix"` (and
+`"<name>:<backend>"`), `"sparsemax"` and `"entmax15"` with transformers, wraps three
+`PreTrainedModel` methods so those names attach their learnable layers (a model whose config names
+none of them is built exactly as without the plugin), and registers the fusion model's Auto classes.
+`hf_multimax.uninstall()` undoes all of it. No compilation, threads or downloads at import.
 """
 
-from .integrations import ATTENTION_NAMES, SPARSEMIX_NAMES, freeze_all_but_scorers, register, sparsemix_kl_loss
+from .integrations import ATTENTION_NAMES, AuxLosses, collect_aux_losses, register, uninstall
 from .layers import MultiMaxModulator, MultiMaxSettings, SparseMixScorer, SparseMixSettings
+from .layers.sparsemix import freeze_all_but_scorers
 
 __version__ = "0.1.0"
 __all__ = [
     "ATTENTION_NAMES",
-    "SPARSEMIX_NAMES",
+    "AuxLosses",
     "MultiMaxModulator",
     "MultiMaxSettings",
     "SparseMixScorer",
     "SparseMixSettings",
+    "collect_aux_losses",
     "freeze_all_but_scorers",
     "register",
-    "sparsemix_kl_loss",
+    "uninstall",
     "__version__",
 ]
 

@@ -7,10 +7,14 @@ two-view task: docs/compare_fusion.{json,md} and docs/compare_fusion_<task>.png.
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-import hf_multimax  # noqa: F401  (registers the fusion model with the Auto classes)
-from hf_multimax.training.fusion import METHODS, TASKS
-from hf_multimax.training.fusion.compare import compare_fusion
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is a repository folder, not installed
+
+import hf_multimax  # noqa: E402,F401  (registers the fusion model with the Auto classes)
+from experiments.fusion import METHODS, TASKS  # noqa: E402
+from experiments.fusion.compare import compare_fusion  # noqa: E402
 
 
 def main(argv=None):

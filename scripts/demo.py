@@ -113,7 +113,7 @@ def main() -> None:
     train = train.map(lambda b: tokenizer(b["text"], truncation=True), batched=True, remove_columns=["text"])
     mm_params = [p for n, p in model.named_parameters() if ".multimax." in n]
     base_params = [p for n, p in model.named_parameters() if ".multimax." not in n]
-    # MultiMax scalars: no weight decay and a larger learning rate (papers.md, training advice).
+    # MultiMax scalars: no weight decay and a larger learning rate (docs/methods.md, MultiMax training advice).
     optimizer = torch.optim.AdamW(
         [{"params": base_params, "lr": 1e-4, "weight_decay": 0.01}, {"params": mm_params, "lr": 2e-2, "weight_decay": 0.0}]
     )

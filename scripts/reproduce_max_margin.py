@@ -1,7 +1,7 @@
 """Reproduce max-margin token selection: gradient descent on attention weights converges in
 direction to the attention-SVM solution (Tarzanagh et al., arXiv 2306.13596 / 2308.16898).
 
-Setting (papers.md): n=6 inputs, T=8 unit-norm Gaussian tokens, d=10, labels +-1, logistic loss,
+Setting (docs/methods.md, section 4): n=6 inputs, T=8 unit-norm Gaussian tokens, d=10, labels +-1, logistic loss,
 normalised GD with lr 0.1 from zero for 2000 steps, float64, many seeds in one batched tensor.
 Reports mean corr(W, W_mm) over seeds, against the SVM of the tokens GD selects (local) and of the
 globally optimal tokens; writes JSON and a PNG.

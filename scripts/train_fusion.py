@@ -4,11 +4,15 @@
 """
 
 import json
+import sys
+from pathlib import Path
 
-from transformers import HfArgumentParser
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is a repository folder, not installed
 
-import hf_multimax  # noqa: F401  (registers the fusion model with the Auto classes)
-from hf_multimax.training.fusion import FusionArguments, run_fusion
+from transformers import HfArgumentParser  # noqa: E402
+
+import hf_multimax  # noqa: E402,F401  (registers the fusion model with the Auto classes)
+from experiments.fusion import FusionArguments, run_fusion  # noqa: E402
 
 
 def main(argv=None):

@@ -45,7 +45,7 @@ class MaxMarginProblem:
 
 
 def make_problem(seeds: int = 20, n: int = 6, T: int = 8, d: int = 10, seed: int = 0) -> MaxMarginProblem:
-    """The reproduction setting (papers.md): unit-normalised Gaussian tokens, random +-1 labels,
+    """The reproduction setting (docs/methods.md, section 4): unit-normalised Gaussian tokens, random +-1 labels,
     a random unit head `v`, float64."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(seeds, n, T, d, generator=g, dtype=torch.float64)

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from ..ops.entmax import ENTMAX_NORMALIZERS, naive_entmax_attention
-from .multimax_attention import prepare_mask
+from .attention_utils import prepare_mask
 
 __all__ = ["ENTMAX_NORMALIZERS", "entmax_attention_forward"]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
 
-__all__ = ["register_fusion_auto_classes"]
+__all__ = ["register_fusion_auto_classes", "unregister_fusion_auto_classes"]
 
 
 def register_fusion_auto_classes() -> None:
@@ -27,3 +29,12 @@ def register_fusion_auto_classes() -> None:
     AutoModelForSequenceClassification.register(
         MultimodalFusionConfig, MultimodalFusionForSequenceClassification, exist_ok=True
     )
+
+
+def unregister_fusion_auto_classes() -> None:
+    """Undo `register_fusion_auto_classes` (the Auto mappings have no public unregister)."""
+    from ..modeling.multimodal_fusion import MODEL_TYPE, MultimodalFusionConfig
+
+    CONFIG_MAPPING._extra_content.pop(MODEL_TYPE, None)
+    for mapping in (MODEL_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING):
+        mapping._extra_content.pop(MultimodalFusionConfig, None)

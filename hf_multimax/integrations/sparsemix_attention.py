@@ -3,8 +3,8 @@
 Per call: short inputs (every block would be kept) and `dense_warmup` run the dense path, which is
 transformers' SDPA function (softmax) or our MultiMax function, so the converted model computes
 exactly what the dense one does. Longer inputs: the scorer picks blocks, the chosen backend runs
-exact attention over them. In training the layer's KL term is left on `module.sparsemix.kl` for
-the model-level hook (`sparsemix_hooks`) to add to the loss.
+exact attention over them (`ops.sparsemix.sparsemix_attention`). In training the scorer's KL term
+goes to the caller's `collect_aux_losses()` block.
 """
 
 from __future__ import annotations
@@ -12,53 +12,40 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..layers.multimax import MultiMaxModulator
-from ..layers.sparsemix import SparseMixScorer
+from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
-from ..ops.sparsemix import (
-    BACKENDS,
-    block_geometry,
-    sample_query_blocks,
-    scorer_block_scores,
-    scorer_kl,
-    select_blocks,
-)
-from .multimax_attention import multimax_attention_forward, prepare_mask
+from ..ops.sparsemix import BACKENDS, block_geometry, sample_query_blocks, scorer_block_scores, scorer_kl, sparsemix_attention
+from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_mask, settings_of
+from .aux_losses import active_aux_losses
+from .multimax_attention import multimax_attention_forward, multimax_scalars
 
-__all__ = ["resolve_sparsemix_backend", "sparsemix_attention_forward"]
+__all__ = ["sparsemix_attention_forward"]
+
+KL_TERM = "sparsemix_kl"
 
 
-def resolve_sparsemix_backend(requested: str, query: torch.Tensor) -> str:
-    """`auto`: flex on CUDA (forward and backward there), `blocked` elsewhere (on this CPU it beat
-    compiled flex's forward and is the only fast path with a backward). Explicit names pass through."""
-    if requested != "auto":
-        return requested
-    return "flex" if query.device.type == "cuda" else "blocked"
+def _score_mod(theta, affine):
+    """The MultiMax modulator as a detached function of the scores (the KL target's dense mass)."""
+    th = theta.detach().reshape(*theta.shape, *((1, 1) if theta.dim() == 2 else ()))
+    af = None if affine is None else affine.detach().reshape(*affine.shape, *((1, 1) if affine.dim() == 2 else ()))
+    return lambda s: naive_multimax_modulate(s, th.to(s.dtype), None if af is None else af.to(s.dtype))
 
 
-def _scorer(module: torch.nn.Module) -> SparseMixScorer:
-    scorer = getattr(module, "sparsemix", None)
-    if not isinstance(scorer, SparseMixScorer):
-        raise RuntimeError(
-            f"{type(module).__name__} runs with attn_implementation='sparsemix' but has no SparseMix scorer. "
-            "Build the model with from_pretrained/from_config(attn_implementation='sparsemix') or call "
-            "model.set_attn_implementation('sparsemix') after `import hf_multimax`."
-        )
-    return scorer
-
-
-def _multimax_inputs(module, n_heads: int):
-    """(theta, affine, score_mod) of the MultiMax normalizer, shaped for the sparse kernels."""
-    modulator = getattr(module, "multimax", None)
-    if not isinstance(modulator, MultiMaxModulator):
-        raise RuntimeError(f"{type(module).__name__} has sparsemix.normalizer='multimax' but no MultiMax scalars")
-    theta, affine = modulator.theta(), modulator.affine_params()
-    if modulator.num_heads is not None and modulator.num_heads != n_heads:
-        raise ValueError(f"per-head MultiMax scalars for {modulator.num_heads} heads, the query has {n_heads}")
-    shape = (1, 1) if modulator.num_heads is not None else ()
-    th = theta.detach().reshape(*theta.shape, *shape)
-    af = None if affine is None else affine.detach().reshape(*affine.shape, *shape)
-    return theta, affine, lambda s: naive_multimax_modulate(s, th.to(s.dtype), None if af is None else af.to(s.dtype))
+def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, mask, score_mod):
+    # Query blocks are sampled whether or not a collector listens, so a checkpointed layer's
+    # recomputation draws the same random numbers as its forward.
+    blocks = sample_query_blocks(geometry, settings.kl_query_blocks, sink=settings.sink, local=settings.local,
+                                 device=query.device)
+    if aux is None:
+        return
+    # The term's gradient reaches the scorer only (its inputs are detached), so it is built with
+    # grad on even inside a reentrant checkpoint's no-grad forward, and its saved tensors stay out of
+    # a non-reentrant checkpoint's recomputation (which runs after the collector is closed).
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        sampled = scorer_block_scores(query.detach(), key.detach(), w_query, w_key, geometry, scaling, q_blocks=blocks)
+        kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink, local=settings.local,
+                       mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
+    aux.add(KL_TERM, kl * settings.kl_weight)
 
 
 def sparsemix_attention_forward(
@@ -75,33 +62,24 @@ def sparsemix_attention_forward(
 
     Returns `(out [B, Q, H, Dv], None)` (probabilities only from the dense MultiMax path).
     """
-    scorer = _scorer(module)
-    settings = scorer.settings
     if kwargs.get("s_aux") is not None:
         raise ValueError("sparsemix does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    settings = settings_of(module, SparseMixSettings)
+    w_query, w_key = layer_outputs(module, SparseMixScorer, settings)
+    causal = call_is_causal(module, kwargs)
     geometry = block_geometry(query.shape[-2], key.shape[-2], settings.block_size, causal)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    sparse = geometry.n_k_blocks > settings.kept_blocks and not settings.dense_warmup
+    long_input = geometry.n_k_blocks > settings.kept_blocks
     mask, bias, _ = prepare_mask(module, attention_mask, key, kwargs)
     multimax = settings.normalizer == "multimax"
-    theta, affine, score_mod = _multimax_inputs(module, query.shape[1]) if multimax else (None, None, None)
+    theta, affine = multimax_scalars(module, query.shape[1]) if multimax else (None, None)
 
-    if module.training and (settings.kl_weight > 0 or settings.dense_warmup) and geometry.n_k_blocks > settings.kept_blocks:
-        blocks = sample_query_blocks(geometry, settings.kl_query_blocks, sink=settings.sink, local=settings.local,
-                                     device=query.device)
-        # Only the sampled blocks need the scorer's graph.
-        sampled = scorer_block_scores(query.detach(), key.detach(), scorer.w_query, scorer.w_key, geometry, scaling,
-                                      q_blocks=blocks)
-        scorer.kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink,
-                              local=settings.local, mask=mask, score_mod=score_mod,
-                              target_power=settings.kl_target_power)
-    if sparse:
-        with torch.no_grad():
-            scores = scorer_block_scores(query, key, scorer.w_query, scorer.w_key, geometry, scaling)
+    if module.training and settings.kl_weight > 0 and long_input:
+        _add_kl_term(active_aux_losses(KL_TERM), settings, w_query, w_key, query, key, geometry, scaling, mask,
+                     _score_mod(theta, affine) if multimax else None)
 
-    if not sparse:
+    if not long_input or settings.dense_warmup:
         dense = multimax_attention_forward if multimax else sdpa_attention_forward
         return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -116,10 +94,9 @@ def sparsemix_attention_forward(
             f"sparsemix does not apply attention dropout on the sparse path (got dropout={dropout}); set the model's "
             "attention dropout to 0 for training on long inputs"
         )
-    block_idx, block_valid = select_blocks(scores, geometry, top_k=settings.top_k, sink=settings.sink, local=settings.local)
-    backend = resolve_sparsemix_backend(settings.backend, query)
-    out, _ = BACKENDS[backend](
-        query, key, value, block_idx, block_valid, block_size=settings.block_size, scale=scaling, mask=mask,
-        is_causal=causal, theta=theta, affine=affine,
+    backend = BACKENDS.resolve(settings.backend, attention_call(query, key, value, theta, affine))
+    out = sparsemix_attention(
+        query, key, value, w_query, w_key, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
+        sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,
     )
     return out.transpose(1, 2).contiguous(), None

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.multimax import BACKENDS, THETA_NAMES, naive_multimax_modulate
+from .base import MethodLayer
 from .settings import ConfigSettings
 
 __all__ = ["MultiMaxSettings", "MultiMaxModulator"]
@@ -18,7 +19,7 @@ ORDERS = (1, 2)
 _ORDER_PARAMS = {1: ("t1", "t2", "b1", "d1"), 2: ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MultiMaxSettings(ConfigSettings):
     """How MultiMax is applied to a model. Stored as the `multimax` dict of the model config.
 
@@ -46,6 +47,7 @@ class MultiMaxSettings(ConfigSettings):
     backend: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.order, bool) or self.order not in ORDERS:
             raise ValueError(f"multimax.order={self.order!r} is not supported; allowed values: {ORDERS}")
         for name in ("per_head", "affine", "output_head"):
@@ -57,7 +59,15 @@ class MultiMaxSettings(ConfigSettings):
             raise ValueError(f"multimax.backend={self.backend!r} is not supported; allowed values: {allowed}")
 
 
-class MultiMaxModulator(nn.Module):
+def num_heads_of(module: nn.Module) -> int | None:
+    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return getattr(getattr(module, "config", None), "num_attention_heads", None)
+
+
+class MultiMaxModulator(MethodLayer):
     """The learnable MultiMax scalars of one attention layer or output head.
 
     Every parameter is zero at identity (sigma(x) = x, so attention is exactly softmax); the
@@ -70,7 +80,11 @@ class MultiMaxModulator(nn.Module):
         affine (`bool`): add `affine_scale` and `affine_shift`. Default: `False`.
     """
 
-    def __init__(self, order: int = 2, num_heads: int | None = None, affine: bool = False, backend: str = "auto"):
+    attr = "multimax"
+    title = "MultiMax scalars"
+    settings_cls = MultiMaxSettings
+
+    def __init__(self, order: int = 2, num_heads: int | None = None, affine: bool = False):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is not supported; allowed values: {ORDERS}")
@@ -78,7 +92,6 @@ class MultiMaxModulator(nn.Module):
             raise ValueError(f"num_heads={num_heads!r} must be a positive int or None (shared scalars)")
         self.order = order
         self.num_heads = num_heads
-        self.backend = backend
         shape = () if num_heads is None else (num_heads,)
         # fp32 whatever the model dtype: these are a handful of numbers that steer every score.
         for name in _ORDER_PARAMS[order]:
@@ -88,10 +101,30 @@ class MultiMaxModulator(nn.Module):
             self.affine_scale = nn.Parameter(torch.zeros(shape, dtype=torch.float32))
             self.affine_shift = nn.Parameter(torch.zeros(shape, dtype=torch.float32))
 
-    def reset_parameters(self) -> None:
+    @property
+    def structure(self) -> tuple:
+        return self.order, self.num_heads, self.affine
+
+    @classmethod
+    def structure_for(cls, settings: MultiMaxSettings, host: nn.Module | None) -> tuple:
+        heads = None
+        if settings.per_head:
+            heads = num_heads_of(host)
+            if heads is None:
+                raise ValueError(
+                    f"multimax.per_head=True but the number of heads of {type(host).__name__} is unknown; "
+                    "set per_head=False"
+                )
+        return settings.order, heads, settings.affine
+
+    @classmethod
+    def build(cls, settings: MultiMaxSettings, host: nn.Module | None) -> "MultiMaxModulator":
+        return cls(*cls.structure_for(settings, host))
+
+    def reset_parameters(self, init=nn.init) -> None:
         """Identity init: every parameter to zero."""
         for p in self.parameters(recurse=False):
-            nn.init.zeros_(p)
+            init.zeros_(p)
 
     def theta(self) -> torch.Tensor:
         """`[8]` or `[8, num_heads]`: the scalars in `THETA_NAMES` order, zeros for pieces this order lacks."""
@@ -108,12 +141,20 @@ class MultiMaxModulator(nn.Module):
     def is_identity(self) -> bool:
         return all(bool((p == 0).all()) for p in self.parameters(recurse=False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(x) with shared scalars (used on output-head logits), computed in fp32, returned in x.dtype."""
+    def forward(self, x: torch.Tensor | None = None):
+        """Without `x`: `(theta, affine)` for the attention kernels. Attention functions call the
+        module rather than read its parameters, so wrappers (PEFT `modules_to_save`, FSDP, ZeRO-3)
+        hand them the live ones.
+
+        With `x`: sigma(x) with shared scalars (used on output-head logits), computed in fp32,
+        returned in x.dtype.
+        """
+        if x is None:
+            return self.theta(), self.affine_params()
         if self.num_heads is not None:
             raise ValueError("per-head scalars need the head axis: use them through the attention function")
         return naive_multimax_modulate(x.float(), self.theta(), self.affine_params()).to(x.dtype)
 
     def extra_repr(self) -> str:
         heads = "shared" if self.num_heads is None else f"per_head={self.num_heads}"
-        return f"order={self.order}, {heads}, affine={self.affine}, backend={self.backend!r}"
+        return f"order={self.order}, {heads}, affine={self.affine}"

@@ -1,18 +1,53 @@
 """What every method's settings dataclass shares: a dict form stored in the model config under
-`config_key`, which is also the method's attention implementation name."""
+`config_key`, which is also the method's attention implementation name, and which modules the
+method applies to (`target_modules`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Any, ClassVar, Mapping
 
 __all__ = ["ConfigSettings"]
 
 
+@dataclasses.dataclass(frozen=True)
 class ConfigSettings:
-    """Mixin for a settings dataclass kept as `config.<config_key>` (a JSON-able dict)."""
+    """Base of a frozen settings dataclass kept as `config.<config_key>` (a JSON-able dict).
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*): the attention modules the method applies
+            to, as in PEFT: a list of names (a module matches when its dotted path equals a name or
+            ends with `.<name>`) or one regular expression (matched against the whole path). Default:
+            `None`, the attention classes the model declares (`_can_record_outputs["attentions"]`).
+    """
 
     config_key: ClassVar[str]
+
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self):
+        value = self.target_modules
+        if value is None:
+            return
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{self.config_key}.target_modules={value!r} is not a valid regular expression: {err}")
+        elif not (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+            raise ValueError(
+                f"{self.config_key}.target_modules={value!r} must be a non-empty list of module names or a regex string"
+            )
+        else:
+            object.__setattr__(self, "target_modules", list(value))
+
+    def targets(self, path: str) -> bool:
+        """Whether the module at dotted `path` is one of `target_modules` (which must be set)."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, path) is not None
+        return any(path == name or path.endswith("." + name) for name in self.target_modules)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | "ConfigSettings" | None):
@@ -22,6 +57,18 @@ class ConfigSettings:
             return values
         if not isinstance(values, Mapping):
             raise ValueError(f"{cls.config_key} settings must be a dict or {cls.__name__}, got {type(values).__name__}")
+        try:
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+            hash(key)
+        except TypeError:  # an unhashable value: validate without the cache (it will be refused or fine)
+            return cls._from_items(tuple(values.items()))
+        # Attention functions read the settings from the config on every call: parse each distinct
+        # dict once (the settings are frozen, so sharing them is safe).
+        return _parse(cls, key)
+
+    @classmethod
+    def _from_items(cls, items):
+        values = {k: list(v) if k == "target_modules" and isinstance(v, tuple) else v for k, v in items}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
@@ -29,23 +76,25 @@ class ConfigSettings:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if values["target_modules"] is None:  # the default: keep config.json as it was without it
+            del values["target_modules"]
+        return values
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_config(cls, config, fallback=None):
-        """The validated settings in `config.<config_key>` (else in `fallback`'s: a sub-model's config
-        inherits the top-level settings), with the backend named in the attention implementation
-        string (`"<config_key>:<backend>"`) taking precedence."""
-        values = getattr(config, cls.config_key, None)
-        if values is None and fallback is not None:
-            values = getattr(fallback, cls.config_key, None)
-        settings = cls.from_dict(values)
-        name = config._attn_implementation
-        if cls.is_own_name(name) and ":" in name:
-            settings = cls(**{**settings.to_dict(), "backend": name.split(":", 1)[1]})
-        return settings
+    def from_config(cls, config):
+        """The validated settings in `config.<config_key>` (defaults where it is None or absent)."""
+        return cls.from_dict(getattr(config, cls.config_key, None))
 
     @classmethod
     def is_own_name(cls, name) -> bool:
         """`name` is this method's attention implementation (`"<config_key>"` or `"<config_key>:<backend>"`)."""
         return isinstance(name, str) and (name == cls.config_key or name.startswith(cls.config_key + ":"))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(cls, key):
+    return cls._from_items(key)

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..ops.sparsemix import BACKENDS
+from .base import MethodLayer
 from .settings import ConfigSettings
 
-__all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings"]
+__all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings", "freeze_all_but_scorers", "kv_heads_and_dim"]
 
 NORMALIZERS = ("softmax", "multimax")
 
@@ -21,7 +22,7 @@ def _positive_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"sparsemix.{name}={value!r} must be an int >= {minimum}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SparseMixSettings(ConfigSettings):
     """How SparseMix is applied to a model. Stored as the `sparsemix` dict of the model config.
 
@@ -64,6 +65,7 @@ class SparseMixSettings(ConfigSettings):
     dense_warmup: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int("block_size", self.block_size)
         _positive_int("top_k", self.top_k, 0)
         _positive_int("scorer_rank", self.scorer_rank)
@@ -73,10 +75,10 @@ class SparseMixSettings(ConfigSettings):
                 raise ValueError(f"sparsemix.{name}={getattr(self, name)!r} must be a bool (True or False)")
         if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise ValueError(f"sparsemix.kl_weight={self.kl_weight!r} must be a number >= 0")
-        self.kl_weight = float(self.kl_weight)
+        object.__setattr__(self, "kl_weight", float(self.kl_weight))
         if isinstance(self.kl_target_power, bool) or not isinstance(self.kl_target_power, (int, float)) or self.kl_target_power <= 0:
             raise ValueError(f"sparsemix.kl_target_power={self.kl_target_power!r} must be a number > 0")
-        self.kl_target_power = float(self.kl_target_power)
+        object.__setattr__(self, "kl_target_power", float(self.kl_target_power))
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"sparsemix.normalizer={self.normalizer!r} is not supported; allowed values: {NORMALIZERS}")
         allowed = ("auto", *BACKENDS)
@@ -90,7 +92,23 @@ class SparseMixSettings(ConfigSettings):
         return self.top_k + int(self.sink) + int(self.local)
 
 
-class SparseMixScorer(nn.Module):
+def kv_heads_and_dim(module: nn.Module) -> tuple[int, int]:
+    """Key/value heads and head dimension of an HF attention module (its attributes, else its config)."""
+    config = getattr(module, "config", None)
+    heads = next((getattr(module, a) for a in ("num_heads", "num_attention_heads", "n_heads")
+                  if isinstance(getattr(module, a, None), int)), None) or getattr(config, "num_attention_heads", None)
+    groups = getattr(module, "num_key_value_groups", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or (heads // groups if heads else None)
+    head_dim = next((getattr(module, a) for a in ("head_dim", "attention_head_size")
+                     if isinstance(getattr(module, a, None), int)), None)
+    if head_dim is None and config is not None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if not kv_heads or not head_dim:
+        raise ValueError(f"cannot tell the key/value heads and head size of {type(module).__name__}; SparseMix needs both")
+    return kv_heads, head_dim
+
+
+class SparseMixScorer(MethodLayer):
     """The learned block scorer of one attention layer: rank-r projections of mean+max pooled query
     and key blocks, one per key/value head (see `ops.sparsemix.scorer_block_scores`).
 
@@ -101,32 +119,63 @@ class SparseMixScorer(nn.Module):
         num_kv_heads (`int`): key/value heads of the attention module.
         head_dim (`int`): query/key head dimension.
         rank (`int`): projection rank.
-        settings (`SparseMixSettings`): kept for the attention function (not saved as weights).
     """
 
-    def __init__(self, num_kv_heads: int, head_dim: int, rank: int, settings: SparseMixSettings | None = None):
+    attr = "sparsemix"
+    title = "SparseMix scorer"
+    settings_cls = SparseMixSettings
+
+    def __init__(self, num_kv_heads: int, head_dim: int, rank: int):
         super().__init__()
         self.num_kv_heads, self.head_dim, self.rank = num_kv_heads, head_dim, rank
-        self.settings = settings or SparseMixSettings(scorer_rank=rank)
         # fp32 whatever the model dtype: scores are ranked, small errors reorder blocks.
         self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
         self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
-        self.kl: torch.Tensor | None = None  # the last training forward's KL term, read by the model hook
         self.reset_parameters()
+
+    @property
+    def structure(self) -> tuple:
+        return self.num_kv_heads, self.head_dim, self.rank
+
+    @classmethod
+    def structure_for(cls, settings: SparseMixSettings, host: nn.Module) -> tuple:
+        return (*kv_heads_and_dim(host), settings.scorer_rank)
+
+    @classmethod
+    def build(cls, settings: SparseMixSettings, host: nn.Module) -> "SparseMixScorer":
+        return cls(*cls.structure_for(settings, host))
 
     @property
     def init_std(self) -> float:
         return (2 * self.head_dim) ** -0.5
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, init=nn.init) -> None:
         if self.w_query.is_meta:
             return
-        nn.init.normal_(self.w_query, std=self.init_std)
-        nn.init.zeros_(self.w_key)
+        init.normal_(self.w_query, std=self.init_std)
+        init.zeros_(self.w_key)
+
+    def is_identity(self) -> bool:
+        # w_key = 0 is the parameter-free mean-pooled gate; w_query alone changes nothing.
+        return not bool(self.w_key.detach().any())
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(w_query, w_key)`. Attention functions call the module rather than read its parameters,
+        so wrappers (PEFT `modules_to_save`, FSDP, ZeRO-3) hand them the live ones."""
+        return self.w_query, self.w_key
 
     def extra_repr(self) -> str:
-        s = self.settings
-        return (
-            f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}, block_size={s.block_size}, "
-            f"top_k={s.top_k}, normalizer={s.normalizer!r}, backend={s.backend!r}"
-        )
+        return f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
+
+
+def freeze_all_but_scorers(model: nn.Module) -> int:
+    """Dense warm-up: train the SparseMix scorers only (with `sparsemix.dense_warmup=True` the model
+    stays exactly dense while they learn). Returns the number of trainable parameters left."""
+    count = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(isinstance(module, SparseMixScorer))
+            count += param.numel() if isinstance(module, SparseMixScorer) else 0
+    if count == 0:
+        raise ValueError("the model has no SparseMix scorers: build it with attn_implementation='sparsemix'")
+    return count

@@ -1,6 +1,6 @@
 """Trainer glue: optimizer groups for the MultiMax scalars, logging callback, fine-tuning tasks."""
 
-from .callbacks import MultiMaxLoggingCallback, SparseMixLoggingCallback, attention_sharpness, multimax_scalars
+from .callbacks import MultiMaxLoggingCallback, attention_sharpness, multimax_scalars
 from .optim import is_multimax_parameter, separate_multimax_group
 from .trainer import MultiMaxTrainer, MultiMaxTrainingArguments
 
@@ -8,7 +8,6 @@ __all__ = [
     "MultiMaxLoggingCallback",
     "MultiMaxTrainer",
     "MultiMaxTrainingArguments",
-    "SparseMixLoggingCallback",
     "attention_sharpness",
     "is_multimax_parameter",
     "multimax_scalars",

@@ -1,4 +1,4 @@
-"""`TrainerCallback`s that log the MultiMax scalars and how sharp attention is, and SparseMix's KL term."""
+"""`TrainerCallback`s that log the MultiMax scalars and how sharp attention is."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..analysis.metrics import (
 )
 from ..layers.multimax import MultiMaxModulator
 
-__all__ = ["MultiMaxLoggingCallback", "SparseMixLoggingCallback", "attention_sharpness", "multimax_scalars"]
+__all__ = ["MultiMaxLoggingCallback", "attention_sharpness", "multimax_scalars"]
 
 SM_EPS, SM_REF_PROB = math.log(0.05), 0.01  # S/M threshold on log p - log p_max, and S's reference probability
 
@@ -85,25 +85,3 @@ class MultiMaxLoggingCallback(TrainerCallback):
         # Trainer appended its copy of the entry before calling back: keep the history complete.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
-
-
-class SparseMixLoggingCallback(TrainerCallback):
-    """Adds `sparsemix_kl` (the scorers' weighted KL term, mean over the optimizer steps since the
-    last log) to every log entry. The term itself is already part of the logged loss."""
-
-    def __init__(self):
-        self._values = []
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        value = getattr(model, "_sparsemix_last_kl", None)
-        if value is not None:
-            self._values.append(float(value))
-            model._sparsemix_last_kl = None
-
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self._values:
-            return
-        logs["sparsemix_kl"] = sum(self._values) / len(self._values)
-        self._values.clear()
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["sparsemix_kl"] = logs["sparsemix_kl"]

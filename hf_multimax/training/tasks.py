@@ -71,9 +71,10 @@ def offline_tokenizer_path() -> str:
 def load_model(auto_cls, model_args: ModelArguments, default_config=None, **kwargs):
     """`auto_cls.from_pretrained(model_name_or_path)`, or `from_config(default_config())` when no path
     is given, with the requested attention and (for MultiMax) its settings."""
-    from ..integrations.model_hooks import is_multimax_name
+    from ..layers.multimax import MultiMaxSettings
 
-    extra = {"multimax": model_args.multimax_settings()} if is_multimax_name(model_args.attn_implementation) else {}
+    wants = MultiMaxSettings.is_own_name(model_args.attn_implementation)
+    extra = {"multimax": model_args.multimax_settings()} if wants else {}
     if model_args.model_name_or_path:
         return auto_cls.from_pretrained(
             model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, **extra, **kwargs

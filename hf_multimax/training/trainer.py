@@ -1,4 +1,5 @@
-"""`Trainer` glue: MultiMax scalars in their own optimizer group."""
+"""`Trainer` glue: MultiMax scalars in their own optimizer group, auxiliary losses (the SparseMix
+scorers' KL term) added to the loss and logged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
 
+from ..integrations.aux_losses import collect_aux_losses
 from .optim import separate_multimax_group
 
 __all__ = ["MultiMaxTrainer", "MultiMaxTrainingArguments"]
@@ -28,8 +30,47 @@ class MultiMaxTrainingArguments(TrainingArguments):
 
 
 class MultiMaxTrainer(Trainer):
-    """A `Trainer` whose optimizer gives the MultiMax scalars their own group: no weight decay and
-    `learning_rate * multimax_lr_multiplier` (10 unless `args` says otherwise)."""
+    """A `Trainer` for models with plugin attention:
+
+    - the optimizer gives the MultiMax scalars their own group: no weight decay and
+      `learning_rate * multimax_lr_multiplier` (10 unless `args` says otherwise);
+    - `compute_loss` adds the auxiliary losses of the forward (the SparseMix KL term,
+      `kl_weight * mean over layers`), with a weight per optimizer step that does not depend on
+      the number of gradient accumulation steps, and logs each term (`sparsemix_kl`) beside the loss.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._aux_history: dict[str, list[float]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with collect_aux_losses() as aux:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        if aux.terms:
+            extra = aux.loss()
+            if self._loss_is_scaled_for_ga(num_items_in_batch):
+                # Trainer will not divide this loss by the accumulation steps (it is already a share
+                # of the whole batch): divide the per-micro-batch mean term here instead.
+                extra = extra / getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss + extra.to(loss.dtype)
+            for name, value in aux.values().items():
+                self._aux_history.setdefault(name, []).append(value)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # The rule Trainer.training_step applies before dividing the loss by the accumulation steps.
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # training logs: the mean of each auxiliary term since the last one
+            for name, values in self._aux_history.items():
+                if values:
+                    logs[name] = sum(values) / len(values)
+                    values.clear()
+        super().log(logs, *args, **kwargs)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None):

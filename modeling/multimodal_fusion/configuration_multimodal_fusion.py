@@ -9,7 +9,7 @@ __all__ = ["MODEL_TYPE", "ROLLINGQ_DEFAULTS", "MultimodalFusionConfig"]
 
 MODEL_TYPE = "multimodal_fusion"
 
-# The RollingQ values that work on the synthetic benchmark (papers.md); the authors' defaults
+# The RollingQ values that work on the synthetic benchmark (docs/methods.md); the authors' defaults
 # (beta=0, sigma=0, max_rotations=1) fire before any bias exists.
 ROLLINGQ_DEFAULTS = {"enabled": False, "beta": 0.3, "sigma": 5.0, "max_rotations": 10}
 

@@ -1,7 +1,7 @@
 """Multimodal fusion model: per-modality token features -> projection + modality embedding -> a learned
 CLS query that reads all tokens -> classifier. With RollingQ (query rotation buffers) and the attribution
-regularizer (papers.md). Self-contained (transformers + torch only): a published checkpoint carries this
-file as remote code.
+regularizer (maths: docs/methods.md of hf-multimax). Self-contained (transformers + torch only): a
+published checkpoint carries this file as remote code.
 """
 
 from __future__ import annotations

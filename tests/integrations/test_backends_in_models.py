@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
 
 from hf_multimax import MultiMaxModulator
-from hf_multimax.integrations.multimax_attention import AUTO_MIN_SCORES, resolve_backend
+from hf_multimax.ops.backends import AttentionCall
+from hf_multimax.ops.multimax import AUTO_MIN_SCORES, BACKENDS
 from tests.conftest import assert_close
 
 LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -51,7 +52,7 @@ def outputs(model, kind, ids, mask):
 def test_backend_matches_eager_in_model(kind, backend, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
     eager, fast = build(kind, "eager", tmp_path), build(kind, backend, tmp_path)
-    assert all(m.backend == backend for m in fast.modules() if isinstance(m, MultiMaxModulator))
+    assert fast.config.multimax["backend"] == backend
     ids, mask = batch(kind)
     valid = mask.bool()
     if backend == "flex":  # CPU flex is forward-only
@@ -85,20 +86,20 @@ def test_training_step_with_compiled_chunked_backend(tmp_path, monkeypatch):
         assert_close(p.grad / scale, t1[n] / scale, what=f"grad {n}")
 
 
-def q_k(q_len, k_len, device="cpu"):
-    return torch.empty(1, 1, q_len, 8, device=device), torch.empty(1, 1, k_len, 8, device=device)
+def resolve_backend(requested, q_len, k_len, **call):
+    return BACKENDS.resolve(requested, AttentionCall("cpu", q_len, k_len, **call)).name
 
 
 def test_auto_decision_table():
-    big, small = q_k(1024, 1024), q_k(8, 8)
-    assert resolve_backend("auto", *big, dropout=0.0, want_probs=False) == "chunked"
-    assert resolve_backend("auto", *small, dropout=0.0, want_probs=False) == "eager"
-    assert resolve_backend("auto", *big, dropout=0.1, want_probs=False) == "eager"
-    assert resolve_backend("auto", *big, dropout=0.0, want_probs=True) == "eager"
-    assert resolve_backend("auto", *q_k(1, AUTO_MIN_SCORES), dropout=0.0, want_probs=False) == "chunked"
-    assert resolve_backend("flex", *small, dropout=0.0, want_probs=False) == "flex"
-    with pytest.raises(ValueError, match="output_attentions=True .* backend='chunked'"):
-        resolve_backend("chunked", *small, dropout=0.0, want_probs=True)
+    big, small = (1024, 1024), (8, 8)
+    assert resolve_backend("auto", *big) == "chunked"
+    assert resolve_backend("auto", *small) == "eager"
+    assert resolve_backend("auto", *big, dropout=0.1) == "eager"
+    assert resolve_backend("auto", *big, want_probs=True) == "eager"
+    assert resolve_backend("auto", 1, AUTO_MIN_SCORES) == "chunked"
+    assert resolve_backend("flex", *small) == "flex"
+    with pytest.raises(ValueError, match="backend='chunked' cannot run this call: output_attentions=True"):
+        resolve_backend("chunked", *small, want_probs=True)
 
 
 def test_auto_runs_chunked_on_long_inputs(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def test_settings_persist_and_select_backend_at_load(vanilla_llama, tmp_path):
     settings = {"order": 1, "per_head": True, "affine": True, "output_head": True}
     model = AutoModelForCausalLM.from_pretrained(vanilla_llama, attn_implementation="multimax:eager", multimax=settings)
     attn = model.model.layers[0].self_attn.multimax
-    assert (attn.order, attn.num_heads, attn.affine, attn.backend) == (1, 4, True, "eager")
+    assert (attn.order, attn.num_heads, attn.affine, model.config.multimax["backend"]) == (1, 4, True, "eager")
     assert sorted(n for n, _ in attn.named_parameters()) == ["affine_scale", "affine_shift", "b1", "d1", "t1", "t2"]
     assert attn.t1.shape == (4,)
     assert isinstance(model.lm_head.multimax, MultiMaxModulator)

@@ -11,11 +11,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(args, tmp_path, **env):
+def run(args, tmp_path, cwd=ROOT, **env):
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
     )
+
+
+@pytest.mark.parametrize("script", ["sparsemix_retrieval", "train_fusion", "compare_fusion"])
+def test_experiment_scripts_find_experiments_from_any_directory(script, tmp_path):
+    # The other experiment scripts run in fresh processes below; these run in-process (or not at all) there.
+    result = run([str(ROOT / "scripts" / f"{script}.py"), "--help"], tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage:" in result.stdout
 
 
 def test_bench_attention_quick(tmp_path):

@@ -4,21 +4,55 @@ Every backend has the signature of `naive_multimax_attention` and matches it in 
 gradients (including the MultiMax scalars) within dtype tolerance.
 """
 
+import importlib.util
+
+from ..backends import AttentionCall, Backend, BackendRegistry
 from .chunked import chunked_multimax_attention
-from .flex import flex_multimax_attention
+from .flex import flex_is_available, flex_multimax_attention
 from .naive import THETA_NAMES, naive_multimax_attention, naive_multimax_modulate
 
-# name -> kernel. `auto` is not a kernel: the integration layer resolves it per call.
-BACKENDS = {
-    "eager": naive_multimax_attention,
-    "chunked": chunked_multimax_attention,
-    "flex": flex_multimax_attention,
-}
+# Below this many scores per (batch, head) materialising them is cheap and eager wins (and needs no
+# compilation); measured crossover on a 2-core CPU with scripts/bench_attention.py.
+AUTO_MIN_SCORES = 512 * 512
+
+
+def _fused_supports(call: AttentionCall) -> tuple[bool, str]:
+    # The fused kernels keep no probabilities (they never materialise them) and apply no dropout.
+    if call.want_probs:
+        return False, "output_attentions=True needs the attention probabilities, which it does not materialise"
+    if call.dropout > 0.0:
+        return False, f"it applies no attention dropout (got dropout={call.dropout})"
+    return True, ""
+
+
+def flex_supports(call: AttentionCall) -> tuple[bool, str]:
+    """Shared by both methods' flex backends."""
+    if call.device == "cuda" and importlib.util.find_spec("triton") is None:
+        return False, "FlexAttention on GPU compiles through Triton, which is not installed"
+    if call.needs_grad and call.device == "cpu":
+        return False, "torch implements FlexAttention's backward for GPU only (use 'chunked' to train on CPU)"
+    return _fused_supports(call)
+
+
+BACKENDS = BackendRegistry(
+    "multimax",
+    [
+        # The reference: serves every call (probabilities, dropout); fastest on short inputs.
+        Backend("eager", naive_multimax_attention, priority=10),
+        Backend("chunked", chunked_multimax_attention, priority=20, supports=_fused_supports,
+                preferred=lambda call: call.q_len * call.k_len >= AUTO_MIN_SCORES),
+        # Forward and backward fused by torch.compile on GPU; `auto` takes it there only.
+        Backend("flex", flex_multimax_attention, priority=30, supports=flex_supports, available=flex_is_available,
+                preferred=lambda call: call.device == "cuda"),
+    ],
+)
 
 __all__ = [
+    "AUTO_MIN_SCORES",
     "BACKENDS",
     "THETA_NAMES",
     "chunked_multimax_attention",
+    "flex_supports",
     "flex_multimax_attention",
     "naive_multimax_attention",
     "naive_multimax_modulate",

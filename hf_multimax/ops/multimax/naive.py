@@ -6,7 +6,7 @@ import torch
 
 from ..naive_attention import naive_attention
 
-# Order of the 8 scalars along dim 0 of `theta` (papers.md, MultiMax section).
+# Order of the 8 scalars along dim 0 of `theta` (docs/methods.md, MultiMax section).
 THETA_NAMES = ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")
 
 __all__ = [

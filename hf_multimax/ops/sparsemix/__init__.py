@@ -4,6 +4,9 @@ Every backend has the signature of `naive_sparsemix_attention` and matches it in
 gradients (including MultiMax scalars when MultiMax is the normalizer).
 """
 
+from ..backends import Backend, BackendRegistry
+from ..multimax import flex_supports
+from ..multimax.flex import flex_is_available
 from .blocked import blocked_sparsemix_attention
 from .distill import dense_block_mass, sample_query_blocks, scorer_kl
 from .flex import flex_sparsemix_attention
@@ -19,12 +22,18 @@ from .selection import (
     selection_mask,
 )
 
-# name -> kernel. `auto` is resolved per call by the integration layer.
-BACKENDS = {
-    "eager": naive_sparsemix_attention,
-    "blocked": blocked_sparsemix_attention,
-    "flex": flex_sparsemix_attention,
-}
+BACKENDS = BackendRegistry(
+    "sparsemix",
+    [
+        # The reference: gathers every kept tile and keeps them for autograd.
+        Backend("eager", naive_sparsemix_attention, priority=10),
+        # Only the output and log-sum-exp kept, tiles recomputed in backward: the CPU path.
+        Backend("blocked", blocked_sparsemix_attention, priority=20),
+        # Forward and backward on GPU; on this CPU `blocked` beat compiled flex's forward.
+        Backend("flex", flex_sparsemix_attention, priority=30, supports=flex_supports, available=flex_is_available,
+                preferred=lambda call: call.device == "cuda"),
+    ],
+)
 
 __all__ = [
     "BACKENDS",

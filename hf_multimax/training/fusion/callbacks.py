@@ -1,20 +1,14 @@
-"""Trainer callbacks of the fusion recipe: RollingQ's epoch-end step, the warm-up that gives one
-modality a head start, and per-epoch imbalance monitoring. Their measurements go into
-`state.log_history` (so `trainer_state.json` keeps them)."""
+"""Trainer callbacks of the fusion model: RollingQ's epoch-end step and per-epoch imbalance
+monitoring. Their measurements go into `state.log_history` (so `trainer_state.json` keeps them)."""
 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
-__all__ = ["FusionMonitorCallback", "ModalityWarmupCallback", "RollingQCallback", "rollingq_statistics"]
-
-
-def _to(batch, device):
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
+__all__ = ["FusionMonitorCallback", "RollingQCallback", "imbalance_snapshot", "rollingq_statistics"]
 
 
 @torch.no_grad()
@@ -27,7 +21,7 @@ def rollingq_statistics(model, dataloader) -> list[dict]:
     totals = None
     try:
         for batch in dataloader:
-            batch = _to(batch, device)
+            batch = send_to_device(batch, device)
             stats = model(modality_inputs=batch["modality_inputs"], output_rollingq_statistics=True).rollingq_statistics
             if totals is None:
                 totals = [dict(s) for s in stats]
@@ -77,21 +71,6 @@ class RollingQCallback(TrainerCallback):
         _append_log(state, values)
 
 
-class ModalityWarmupCallback(TrainerCallback):
-    """Replaces `modalities` by noise in the training collator for the first `epochs` epochs (the
-    benchmark's head start for the dominant modality)."""
-
-    def __init__(self, collator, modalities, epochs: int):
-        self.collator, self.modalities, self.epochs = collator, set(modalities), epochs
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        in_warmup = state.epoch is not None and state.epoch < self.epochs - 1e-6
-        self.collator.noise = set(self.modalities) if in_warmup else set()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.collator.noise = set()
-
-
 @torch.no_grad()
 def imbalance_snapshot(model, batch) -> dict[str, float]:
     """Mean attention mass of the last fusion layer's CLS query and mean attribution share, per
@@ -119,7 +98,7 @@ class FusionMonitorCallback(TrainerCallback):
         self.history: list[dict] = []
 
     def _measure(self, state, model):
-        batch = _to(self.probe_batch, next(model.parameters()).device)
+        batch = send_to_device(self.probe_batch, next(model.parameters()).device)
         values = imbalance_snapshot(model, batch)
         self.history.append({"epoch": state.epoch or 0.0, **values})
         _append_log(state, values)

@@ -1,4 +1,4 @@
-"""All methods x seeds x tasks: the results table of papers.md (mean +- std over seeds), the issue's
+"""All methods x seeds x tasks: the results table of docs/methods.md (mean +- std over seeds), the issue's
 targets checked against joint training, JSON and plots."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def check_targets(summary: dict, attribution_target: float = 0.5) -> dict[str, d
 
 
 def results_table(summary: dict, names: list[str]) -> str:
-    """Markdown table with papers.md's columns (mean +- std over seeds)."""
+    """Markdown table with docs/methods.md's columns (mean +- std over seeds)."""
     dominant, weak = names[0], names[1]
     header = (f"| method | acc | {weak} probe | attention on {dominant} | acc with {dominant}->noise | "
               f"share of {dominant} |\n|---|---|---|---|---|---|\n")

@@ -1,12 +1,11 @@
 """One training run of the fusion model with one of three methods (joint, RollingQ, attribution
-regularization) on one task, the way papers.md's synthetic benchmark was validated: per-token MLP
+regularization) on one task, the way docs/methods.md's synthetic benchmark was validated: per-token MLP
 encoders (width 32), single-head CLS attention with logits x4, SGD lr 0.01 momentum 0.9, 30 epochs,
 the first 5 with the weaker modality replaced by noise."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -16,17 +15,16 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from ...modeling.multimodal_fusion import MultimodalFusionConfig
-from .callbacks import FusionMonitorCallback, ModalityWarmupCallback, RollingQCallback
-from .data import TASKS, FusionCollator, load_fusion_task
+from hf_multimax.modeling.multimodal_fusion import MultimodalFusionConfig
+from hf_multimax.training.fusion import FusionMonitorCallback, FusionTrainer, FusionTrainingArguments, RollingQCallback
+
+from .data import TASKS, FusionCollator, ModalityWarmupCallback, load_fusion_task
 from .report import fusion_report
-from .trainer import FusionTrainer, FusionTrainingArguments
 
 __all__ = ["METHODS", "FusionArguments", "build_fusion_model", "run_fusion"]
 
 METHODS = ("joint", "rollingq", "attribution")
 TASK_DEFAULTS = {"synthetic": {"epochs": 30, "batch_size": 64}, "digits": {"epochs": 40, "batch_size": 32}}
-logger = logging.getLogger(__name__)
 
 
 @dataclass

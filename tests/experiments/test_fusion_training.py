@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers.utils.hub as hf_hub
 
-from hf_multimax.training.fusion import METHODS, FusionArguments, FusionCollator, load_fusion_task, run_fusion
+from experiments.fusion import METHODS, FusionArguments, FusionCollator, build_fusion_model, load_fusion_task, run_fusion
 
 ROOT = Path(__file__).resolve().parents[2]
 # Half the benchmark's epochs (15 of 30, 3 warm-up instead of 5) and half its test set; the same recipe
@@ -137,7 +137,6 @@ def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, m
 
 def test_encoders_and_projections_get_their_own_optimizer_group(tmp_path):
     from hf_multimax.training.fusion import FusionTrainer, FusionTrainingArguments
-    from hf_multimax.training.fusion.recipe import build_fusion_model
 
     model = build_fusion_model(FusionArguments(method="attribution"), ["a", "b"], [16, 16], 6)
     args = FusionTrainingArguments(output_dir=str(tmp_path), learning_rate=0.01, encoder_lr_multiplier=0.1,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_multimax.training.retrieval import RetrievalTask
+from experiments.sparsemix_retrieval import RetrievalTask
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,14 +1,16 @@
-"""The imbalance report of a trained fusion model (BalanceBenchmark's protocol, papers.md): accuracy,
+"""The imbalance report of a trained fusion model (BalanceBenchmark's protocol, docs/methods.md): accuracy,
 per-modality linear-probe accuracy on detached features, accuracy with each modality zeroed or
 replaced by noise, attention mass of the CLS query, attribution shares, AIR."""
 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
-from ..tasks import accuracy_metric
-from .callbacks import _to, rollingq_statistics
+from hf_multimax.training.fusion import rollingq_statistics
+from hf_multimax.training.tasks import accuracy_metric
+
 from .data import FusionCollator
 
 __all__ = ["fusion_report", "linear_probe_accuracy", "probe_features"]
@@ -46,7 +48,7 @@ def _pass(model, dataset, collator, batch_size, want_features=False):
     device = next(model.parameters()).device
     logits, labels, mass, shares, features = [], [], [], [], []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        batch = _to(batch, device)
+        batch = send_to_device(batch, device)
         out = model(**batch, output_attentions=True, output_attributions=True, output_fusion_inputs=want_features)
         logits.append(out.logits.float().cpu())
         labels.append(batch["labels"].cpu())

@@ -1,4 +1,5 @@
-"""Two-or-more-modality classification tasks as `datasets.Dataset`s, and their collator.
+"""Two-or-more-modality classification tasks as `datasets.Dataset`s, their collator, and the
+warm-up callback that switches the collator to noise.
 
 Rows hold one modality per column (named after the modality), its [tokens, features] array stored
 flattened (a fixed-size Arrow list reads ~10x faster than `Array2D`), and `label`; `FusionCollator`
@@ -10,8 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
+from transformers import TrainerCallback
 
-__all__ = ["TASKS", "FusionCollator", "digits_two_view_dataset", "load_fusion_task", "synthetic_imbalance_dataset"]
+__all__ = [
+    "TASKS",
+    "FusionCollator",
+    "ModalityWarmupCallback",
+    "digits_two_view_dataset",
+    "load_fusion_task",
+    "synthetic_imbalance_dataset",
+]
 
 
 def _to_dataset(views: dict[str, np.ndarray], labels: np.ndarray) -> Dataset:
@@ -32,7 +41,7 @@ def synthetic_imbalance_dataset(
     strength_a: float = 1.0,
     strength_b: float = 3.0,
 ) -> DatasetDict:
-    """The synthetic benchmark of papers.md: modality `a` (easy) carries the class prototype at
+    """The synthetic benchmark of docs/methods.md: modality `a` (easy) carries the class prototype at
     `strength_a` on every token, modality `b` (harder) at `strength_b` on one random token only; unit
     Gaussian noise everywhere; prototypes are random unit vectors, one set per modality.
 
@@ -126,3 +135,18 @@ class FusionCollator:
             inputs[name] = x
         labels = torch.as_tensor([int(row["label"]) for row in rows], dtype=torch.long)
         return {"modality_inputs": inputs, "labels": labels}
+
+
+class ModalityWarmupCallback(TrainerCallback):
+    """Replaces `modalities` by noise in the training collator for the first `epochs` epochs (the
+    benchmark's head start for the dominant modality)."""
+
+    def __init__(self, collator, modalities, epochs: int):
+        self.collator, self.modalities, self.epochs = collator, set(modalities), epochs
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        in_warmup = state.epoch is not None and state.epoch < self.epochs - 1e-6
+        self.collator.noise = set(self.modalities) if in_warmup else set()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.collator.noise = set()

@@ -1,0 +1,206 @@
+"""Attach, keep or remove the methods' learnable layers so a model matches its config. Generic over
+the method registry: nothing here knows MultiMax from SparseMix.
+
+Attention modules are the classes a model declares as producing its attentions
+(`_can_record_outputs["*attentions"]`, which transformers uses to record `output_attentions`), or
+the modules named by the method's `target_modules` setting. No source text is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from ..layers.base import MethodLayer
+from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
+from .methods import method_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["declared_attention_classes", "output_head_of", "sync_model", "uses_plugin"]
+
+
+
+def _configs(config: PreTrainedConfig):
+    yield config
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PreTrainedConfig):
+            yield from _configs(sub)
+
+
+def uses_plugin(config: PreTrainedConfig) -> bool:
+    """Whether the config (or a sub-config) names a plugin method. Cheap: no module is visited."""
+    return any(method_of(c.__dict__.get("_attn_implementation_internal")) is not None for c in _configs(config))
+
+
+def declared_attention_classes(model: torch.nn.Module) -> tuple[type, ...]:
+    """The attention classes every `PreTrainedModel` in `model` declares in `_can_record_outputs`."""
+    classes = []
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        for name, spec in (getattr(type(module), "_can_record_outputs", None) or {}).items():
+            if "attentions" not in name:
+                continue
+            for item in spec if isinstance(spec, (list, tuple)) else (spec,):
+                cls = item if isinstance(item, type) else getattr(item, "target_class", None)
+                if isinstance(cls, type):
+                    classes.append(cls)
+    return tuple(dict.fromkeys(classes))
+
+
+def output_head_of(model: PreTrainedModel) -> torch.nn.Module | None:
+    """The module whose output is the model's logits: LM head, or classifier/score head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = next((getattr(model, a) for a in ("classifier", "score") if isinstance(getattr(model, a, None), torch.nn.Module)), None)
+    return head
+
+
+def _layer_at(host: torch.nn.Module, attr: str):
+    """The layer held at `host.<attr>`, possibly wrapped (PEFT's `ModulesToSaveWrapper` forwards
+    attribute lookups to the active copy), or None."""
+    value = host._modules.get(attr)
+    return value if value is not None and hasattr(value, "structure") else None
+
+
+class _Resolver:
+    """Per distinct config: its method and every settings object its layers need, with the
+    `"<method>:<backend>"` suffix folded into the settings and written back, so `config.<key>` is
+    the one place the settings live from here on."""
+
+    def __init__(self, root: PreTrainedConfig):
+        self.root = root
+        self._done: dict[int, tuple] = {}
+
+    def __call__(self, config: PreTrainedConfig):
+        key = id(config)
+        if key not in self._done:
+            self._done[key] = self._resolve(config)
+        return self._done[key]
+
+    def _settings(self, cls, config, backend=None):
+        values = getattr(config, cls.config_key, None)
+        if values is None and config is not self.root:  # a sub-model inherits the top-level settings
+            values = getattr(self.root, cls.config_key, None)
+        settings = cls.from_dict(values)
+        if backend is not None:
+            settings = settings.replace(backend=backend)
+        setattr(config, cls.config_key, settings.to_dict())
+        return settings
+
+    def _resolve(self, config):
+        name = config.__dict__.get("_attn_implementation_internal")
+        method = method_of(name)
+        if method is None:
+            if method_of(config.__dict__.get("attn_implementation")) is not None:
+                del config.attn_implementation  # persisted by an earlier switch to a plugin method
+            return None, None, {}
+        backend = name.split(":", 1)[1] if ":" in name and name.split(":", 1)[1] != "auto" else None
+        own = self._settings(method.settings, config, backend) if method.settings is not None else None
+        layers = {cls: own if cls.settings_cls is method.settings else self._settings(cls.settings_cls, config)
+                  for cls in (method.layers(own) if own is not None else ())}
+        # The backend now lives in the settings; the bare name keeps one source of truth.
+        config._attn_implementation_internal = method.name
+        # Persisted in config.json (transformers strips the internal name on save), so a reload needs no
+        # flags and a load without the plugin fails loudly instead of running softmax.
+        config.attn_implementation = method.name
+        return method, own, layers
+
+
+def sync_model(model: PreTrainedModel) -> None:
+    """Give every attention module the layers its config's method needs (identity init), keep those
+    that fit, remove those no longer asked for; the same for the MultiMax output head. Idempotent.
+    Refuses to drop or reshape trained parameters."""
+    resolve = _Resolver(model.config)
+    declared = declared_attention_classes(model)
+    layer_classes = MethodLayer.__subclasses__()
+    head = output_head_of(model)
+    counts: dict[str, int] = {}
+    attached: set[str] = set()
+    for path, module in model.named_modules():
+        if module is head or isinstance(module, MethodLayer) or hasattr(module, "original_module"):
+            continue
+        config = getattr(module, "config", None)
+        method, settings, layers = resolve(config if isinstance(config, PreTrainedConfig) else model.config)
+        if settings is not None and settings.target_modules is not None:
+            is_attention = settings.targets(path)
+        else:
+            is_attention = isinstance(module, declared)
+        if not is_attention:
+            layers = {}
+        elif method is not None:
+            counts[method.name] = counts.get(method.name, 0) + 1
+        for cls in layer_classes:
+            if cls in layers:
+                _ensure(module, cls, layers[cls], path)
+                attached.add(cls.attr)
+            elif _layer_at(module, cls.attr) is not None:
+                _detach(module, cls, path)
+
+    root_method, root_settings, root_layers = resolve(model.config)
+    if root_method is not None and root_layers and not counts.get(root_method.name):
+        where = (f"{root_method.name}.target_modules={root_settings.target_modules!r} matches no module"
+                 if root_settings.target_modules is not None else
+                 f"{type(model).__name__} declares no attention classes (_can_record_outputs['attentions'])"
+                 if not declared else f"none of its modules is one of {[c.__name__ for c in declared]}")
+        raise ValueError(
+            f"attn_implementation={root_method.name!r} found no attention module to attach to: {where}. Name the "
+            f"modules that call transformers' AttentionInterface with config.{root_method.name}"
+            "['target_modules'] (a list of names or a regex, as in PEFT)"
+        )
+    for attr in attached:
+        # A checkpoint converted from a plain model has none of these keys: not worth a MISSING report.
+        model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
+    _sync_output_head(model, head, root_layers.get(MultiMaxModulator))
+
+
+def _ensure(host: torch.nn.Module, cls: type[MethodLayer], settings, path: str) -> None:
+    existing = _layer_at(host, cls.attr)
+    wanted = cls.structure_for(settings, host)
+    if existing is not None:
+        if existing.structure == wanted:
+            return
+        if not existing.is_untrained():
+            raise ValueError(
+                f"{path} holds trained {cls.title} {existing.structure} that do not fit the settings "
+                f"{settings.to_dict()} ({wanted}); switch with set_attn_implementation('sdpa') first to drop them"
+            )
+    ref = next(host.parameters(), None)
+    layer = cls(*wanted)
+    if ref is not None:  # meta while from_pretrained builds: initialised there with the loaded weights
+        layer = layer.to(ref.device)
+    setattr(host, cls.attr, layer)
+
+
+def _detach(host: torch.nn.Module, cls: type[MethodLayer], path: str) -> None:
+    if not _layer_at(host, cls.attr).is_untrained():
+        logger.warning("Removing the trained %s of %s: the new attention does not use them.", cls.title, path)
+    delattr(host, cls.attr)
+
+
+def _modulate_logits(head, args, output, *, config):
+    if not MultiMaxSettings.from_config(config).output_head:
+        raise ValueError(
+            "config.multimax['output_head'] is False but the output head holds MultiMax scalars; apply the change "
+            "with model.set_attn_implementation('multimax')"
+        )
+    return head.multimax(output)
+
+
+def _sync_output_head(model: PreTrainedModel, head, settings: MultiMaxSettings | None) -> None:
+    if head is None:
+        return
+    attached = _layer_at(head, MultiMaxModulator.attr) is not None
+    if settings is not None and settings.output_head:
+        if not attached:
+            _ensure(head, MultiMaxModulator, settings.replace(per_head=False), "the output head")
+            head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
+    elif attached:
+        head._multimax_hook.remove()
+        del head._multimax_hook
+        _detach(head, MultiMaxModulator, "the output head")

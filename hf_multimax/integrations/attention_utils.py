@@ -1,0 +1,96 @@
+"""What every method's HF-signature attention function shares: its settings read from the config,
+its learnable layer fetched through whatever wraps it, the mask and the one causality rule."""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import sdpa_mask
+
+from ..layers.base import MethodLayer
+from ..layers.settings import ConfigSettings
+from ..ops.backends import AttentionCall
+
+__all__ = ["attention_call", "call_is_causal", "layer_outputs", "plugin_mask", "prepare_mask", "settings_of",
+           "split_float_mask"]
+
+
+def settings_of(module: torch.nn.Module, settings_cls: type[ConfigSettings]) -> ConfigSettings:
+    """The method's settings as the module's config holds them now: the config is the truth, so an
+    edit of `config.<method>` takes effect on the next forward (parsed once per distinct dict)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        raise RuntimeError(
+            f"{type(module).__name__} has no `config`: {settings_cls.config_key} reads its settings from the attention "
+            "module's config"
+        )
+    return settings_cls.from_config(config)
+
+
+def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], settings: ConfigSettings):
+    """Call the method layer attached to `module` (`module.<attr>()`), after checking that it still
+    fits `settings`. Calling rather than reading its parameters lets wrappers (PEFT `modules_to_save`,
+    FSDP, DeepSpeed ZeRO-3) supply the live parameters; their attribute lookup reaches `structure`."""
+    layer = getattr(module, layer_cls.attr, None)
+    name = settings.config_key
+    if layer is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs {name} attention but has no {layer_cls.title}. Build the model "
+            f"with from_pretrained/from_config(attn_implementation='{name}') or call "
+            f"model.set_attn_implementation('{name}') after `import hf_multimax`."
+        )
+    wanted = layer_cls.structure_for(settings, module)
+    if layer.structure != wanted:
+        raise ValueError(
+            f"config.{name} asks {type(module).__name__}.{layer_cls.attr} for {wanted} but it holds {layer.structure}: a "
+            f"change of its parameters' shape is applied with model.set_attn_implementation('{name}') (which refuses "
+            "to drop trained parameters), not by editing the config alone"
+        )
+    return layer()
+
+
+def plugin_mask(*args, **kwargs):
+    """The mask function registered beside every plugin attention: boolean 4-D (True = attend), or
+    None where SDPA gets None too (unpadded causal input: the attention function applies the
+    module's causality itself, which lets the fast kernels skip future key blocks)."""
+    return sdpa_mask(*args, **kwargs)
+
+
+def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An additive float mask -> (boolean keep mask, finite bias or None).
+
+    Masked entries (-inf or near finfo.min) become False; any finite non-zero values (a position
+    bias some models fold into the mask) come back as a bias to add before the modulator.
+    """
+    keep = mask > torch.finfo(mask.dtype).min / 2
+    bias = torch.where(keep, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    return keep, (bias if bool(bias.any()) else None)
+
+
+def call_is_causal(module: torch.nn.Module, kwargs: dict) -> bool:
+    """The one causality rule of every plugin attention, as transformers' SDPA function: an explicit
+    `is_causal` kwarg (None counts as absent), else the module's `is_causal`, else causal."""
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return bool(is_causal)
+
+
+def prepare_mask(module, attention_mask, key, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """HF's mask -> (boolean keep mask or None, additive bias or None, is_causal for the kernel).
+
+    HF hands over a mask that already encodes causality (and windows); only without one does the
+    module's own causality apply.
+    """
+    mask, bias = attention_mask, None
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+        if mask.dtype != torch.bool:
+            mask, bias = split_float_mask(mask)
+    return mask, bias, call_is_causal(module, kwargs) and mask is None
+
+
+def attention_call(query, key, *params, want_probs: bool = False, dropout: float = 0.0) -> AttentionCall:
+    """What the backend registry needs to know about this call."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, *params))
+    return AttentionCall(query.device.type, query.shape[-2], key.shape[-2], needs_grad=needs_grad,
+                         want_probs=want_probs, dropout=dropout)

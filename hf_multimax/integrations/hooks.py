@@ -1,0 +1,107 @@
+"""The few transformers methods the zero-code path wraps, checked against the installed version and
+undone by `uninstall()`.
+
+transformers has no hook for "a model was built with attention X", so three `PreTrainedModel`
+methods are wrapped, each a call-through that returns at once for a config naming no plugin method:
+
+- `post_init` (the last step of every HF model's `__init__`): attach the methods' layers, so they
+  exist before `from_pretrained` loads weights and before any optimizer is built;
+- `_initialize_weights`: `from_pretrained` materialises missing keys with `torch.empty_like` and
+  initialises them through the nearest `PreTrainedModel`'s `_init_weights`, which does not know our
+  layers; without this a checkpoint that lacks them would load garbage;
+- `set_attn_implementation`: switching to or from a plugin method attaches or removes the layers.
+
+`PreTrainedConfig.<method> = None` makes `multimax=` / `sparsemix=` known config attributes, so
+`from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the config.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import transformers
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as hf_init
+
+from ..layers.base import MethodLayer
+from .attach import sync_model, uses_plugin
+from .methods import METHODS
+
+__all__ = ["check_transformers", "install_hooks", "uninstall_hooks"]
+
+# The private signatures wrapped below, as the versions this plugin was built for have them.
+EXPECTED_SIGNATURES = {
+    "post_init": ["self"],
+    "_initialize_weights": ["self", "module", "is_custom_code"],
+    "set_attn_implementation": ["self", "attn_implementation", "allow_all_kernels"],
+}
+_ORIGINALS: dict[str, object] = {}
+_CONFIG_ATTRS: list[str] = []
+
+
+def check_transformers() -> None:
+    """Raise if the installed transformers lacks the internals the hooks wrap, naming the version."""
+    problems = []
+    for name, expected in EXPECTED_SIGNATURES.items():
+        method = getattr(PreTrainedModel, name, None)
+        found = list(inspect.signature(method).parameters) if callable(method) else None
+        if found != expected:
+            problems.append(f"PreTrainedModel.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
+    if not isinstance(getattr(PreTrainedConfig, "_attn_implementation", None), property):
+        problems.append("PreTrainedConfig._attn_implementation is not a property")
+    if problems:
+        raise ImportError(
+            f"hf_multimax cannot hook into transformers {transformers.__version__}: " + "; ".join(problems)
+            + ". Install a supported version: pip install 'transformers>=5.24,<6'"
+        )
+
+
+def _post_init(self, *args, **kwargs):
+    _ORIGINALS["post_init"](self, *args, **kwargs)
+    if uses_plugin(self.config):
+        sync_model(self)
+
+
+def _initialize_weights(self, module, is_custom_code: bool = False):
+    if not isinstance(module, MethodLayer):
+        return _ORIGINALS["_initialize_weights"](self, module, is_custom_code)
+    if not getattr(module, "_is_hf_initialized", False):
+        module.reset_parameters(init=hf_init)  # transformers' initialisers skip tensors loaded from the checkpoint
+        module._is_hf_initialized = True
+
+
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    result = _ORIGINALS["set_attn_implementation"](self, attn_implementation, *args, **kwargs)
+    if uses_plugin(self.config) or any(isinstance(m, MethodLayer) for m in self.modules()):
+        sync_model(self)
+    return result
+
+
+def install_hooks() -> None:
+    """Wrap the three methods (see the module docstring), once."""
+    if _ORIGINALS:
+        return
+    check_transformers()
+    for name, wrapper in (
+        ("post_init", _post_init),
+        ("_initialize_weights", _initialize_weights),
+        ("set_attn_implementation", _set_attn_implementation),
+    ):
+        original = PreTrainedModel.__dict__[name]
+        _ORIGINALS[name] = original
+        wrapper.__wrapped__ = original
+        setattr(PreTrainedModel, name, wrapper)
+    for method in METHODS.values():
+        if method.settings is not None and not hasattr(PreTrainedConfig, method.name):
+            setattr(PreTrainedConfig, method.name, None)
+            _CONFIG_ATTRS.append(method.name)
+
+
+def uninstall_hooks() -> None:
+    """Put the original methods back. Models built meanwhile keep their layers."""
+    for name, original in _ORIGINALS.items():
+        setattr(PreTrainedModel, name, original)
+    _ORIGINALS.clear()
+    for attr in _CONFIG_ATTRS:
+        delattr(PreTrainedConfig, attr)
+    _CONFIG_ATTRS.clear()

@@ -1,0 +1,80 @@
+"""The method registry: every attention method the plugin adds, declared once.
+
+A method is its attention implementation name (also its config key), its HF-signature attention
+function and the mask function registered beside it, its settings class, its backends, and the
+learnable layers it attaches to each attention module (which can depend on its settings: SparseMix
+with the MultiMax normalizer also needs MultiMax scalars). The integration code (`registration`,
+`attach`) is generic over this table; adding a method is one entry here plus its ops, layer and
+attention-function files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+from ..layers.base import MethodLayer
+from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
+from ..layers.settings import ConfigSettings
+from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
+from ..ops.backends import BackendRegistry
+from ..ops.entmax import ENTMAX_NORMALIZERS
+from ..ops.multimax import BACKENDS as MULTIMAX_BACKENDS
+from ..ops.sparsemix import BACKENDS as SPARSEMIX_BACKENDS
+from .attention_utils import plugin_mask
+from .entmax_attention import entmax_attention_forward
+from .multimax_attention import multimax_attention_forward
+from .sparsemix_attention import sparsemix_attention_forward
+
+__all__ = ["METHODS", "Method", "method_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One attention method.
+
+    Args:
+        name (`str`): the `attn_implementation` name and the config key of its settings.
+        attention (`Callable`): the HF-signature attention function.
+        mask (`Callable`): the mask function registered under the same names (without one,
+            transformers passes no mask at all, even to causal models).
+        settings (`type[ConfigSettings]`, *optional*): its settings dataclass.
+        backends (`BackendRegistry`, *optional*): its kernels; `"<name>:<backend>"` names one at load time.
+        layers (`Callable`): settings -> the `MethodLayer` classes each attention module needs.
+    """
+
+    name: str
+    attention: Callable
+    mask: Callable = plugin_mask
+    settings: type[ConfigSettings] | None = None
+    backends: BackendRegistry | None = None
+    layers: Callable[[ConfigSettings], tuple[type[MethodLayer], ...]] = lambda settings: ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every registered implementation name: the method, and one per backend choice."""
+        if self.backends is None:
+            return (self.name,)
+        return (self.name, *(f"{self.name}:{b}" for b in ("auto", *self.backends)))
+
+    def owns(self, name) -> bool:
+        return name in self.names
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("multimax", multimax_attention_forward, settings=MultiMaxSettings, backends=MULTIMAX_BACKENDS,
+               layers=lambda s: (MultiMaxModulator,)),
+        Method("sparsemix", sparsemix_attention_forward, settings=SparseMixSettings, backends=SPARSEMIX_BACKENDS,
+               layers=lambda s: (SparseMixScorer, MultiMaxModulator) if s.normalizer == "multimax" else (SparseMixScorer,)),
+        # Baselines for MultiMax (need the entmax extra at call time); no learnable state.
+        *(Method(n, functools.partial(entmax_attention_forward, normalizer=n)) for n in ENTMAX_NORMALIZERS),
+    )
+}
+
+def method_of(name) -> Method | None:
+    """The plugin method an attention implementation name belongs to, or None."""
+    method = METHODS.get(name.split(":", 1)[0]) if isinstance(name, str) else None
+    return method if method is not None and method.owns(name) else None

@@ -1,0 +1,57 @@
+"""What every method's learnable module shares, so the integration code attaches, checks and
+initialises them without knowing which method it is looking at (PEFT's layer idea)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+__all__ = ["MethodLayer"]
+
+
+class MethodLayer(nn.Module):
+    """Learnable state a method attaches to a host module (an attention module or an output head).
+
+    The host holds it as `host.<attr>`, so every parameter's key contains `.<attr>.` (one key prefix:
+    easy to save, filter, put in `modules_to_save`). Subclasses define:
+
+    - `attr`: the attribute name on the host;
+    - `settings_cls`: the settings (config key) its structure follows; `title`: its name in messages;
+    - `structure_for(settings, host)`: what the settings and host require (shapes, flags), compared
+      with `structure` to decide whether an attached layer still fits;
+    - `build(settings, host)`: a new layer at identity;
+    - `reset_parameters(init)`: identity init (attaching is a numerical no-op) with the initialisers of
+      `init` (`torch.nn.init`, or transformers' guarded ones that skip loaded tensors);
+    - `is_identity()`: the layer still computes what the model computed without it.
+
+    The attention functions get the parameters by calling the layer (`host.<attr>()`), never by
+    reading them: wrappers (PEFT `modules_to_save`, FSDP, DeepSpeed ZeRO-3) hand out the live
+    parameters in `forward`.
+    """
+
+    attr: ClassVar[str]
+    settings_cls: ClassVar[type]
+    title: ClassVar[str]  # what messages call it
+
+    @property
+    def structure(self) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def structure_for(cls, settings, host: nn.Module) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, settings, host: nn.Module) -> "MethodLayer":
+        raise NotImplementedError
+
+    def reset_parameters(self, init=nn.init) -> None:
+        raise NotImplementedError
+
+    def is_identity(self) -> bool:
+        raise NotImplementedError
+
+    def is_untrained(self) -> bool:
+        """Still being built by `from_pretrained` (on meta) or at identity: dropping it loses nothing."""
+        return any(p.is_meta for p in self.parameters()) or self.is_identity()

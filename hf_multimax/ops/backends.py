@@ -1,0 +1,134 @@
+"""One backend registry for every method's kernels. Pure Python: no transformers import.
+
+Each `Backend` says whether it can run here at all (`is_available`), whether it can serve one call
+correctly (`supports(call) -> (ok, reason)`) and whether `auto` should pick it for that call
+(`preferred`, where measurements say it is the fastest that can serve). `auto` walks the backends by
+priority and takes the first that is available, supports the call and is preferred; an explicit
+name is used as asked, or refused with the reason. There is no fallback to softmax: every backend
+of a method computes that method.
+
+`HF_MULTIMAX_DISABLE_BACKENDS="flex,multimax:chunked"` takes backends out (all methods' or one
+method's), e.g. to work around a broken compiler stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Callable
+
+__all__ = ["AttentionCall", "Backend", "BackendRegistry", "always"]
+
+DISABLE_ENV = "HF_MULTIMAX_DISABLE_BACKENDS"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know about one attention call to say whether it can serve it.
+
+    Attributes:
+        device (`str`): `query.device.type`.
+        q_len, k_len (`int`): query and key lengths.
+        needs_grad (`bool`): a backward will run through the call.
+        want_probs (`bool`): the caller asked for the attention probabilities (`output_attentions`).
+        dropout (`float`): attention dropout probability (0 outside training).
+    """
+
+    device: str
+    q_len: int
+    k_len: int
+    needs_grad: bool = False
+    want_probs: bool = False
+    dropout: float = 0.0
+
+
+def always(call: AttentionCall) -> tuple[bool, str]:
+    return True, ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One kernel of a method.
+
+    Args:
+        name (`str`): the name users pass (`backend=` setting, `"<method>:<name>"`).
+        kernel (`Callable`): the tensor function (signature of the method's `naive_*` reference).
+        priority (`int`): `auto` tries higher priorities first.
+        supports (`Callable[[AttentionCall], tuple[bool, str]]`): can it compute this call correctly.
+        preferred (`Callable[[AttentionCall], bool]`): should `auto` take it for this call.
+        available (`Callable[[], tuple[bool, str]]`): can it run in this process (imports, versions).
+    """
+
+    name: str
+    kernel: Callable
+    priority: int
+    supports: Callable[[AttentionCall], tuple[bool, str]] = always
+    preferred: Callable[[AttentionCall], bool] = lambda call: True
+    available: Callable[[], tuple[bool, str]] = lambda: (True, "")
+
+    def is_available(self, method: str) -> tuple[bool, str]:
+        disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+        if self.name in disabled or f"{method}:{self.name}" in disabled:
+            return False, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}"
+        return self.available()
+
+
+class BackendRegistry(Mapping):
+    """A method's backends: a mapping name -> kernel, plus `resolve` for `auto`.
+
+    Examples:
+        >>> from hf_multimax.ops.multimax import BACKENDS
+        >>> BACKENDS.resolve("auto", AttentionCall("cpu", 4096, 4096)).name
+        'chunked'
+    """
+
+    def __init__(self, method: str, backends: list[Backend]):
+        self.method = method
+        self._backends = {b.name: b for b in backends}  # iterated in declaration order (reference first)
+
+    def __getitem__(self, name: str) -> Callable:
+        return self._backends[name].kernel
+
+    def __setitem__(self, name: str, kernel: Callable) -> None:
+        """Swap the kernel of an existing backend (a wrapper for tracing or profiling)."""
+        self._backends[name] = dataclasses.replace(self._backends[name], kernel=kernel)
+
+    def __iter__(self):
+        return iter(self._backends)
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def backend(self, name: str) -> Backend:
+        return self._backends[name]
+
+    def resolve(self, requested: str, call: AttentionCall) -> Backend:
+        """The backend that runs `call`: `requested` if it can, else ValueError saying why; for `auto`
+        the first (by priority) that is available, supports the call and is preferred for it."""
+        if requested != "auto":
+            if requested not in self._backends:
+                raise ValueError(
+                    f"{self.method} backend={requested!r} is not supported; allowed values: {('auto', *self)}"
+                )
+            backend = self._backends[requested]
+            for ok, reason in (backend.is_available(self.method), backend.supports(call)):
+                if not ok:
+                    raise ValueError(
+                        f"{self.method} backend={requested!r} cannot run this call: {reason}; use backend 'auto' "
+                        f"(it picks one that can) or one of {tuple(self)}"
+                    )
+            return backend
+        reasons, capable = [], None
+        for backend in sorted(self._backends.values(), key=lambda b: -b.priority):
+            for ok, reason in (backend.is_available(self.method), backend.supports(call)):
+                if not ok:
+                    reasons.append(f"{backend.name}: {reason}")
+                    break
+            else:
+                if backend.preferred(call):
+                    return backend
+                capable = capable or backend
+        if capable is not None:
+            return capable
+        raise ValueError(f"no {self.method} backend can run this call ({'; '.join(reasons)})")
