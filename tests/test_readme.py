@@ -37,6 +37,6 @@ def test_readme_sparsemix_example_runs(tmp_path):
     block = next(b for b in python_blocks() if 'attn_implementation="sparsemix"' in b)
     namespace = {"path": str(path), "out": str(out)}
     exec(compile(block, "README SparseMix block", "exec"), namespace)
-    assert "sparsemix_kl" in namespace["outputs"], "1024 tokens in blocks of 64 take the sparse path"
+    assert namespace["aux"].terms["sparsemix_kl"], "1024 tokens in blocks of 64 take the sparse path"
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config._attn_implementation == "sparsemix" and reloaded.config.sparsemix["top_k"] == 8

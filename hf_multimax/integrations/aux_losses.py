@@ -64,7 +64,8 @@ def active_aux_losses(name: str) -> AuxLosses | None:
     """The collector of this context, or None, said once per process: a training forward that
     computes `name` outside `collect_aux_losses()` would otherwise drop it without a word."""
     aux = _ACTIVE.get()
-    if aux is None:
+    # A checkpointed layer recomputed during backward runs after the block closed: nothing is lost.
+    if aux is None and torch._C._current_graph_task_id() == -1:
         _warn_uncollected(name)
     return aux
 

@@ -114,20 +114,22 @@ def test_kl_term_is_added_to_the_loss_and_trains_only_the_scorer():
     model = build(settings={**SETTINGS, "kl_weight": 0.5}).train()
     ids = tokens(2, 100)
     torch.manual_seed(1)
-    out = model(ids, labels=ids)
-    assert out["sparsemix_kl"] > 0
+    with hf_multimax.collect_aux_losses() as aux:
+        out = model(ids, labels=ids)
+    kl = aux.loss()
+    assert kl > 0 and len(aux.terms["sparsemix_kl"]) == 2, "one weighted term per layer"
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 100), ids[:, 1:].reshape(-1))
-    torch.testing.assert_close(out.loss, ce + out["sparsemix_kl"], atol=1e-5, rtol=1e-5)
-    out.loss.backward()
+    torch.testing.assert_close(out.loss, ce, atol=1e-5, rtol=1e-5)  # the model's loss is left as it is
+    (out.loss + kl).backward()
     scorer = model.model.layers[0].self_attn.sparsemix
     assert scorer.w_key.grad.abs().sum() > 0
-    assert all(m.kl is None for m in model.modules() if isinstance(m, SparseMixScorer)), "terms are consumed"
     # Without the KL term the scorer gets no gradient: the top-k selection is not differentiable.
     model.zero_grad()
-    for m in model.modules():
-        if isinstance(m, SparseMixScorer):
-            m.settings.kl_weight = 0.0
-    model(ids, labels=ids).loss.backward()
+    model.config.sparsemix = {**SETTINGS, "kl_weight": 0.0}  # the config is the truth: effective at once
+    with hf_multimax.collect_aux_losses() as aux:
+        out = model(ids, labels=ids)
+    assert not aux.terms and aux.loss() == 0.0
+    out.loss.backward()
     assert scorer.w_key.grad is None or scorer.w_key.grad.abs().sum() == 0
 
 
@@ -145,13 +147,14 @@ def test_dense_warmup_keeps_the_model_dense_and_the_scorer_learns():
     kls = []
     for step in range(25):
         torch.manual_seed(0)  # the same sampled query blocks every step
-        out = model(ids, labels=ids)
-        kls.append(out["sparsemix_kl"].item())
+        with hf_multimax.collect_aux_losses() as aux:
+            out = model(ids, labels=ids)
+        kls.append(float(aux.loss()))
         if step == 0:
             with torch.no_grad():
-                assert torch.isclose(out.loss, dense(ids, labels=ids).loss + out["sparsemix_kl"], atol=1e-5)
+                assert torch.isclose(out.loss, dense(ids, labels=ids).loss, atol=1e-5)
         opt.zero_grad()
-        out.loss.backward()
+        (out.loss + aux.loss()).backward()
         opt.step()
     assert kls[-1] < 0.5 * kls[0], kls
 
@@ -240,7 +243,8 @@ def test_switching_attention_attaches_and_removes_scorers():
     assert not hasattr(model.model.layers[0].self_attn, "sparsemix")
     model.config.sparsemix = {"top_k": 3}
     model.set_attn_implementation("sparsemix")
-    assert model.model.layers[0].self_attn.sparsemix.settings.top_k == 3
+    assert isinstance(model.model.layers[0].self_attn.sparsemix, SparseMixScorer)
+    assert model.config.sparsemix["top_k"] == 3
     assert model.config.attn_implementation == "sparsemix"
     model.set_attn_implementation("sdpa")
     assert not hasattr(model.model.layers[0].self_attn, "sparsemix")

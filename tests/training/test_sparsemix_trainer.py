@@ -8,7 +8,7 @@ import transformers as tf
 from datasets import Dataset
 
 from hf_multimax.layers.sparsemix import SparseMixScorer
-from hf_multimax.training import SparseMixLoggingCallback
+from hf_multimax.training import MultiMaxTrainer
 
 
 def copy_task(n, half=48, seed=0):
@@ -33,7 +33,7 @@ def test_trainer_learns_with_sparse_attention_and_logs_the_kl(tmp_path):
     args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16,
                                 learning_rate=3e-3, logging_steps=20, report_to=[], save_strategy="no",
                                 disable_tqdm=True, use_cpu=True, seed=0)
-    trainer = tf.Trainer(model=model, args=args, train_dataset=copy_task(640), callbacks=[SparseMixLoggingCallback()])
+    trainer = MultiMaxTrainer(model=model, args=args, train_dataset=copy_task(640))
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3 and all(entry["sparsemix_kl"] > 0 for entry in logs)
@@ -41,4 +41,4 @@ def test_trainer_learns_with_sparse_attention_and_logs_the_kl(tmp_path):
     # under log(61) means the sparse attention found the far blocks.
     assert logs[-1]["loss"] < 0.9 * math.log(61), logs
     assert not torch.equal(scorer.w_key.detach(), w_key), "the KL term trains the scorer"
-    assert isinstance(scorer, SparseMixScorer) and scorer.settings.top_k == 2
+    assert isinstance(scorer, SparseMixScorer) and model.config.sparsemix["top_k"] == 2
