@@ -143,15 +143,15 @@ def sync_model(model: PreTrainedModel) -> None:
                 _detach(module, cls, path)
 
     root_method, root_settings, root_layers = resolve(model.config)
-    if root_method is not None and root_layers and not counts.get(root_method.name):
-        where = (f"{root_method.name}.target_modules={root_settings.target_modules!r} matches no module"
-                 if root_settings.target_modules is not None else
-                 f"{type(model).__name__} declares no attention classes (_can_record_outputs['attentions'])"
-                 if not declared else f"none of its modules is one of {[c.__name__ for c in declared]}")
+    # With target_modules a nested model (LlamaModel inside LlamaForCausalLM) may match nothing on its
+    # own paths; an attention module left without its layer then raises at its first forward.
+    if root_layers and not counts.get(root_method.name) and root_settings.target_modules is None:
+        where = (f"none of its modules is one of {[c.__name__ for c in declared]}" if declared else
+                 f"{type(model).__name__} declares no attention classes (_can_record_outputs['attentions'])")
         raise ValueError(
             f"attn_implementation={root_method.name!r} found no attention module to attach to: {where}. Name the "
             f"modules that call transformers' AttentionInterface with config.{root_method.name}"
-            "['target_modules'] (a list of names or a regex, as in PEFT)"
+            "['target_modules'] (a list of names or a regex on the full module path, as in PEFT)"
         )
     for attr in attached:
         # A checkpoint converted from a plain model has none of these keys: not worth a MISSING report.

@@ -45,7 +45,7 @@ def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, m
         sampled = scorer_block_scores(query.detach(), key.detach(), w_query, w_key, geometry, scaling, q_blocks=blocks)
         kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink, local=settings.local,
                        mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
-    aux.add(KL_TERM, kl * settings.kl_weight)
+        aux.add(KL_TERM, kl * settings.kl_weight)
 
 
 def sparsemix_attention_forward(
