@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
 from hf_multimax import freeze_all_but_scorers
+from hf_multimax.training import MultiMaxTrainer
 
 from .measures import evaluate_retrieval, kl_target_needle_recall, needle_block_recall
 from .task import RetrievalDataset, RetrievalTask, init_factored_embeddings, tiny_llama_config
@@ -84,7 +85,8 @@ def training_segment(length: int, block_size: int) -> int:
 
 def _train(model, dataset, *, steps: int, lr: float, batch_size: int, seed: int, out_dir: str, disable_tqdm: bool,
            warmup_ratio: float = 0.1) -> dict:
-    """`steps` optimizer steps of HF Trainer (AdamW, linear warm-up then cosine decay)."""
+    """`steps` optimizer steps of HF Trainer (AdamW, linear warm-up then cosine decay); `MultiMaxTrainer`
+    because it adds the SparseMix scorers' KL term to the loss (their only training signal)."""
     if steps == 0:
         return {"steps": 0, "train_loss": None}
     args = TrainingArguments(
@@ -93,7 +95,7 @@ def _train(model, dataset, *, steps: int, lr: float, batch_size: int, seed: int,
         logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", use_cpu=True, seed=seed,
         data_seed=seed, dataloader_num_workers=0, disable_tqdm=disable_tqdm, max_grad_norm=1.0,
     )
-    result = Trainer(model=model, args=args, train_dataset=dataset).train()
+    result = MultiMaxTrainer(model=model, args=args, train_dataset=dataset).train()
     return {"steps": steps, "train_loss": result.training_loss}
 
 
