@@ -216,6 +216,9 @@ class MultimodalFusionLayer(nn.Module):
 class MultimodalFusionPreTrainedModel(PreTrainedModel):
     config_class = MultimodalFusionConfig
     base_model_prefix = "fusion"
+    # The modules whose output carries the attention weights; plugins that attach per-attention-layer
+    # state (hf_multimax) find the attention modules here.
+    _can_record_outputs = {"attentions": MultimodalFusionAttention}
     main_input_name = "modality_inputs"
     _supports_sdpa = True
     _supports_attention_backend = True
