@@ -8,10 +8,10 @@ from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
 from ..ops.multimax import BACKENDS
 from .attention_utils import attention_call, layer_outputs, prepare_mask, settings_of
 
-__all__ = ["multimax_attention_forward", "multimax_scalars"]
+__all__ = ["multimax_attention_forward", "multimax_params"]
 
 
-def multimax_scalars(module: torch.nn.Module, n_heads: int):
+def multimax_params(module: torch.nn.Module, n_heads: int):
     """`(theta, affine)` of the module's MultiMax layer as the settings in its config ask, with
     per-head scalars checked against the query's heads."""
     theta, affine = layer_outputs(module, MultiMaxModulator, settings_of(module, MultiMaxSettings))
@@ -40,7 +40,7 @@ def multimax_attention_forward(
     if kwargs.get("s_aux") is not None:
         raise ValueError("multimax does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
     settings = settings_of(module, MultiMaxSettings)
-    theta, affine = multimax_scalars(module, query.shape[1])
+    theta, affine = multimax_params(module, query.shape[1])
     if theta.dim() == 2:  # per head: [8, H] -> [8, H, 1, 1] against scores [B, H, Q, K]
         theta = theta[:, :, None, None]
         affine = None if affine is None else affine[:, :, None, None]

@@ -17,7 +17,7 @@ from ..ops.multimax import naive_multimax_modulate
 from ..ops.sparsemix import BACKENDS, block_geometry, sample_query_blocks, scorer_block_scores, scorer_kl, sparsemix_attention
 from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_mask, settings_of
 from .aux_losses import active_aux_losses
-from .multimax_attention import multimax_attention_forward, multimax_scalars
+from .multimax_attention import multimax_attention_forward, multimax_params
 
 __all__ = ["sparsemix_attention_forward"]
 
@@ -73,7 +73,7 @@ def sparsemix_attention_forward(
     long_input = geometry.n_k_blocks > settings.kept_blocks
     mask, bias, _ = prepare_mask(module, attention_mask, key, kwargs)
     multimax = settings.normalizer == "multimax"
-    theta, affine = multimax_scalars(module, query.shape[1]) if multimax else (None, None)
+    theta, affine = multimax_params(module, query.shape[1]) if multimax else (None, None)
 
     if module.training and settings.kl_weight > 0 and long_input:
         _add_kl_term(active_aux_losses(KL_TERM), settings, w_query, w_key, query, key, geometry, scaling, mask,

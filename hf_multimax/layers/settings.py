@@ -58,17 +58,18 @@ class ConfigSettings:
         if not isinstance(values, Mapping):
             raise ValueError(f"{cls.config_key} settings must be a dict or {cls.__name__}, got {type(values).__name__}")
         try:
-            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+            # The type is part of the key: True == 1 and hash alike, but only one of them is valid.
+            key = tuple(sorted((k, type(v).__name__, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
             hash(key)
         except TypeError:  # an unhashable value: validate without the cache (it will be refused or fine)
-            return cls._from_items(tuple(values.items()))
+            return cls._from_items(tuple((k, type(v).__name__, v) for k, v in values.items()))
         # Attention functions read the settings from the config on every call: parse each distinct
         # dict once (the settings are frozen, so sharing them is safe).
         return _parse(cls, key)
 
     @classmethod
     def _from_items(cls, items):
-        values = {k: list(v) if k == "target_modules" and isinstance(v, tuple) else v for k, v in items}
+        values = {k: list(v) if k == "target_modules" and isinstance(v, tuple) else v for k, _, v in items}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
