@@ -1,70 +1,32 @@
-"""Build time of a 32-layer model with and without `import hf_multimax`, each in fresh processes.
+"""Build time of a 32-layer model with and without `import hf_multimax`, in fresh processes
+(`experiments/bench_build_time.py` says what is measured). Writes JSON and a PNG chart.
 
-A model whose config names no plugin method must be built exactly as without the plugin: the
-wrapped `post_init` returns at once, so the two times should agree within noise. A MultiMax build
-is timed too, for scale. Writes JSON (and a bar chart with --plot).
-
-    .venv/bin/python scripts/bench_build_time.py --repeats 7
-    .venv/bin/python scripts/bench_build_time.py --quick   # smoke run: 2 repeats, 8 layers
+    .venv/bin/python scripts/bench_build_time.py              # 7 fresh processes per variant
+    .venv/bin/python scripts/bench_build_time.py --quick      # smoke run: 2 processes, 8 layers, no claim
 """
-
-from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
+from pathlib import Path
 
-CHILD = """
-import sys, time, torch, transformers as tf
-if sys.argv[1] != "none":
-    import hf_multimax
-cfg = tf.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=int(sys.argv[2]),
-                     num_attention_heads=8, num_key_value_heads=4)
-impl = "multimax" if sys.argv[1] == "multimax" else "sdpa"
-# Warm-up: a 1-layer build first, so lazy imports of the modeling code are not timed.
-tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": 1}), attn_implementation=impl)
-torch.manual_seed(0)
-start = time.perf_counter()
-tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
-print(time.perf_counter() - start)
-"""
-VARIANTS = ("none", "imported", "multimax")  # no import / import, sdpa model / import, multimax model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is a repository folder, not installed
+
+from experiments.bench_build_time import QUICK, bench_build_time, plot, summary  # noqa: E402
+from experiments.harness import write_results  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="fresh processes per variant (interleaved)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="fresh processes per variant, interleaved")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama model")
-    parser.add_argument("--quick", action="store_true", help="smoke run (2 repeats, 8 layers): claims nothing")
-    parser.add_argument("--output", default="outputs/bench_build_time.json", help="where the JSON goes")
+    parser.add_argument("--output", default="outputs/bench_build_time.json", help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 processes, 8 layers, claims nothing")
     args = parser.parse_args(argv)
-    repeats, layers = (2, 8) if args.quick else (args.repeats, args.layers)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    times = {v: [] for v in VARIANTS}
-    for _ in range(repeats):
-        for variant in VARIANTS:
-            out = subprocess.run([sys.executable, "-c", CHILD, variant, str(layers)], capture_output=True, text=True,
-                                 env=env, check=True)
-            times[variant].append(float(out.stdout.strip().splitlines()[-1]))
-    median = {v: statistics.median(t) for v, t in times.items()}
-    result = {
-        "quick": args.quick, "layers": layers, "repeats": repeats, "threads": env["OMP_NUM_THREADS"],
-        "seconds": times, "median_s": median,
-        "imported_over_none": median["imported"] / median["none"],
-        "multimax_over_none": median["multimax"] / median["none"],
-    }
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    label = "SMOKE RUN (no claim): " if args.quick else ""
-    print(f"{label}{layers}-layer Llama build, median of {repeats} fresh processes, {env['OMP_NUM_THREADS']} thread(s):")
-    print(f"  without the plugin {median['none']:.3f} s | plugin imported, sdpa model {median['imported']:.3f} s "
-          f"({result['imported_over_none']:.2f}x) | multimax model {median['multimax']:.3f} s "
-          f"({result['multimax_over_none']:.2f}x)")
-    print(f"  written to {args.output}")
+    if args.quick:
+        vars(args).update(QUICK)
+    results = bench_build_time(args.repeats, args.layers, quick=args.quick)
+    write_results(results, args.output, plot)
+    print(summary(results))
 
 
 if __name__ == "__main__":

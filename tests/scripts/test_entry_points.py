@@ -74,3 +74,14 @@ def test_bench_sparsemix_quick(tmp_path):
     assert row["sdpa"]["peak_mib"] > 0 and data["settings"]["top_k"] == 2
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| 512 |" in result.stdout
+
+
+def test_bench_build_time_quick(tmp_path):
+    out = tmp_path / "build.json"
+    result = run(["scripts/bench_build_time.py", "--quick", "--output", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["quick"] and data["layers"] == 8 and all(len(s) == 2 for s in data["seconds"].values())
+    assert set(data["ratio_to_without_plugin"]) == {"without plugin", "plugin imported, sdpa", "multimax"}
+    assert out.with_suffix(".png").stat().st_size > 5_000
+    assert result.stdout.strip().splitlines()[-1].startswith("SMOKE RUN, no claim")
