@@ -7,7 +7,16 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-__all__ = ["MethodLayer"]
+__all__ = ["MethodLayer", "num_heads_of"]
+
+
+def num_heads_of(module: nn.Module) -> int | None:
+    """Query heads of an HF attention module: its attribute (names differ by model), else its config."""
+    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return getattr(getattr(module, "config", None), "num_attention_heads", None)
 
 
 class MethodLayer(nn.Module):

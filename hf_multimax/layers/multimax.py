@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.multimax import BACKENDS, THETA_NAMES, naive_multimax_modulate
-from .base import MethodLayer
+from .base import MethodLayer, num_heads_of
 from .settings import ConfigSettings
 
 __all__ = ["MultiMaxSettings", "MultiMaxModulator"]
@@ -57,14 +57,6 @@ class MultiMaxSettings(ConfigSettings):
         allowed = ("auto", *BACKENDS)
         if self.backend not in allowed:
             raise ValueError(f"multimax.backend={self.backend!r} is not supported; allowed values: {allowed}")
-
-
-def num_heads_of(module: nn.Module) -> int | None:
-    for attr in ("num_heads", "num_attention_heads", "n_heads"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    return getattr(getattr(module, "config", None), "num_attention_heads", None)
 
 
 class MultiMaxModulator(MethodLayer):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.sparsemix import BACKENDS
-from .base import MethodLayer
+from .base import MethodLayer, num_heads_of
 from .settings import ConfigSettings
 
 __all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings", "freeze_all_but_scorers", "kv_heads_and_dim"]
@@ -95,8 +95,7 @@ class SparseMixSettings(ConfigSettings):
 def kv_heads_and_dim(module: nn.Module) -> tuple[int, int]:
     """Key/value heads and head dimension of an HF attention module (its attributes, else its config)."""
     config = getattr(module, "config", None)
-    heads = next((getattr(module, a) for a in ("num_heads", "num_attention_heads", "n_heads")
-                  if isinstance(getattr(module, a, None), int)), None) or getattr(config, "num_attention_heads", None)
+    heads = num_heads_of(module)
     groups = getattr(module, "num_key_value_groups", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or (heads // groups if heads else None)
     head_dim = next((getattr(module, a) for a in ("head_dim", "attention_head_size")
