@@ -10,7 +10,7 @@ from ..layers.base import MethodLayer
 from ..layers.settings import ConfigSettings
 from ..ops.backends import AttentionCall
 
-__all__ = ["attention_call", "call_is_causal", "layer_outputs", "plugin_mask", "prepare_mask", "settings_of",
+__all__ = ["attention_call", "call_is_causal", "layer_outputs", "plugin_mask", "prepare_inputs", "settings_of",
            "split_float_mask"]
 
 
@@ -75,18 +75,36 @@ def call_is_causal(module: torch.nn.Module, kwargs: dict) -> bool:
     return bool(is_causal)
 
 
-def prepare_mask(module, attention_mask, key, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
-    """HF's mask -> (boolean keep mask or None, additive bias or None, is_causal for the kernel).
+def prepare_inputs(module, query, key, value, attention_mask, kwargs):
+    """HF's inputs -> `(key, value, boolean keep mask or None, additive bias or None, is_causal)`, with
+    SDPA's semantics, which is what transformers prepares the inputs for.
 
     HF hands over a mask that already encodes causality (and windows); only without one does the
-    module's own causality apply.
+    module's own causality apply, aligned as SDPA aligns it: a single query sees every key, several
+    queries see keys `0..i` (top-left). transformers leaves the mask out only where that is right,
+    e.g. a static cache's prefill, whose keys past the queries are the buffer's empty rest: those are
+    dropped here.
     """
-    mask, bias = attention_mask, None
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-        if mask.dtype != torch.bool:
-            mask, bias = split_float_mask(mask)
-    return mask, bias, call_is_causal(module, kwargs) and mask is None
+    causal = call_is_causal(module, kwargs)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        if causal and 1 < q_len < k_len:
+            key, value = key[..., :q_len, :], value[..., :q_len, :]
+        return key, value, None, None, causal
+    if attention_mask.shape[-1] != k_len or attention_mask.dim() != 4:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not fit {k_len} keys: a 4-D mask "
+            f"[batch, 1 or heads, {q_len}, {k_len}] is expected (as SDPA requires)"
+        )
+    if attention_mask.dtype == torch.bool:
+        return key, value, attention_mask, None, False
+    if not attention_mask.is_floating_point():
+        raise ValueError(
+            f"attention_mask of dtype {attention_mask.dtype} is not supported: pass a boolean mask (True = attend) "
+            "or an additive float mask (0 = attend, -inf or finfo.min = masked)"
+        )
+    keep, bias = split_float_mask(attention_mask)
+    return key, value, keep, bias, False
 
 
 def attention_call(query, key, *params, want_probs: bool = False, dropout: float = 0.0) -> AttentionCall:

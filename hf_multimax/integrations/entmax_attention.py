@@ -7,7 +7,7 @@ import functools
 import torch
 
 from ..ops.entmax import ENTMAX_NORMALIZERS, naive_entmax_attention
-from .attention_utils import prepare_mask
+from .attention_utils import prepare_inputs
 
 __all__ = ["ENTMAX_NORMALIZERS", "entmax_attention_forward"]
 
@@ -17,7 +17,7 @@ def entmax_attention_forward(module, query, key, value, attention_mask, scaling=
     """transformers `AttentionInterface` function; `normalizer` is bound at registration."""
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{normalizer} attention does not support attention sinks (s_aux)")
-    mask, bias, is_causal = prepare_mask(module, attention_mask, key, kwargs)
+    key, value, mask, bias, is_causal = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     out, probs = naive_entmax_attention(
         query, key, value, normalizer=normalizer, scale=scaling, mask=mask, bias=bias, is_causal=is_causal,
         softcap=kwargs.get("softcap"), dropout_p=dropout if module.training else 0.0,

@@ -6,7 +6,7 @@ import torch
 
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
 from ..ops.multimax import BACKENDS
-from .attention_utils import attention_call, layer_outputs, prepare_mask, settings_of
+from .attention_utils import attention_call, layer_outputs, prepare_inputs, settings_of
 
 __all__ = ["multimax_attention_forward", "multimax_params"]
 
@@ -45,7 +45,7 @@ def multimax_attention_forward(
         theta = theta[:, :, None, None]
         affine = None if affine is None else affine[:, :, None, None]
 
-    mask, bias, is_causal = prepare_mask(module, attention_mask, key, kwargs)
+    key, value, mask, bias, is_causal = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     dropout = dropout if module.training else 0.0
     call = attention_call(query, key, value, theta, affine, want_probs=bool(kwargs.get("output_attentions")),
                           dropout=dropout)

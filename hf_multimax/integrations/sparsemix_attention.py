@@ -14,8 +14,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
+from ..ops.naive_attention import naive_attention
 from ..ops.sparsemix import BACKENDS, block_geometry, sample_query_blocks, scorer_block_scores, scorer_kl, sparsemix_attention
-from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_mask, settings_of
+from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_inputs, settings_of
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
 
@@ -67,11 +68,11 @@ def sparsemix_attention_forward(
     settings = settings_of(module, SparseMixSettings)
     w_query, w_key = layer_outputs(module, SparseMixScorer, settings)
     causal = call_is_causal(module, kwargs)
+    key, value, mask, bias, _ = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     geometry = block_geometry(query.shape[-2], key.shape[-2], settings.block_size, causal)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     long_input = geometry.n_k_blocks > settings.kept_blocks
-    mask, bias, _ = prepare_mask(module, attention_mask, key, kwargs)
     multimax = settings.normalizer == "multimax"
     theta, affine = multimax_params(module, query.shape[1]) if multimax else (None, None)
 
@@ -80,8 +81,17 @@ def sparsemix_attention_forward(
                      _score_mod(theta, affine) if multimax else None)
 
     if not long_input or settings.dense_warmup:
-        dense = multimax_attention_forward if multimax else sdpa_attention_forward
-        return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if mask is None:  # keys past the queries were dropped above: no mask left to cut
+            attention_mask = None
+        if multimax:
+            return multimax_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)
+        if kwargs.get("output_attentions"):  # SDPA keeps no probabilities: the reference computes them
+            out, probs = naive_attention(query, key, value, scale=scaling, mask=mask, bias=bias,
+                                         is_causal=causal and mask is None, dropout_p=dropout if module.training else 0.0)
+            return out.transpose(1, 2).contiguous(), probs
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
 
     if bias is not None:
         raise ValueError("sparsemix does not support additive position biases in the attention mask; use 'multimax' or 'sdpa'")
@@ -89,6 +99,13 @@ def sparsemix_attention_forward(
         raise ValueError("sparsemix does not support attention soft-capping (Gemma 2); use 'multimax' or 'eager'")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True needs dense probabilities, which sparsemix never materialises on long inputs")
+    if mask is not None and query.shape[-2] < key.shape[-2] and not bool(mask[..., -1].any()):
+        # The last key is hidden from every query: the empty rest of a static cache's buffer. The block
+        # geometry places the queries at the end of the keys, so the kept blocks would be wrong.
+        raise ValueError(
+            "sparsemix does not support a static KV cache on long inputs (the cache buffer is longer than the "
+            "sequence); generate with the default dynamic cache (no cache_implementation='static')"
+        )
     if module.training and dropout > 0.0:
         raise ValueError(
             f"sparsemix does not apply attention dropout on the sparse path (got dropout={dropout}); set the model's "
