@@ -9,10 +9,15 @@ the modules named by the method's `target_modules` setting. No source text is re
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..layers.base import MethodLayer
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
@@ -153,10 +158,41 @@ def sync_model(model: PreTrainedModel) -> None:
             f"modules that call transformers' AttentionInterface with config.{root_method.name}"
             "['target_modules'] (a list of names or a regex on the full module path, as in PEFT)"
         )
+    saved = _checkpoint_keys(getattr(model.config, "_name_or_path", "") or "")
     for attr in attached:
-        # A checkpoint converted from a plain model has none of these keys: not worth a MISSING report.
-        model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
+        # Converting a plain checkpoint: its layers are missing by design (identity init), not worth a
+        # MISSING report. A checkpoint that holds some of them must hold all: the rest are reported.
+        if not any(f".{attr}." in key for key in saved):
+            model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
     _sync_output_head(model, head, root_layers.get(MultiMaxModulator))
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_keys(name_or_path: str) -> frozenset[str]:
+    """The tensor names of the safetensors checkpoint `from_pretrained` is loading (headers only), or
+    none when there is no local or cached checkpoint (a model built from a config)."""
+    if not name_or_path:
+        return frozenset()
+    files = []
+    for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
+        if os.path.isdir(name_or_path):
+            path = os.path.join(name_or_path, name)
+        else:  # a Hub id: from_pretrained has fetched the weights into the cache before building the model
+            try:
+                path = try_to_load_from_cache(name_or_path, name)
+            except ValueError:  # not a valid repo id either
+                return frozenset()
+        if not isinstance(path, str) or not os.path.isfile(path):
+            continue
+        if name == SAFE_WEIGHTS_INDEX_NAME:
+            with open(path) as f:
+                return frozenset(json.load(f)["weight_map"])
+        files.append(path)
+    keys = set()
+    for path in files:
+        with safe_open(path, "pt") as f:
+            keys.update(f.keys())
+    return frozenset(keys)
 
 
 def _ensure(host: torch.nn.Module, cls: type[MethodLayer], settings, path: str) -> None:

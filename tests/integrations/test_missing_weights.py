@@ -1,0 +1,34 @@
+"""Plugin weights missing from a checkpoint that holds plugin weights are reported as transformers
+reports missing weights; converting a plain checkpoint (which never had them) reports nothing."""
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def test_converting_a_plain_checkpoint_reports_nothing(tmp_path):
+    AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), attn_implementation="sdpa").save_pretrained(tmp_path)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="multimax", output_loading_info=True)
+    assert info["missing_keys"] == set()
+    assert model.model.layers[0].self_attn.multimax.is_identity()
+
+
+def test_plugin_weights_missing_from_a_plugin_checkpoint_are_reported(tmp_path):
+    config = LlamaConfig(**LLAMA)
+    config.multimax = {"output_head": True}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 0:
+                p.fill_(0.25)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(k for k in weights if k.startswith("model.layers.1.self_attn.multimax."))
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == dropped and len(dropped) == 8
+    assert reloaded.model.layers[0].self_attn.multimax.t1.item() == 0.25, "what is there still loads"
