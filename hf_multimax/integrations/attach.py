@@ -21,11 +21,11 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..layers.base import MethodLayer
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
-from .methods import method_of
+from .methods import METHODS, method_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["declared_attention_classes", "output_head_of", "sync_model", "uses_plugin"]
+__all__ = ["declared_attention_classes", "output_head_of", "sync_model", "uses_plugin", "warn_unused_settings"]
 
 
 
@@ -130,6 +130,8 @@ def sync_model(model: PreTrainedModel) -> None:
     for path, module in model.named_modules():
         if module is head or isinstance(module, MethodLayer) or hasattr(module, "original_module"):
             continue
+        if module is not model and "_hf_multimax_guard" in module.__dict__:  # the outermost model guards
+            module.__dict__.pop("_hf_multimax_guard").remove()
         config = getattr(module, "config", None)
         method, settings, layers = resolve(config if isinstance(config, PreTrainedConfig) else model.config)
         if settings is not None and settings.target_modules is not None:
@@ -165,6 +167,40 @@ def sync_model(model: PreTrainedModel) -> None:
         if not any(f".{attr}." in key for key in saved):
             model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
     _sync_output_head(model, head, root_layers.get(MultiMaxModulator))
+    guard = model.__dict__.get("_hf_multimax_guard")
+    if attached and guard is None:
+        model._hf_multimax_guard = model.register_forward_pre_hook(_warn_if_config_moved_on)
+    elif not attached and guard is not None:
+        guard.remove()
+        del model._hf_multimax_guard
+
+
+def _warn_if_config_moved_on(model, args):
+    # transformers 5 builds models around the config object it is given: a second model built from
+    # the same object with another attention switches this one too, leaving its layers unused.
+    if not uses_plugin(model.config) and not model.__dict__.get("_hf_multimax_warned"):
+        model._hf_multimax_warned = True
+        logger.warning(
+            "%s holds plugin parameters but its config now says attn_implementation=%r, so they are not used. Was "
+            "another model built from the same config object? Build each model from its own config "
+            "(copy.deepcopy(config)), or switch back with model.set_attn_implementation(...).",
+            type(model).__name__, model.config._attn_implementation,
+        )
+
+
+def warn_unused_settings(config: PreTrainedConfig) -> None:
+    """Settings given for a method the config does not use would otherwise be dropped without a word."""
+    for method in METHODS.values():
+        if method.settings is not None and getattr(config, method.name, None) is not None:
+            _warn_once(
+                f"config.{method.name} is set but attn_implementation={config._attn_implementation!r} does not use it, so "
+                f"it is ignored; load with attn_implementation={method.name!r} to use it."
+            )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:  # nested models run post_init once each
+    logger.warning(message)
 
 
 @functools.lru_cache(maxsize=8)

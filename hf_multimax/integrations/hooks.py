@@ -24,7 +24,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 
 from ..layers.base import MethodLayer
-from .attach import sync_model, uses_plugin
+from .attach import sync_model, uses_plugin, warn_unused_settings
 from .methods import METHODS
 
 __all__ = ["check_transformers", "install_hooks", "uninstall_hooks"]
@@ -60,6 +60,8 @@ def _post_init(self, *args, **kwargs):
     _ORIGINALS["post_init"](self, *args, **kwargs)
     if uses_plugin(self.config):
         sync_model(self)
+    else:
+        warn_unused_settings(self.config)
 
 
 def _initialize_weights(self, module, is_custom_code: bool = False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -20,6 +21,12 @@ NORMALIZERS = ("softmax", "multimax")
 def _positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"sparsemix.{name}={value!r} must be an int >= {minimum}")
+
+
+def _finite_number(name: str, value, bound: str, ok) -> None:
+    # NaN compares False with everything, so a NaN weight would silently switch the KL term off.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"sparsemix.{name}={value!r} must be a finite number {bound}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +80,9 @@ class SparseMixSettings(ConfigSettings):
         for name in ("sink", "local", "dense_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sparsemix.{name}={getattr(self, name)!r} must be a bool (True or False)")
-        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
-            raise ValueError(f"sparsemix.kl_weight={self.kl_weight!r} must be a number >= 0")
+        _finite_number("kl_weight", self.kl_weight, ">= 0", lambda v: v >= 0)
         object.__setattr__(self, "kl_weight", float(self.kl_weight))
-        if isinstance(self.kl_target_power, bool) or not isinstance(self.kl_target_power, (int, float)) or self.kl_target_power <= 0:
-            raise ValueError(f"sparsemix.kl_target_power={self.kl_target_power!r} must be a number > 0")
+        _finite_number("kl_target_power", self.kl_target_power, "> 0", lambda v: v > 0)
         object.__setattr__(self, "kl_target_power", float(self.kl_target_power))
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"sparsemix.normalizer={self.normalizer!r} is not supported; allowed values: {NORMALIZERS}")

@@ -108,3 +108,21 @@ def test_fallback_inside_a_model_matches(monkeypatch):
     reference = model(ids(600)).logits
     monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "chunked")
     assert_close(model(ids(600)).logits, reference, what="eager fallback vs chunked")
+
+
+def test_settings_for_an_unused_method_are_reported(caplog):
+    config = LlamaConfig(**LLAMA)
+    config.multimax = {"order": 1, "affine": True}
+    with caplog.at_level("WARNING", logger="hf_multimax"):
+        AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert "config.multimax is set but attn_implementation='sdpa' does not use it" in caplog.text
+
+
+def test_a_second_model_built_from_the_same_config_object_is_reported(caplog):
+    config = LlamaConfig(**LLAMA)
+    first = AutoModelForCausalLM.from_config(config, attn_implementation="multimax")
+    AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # transformers shares the object
+    with caplog.at_level("WARNING", logger="hf_multimax"):
+        first(ids())
+        first(ids())
+    assert caplog.text.count("holds plugin parameters but its config now says attn_implementation='sdpa'") == 1

@@ -260,6 +260,8 @@ def test_switching_attention_attaches_and_removes_scorers():
         ({"backend": "cuda"}, "backend"),
         ({"kl_weight": -1}, "kl_weight"),
         ({"kl_target_power": 0}, "kl_target_power"),
+        ({"kl_weight": float("nan")}, "kl_weight=nan must be a finite number"),
+        ({"kl_target_power": float("inf")}, "kl_target_power=inf must be a finite number"),
         ({"sink": 1}, "sink"),
         ({"topk": 3}, "unknown sparsemix setting"),
     ],
