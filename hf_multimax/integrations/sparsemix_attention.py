@@ -32,13 +32,13 @@ def _score_mod(theta, affine):
     return lambda s: naive_multimax_modulate(s, th.to(s.dtype), None if af is None else af.to(s.dtype))
 
 
-def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, mask, score_mod):
+def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, mask, score_mod) -> torch.Tensor | None:
     # Query blocks are sampled whether or not a collector listens, so a checkpointed layer's
     # recomputation draws the same random numbers as its forward.
     blocks = sample_query_blocks(geometry, settings.kl_query_blocks, sink=settings.sink, local=settings.local,
                                  device=query.device)
     if aux is None:
-        return
+        return None
     # The term's gradient reaches the scorer only (its inputs are detached), so it is built with
     # grad on even inside a reentrant checkpoint's no-grad forward, and its saved tensors stay out of
     # a non-reentrant checkpoint's recomputation (which runs after the collector is closed).
@@ -47,6 +47,14 @@ def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, m
         kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink, local=settings.local,
                        mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
         aux.add(KL_TERM, kl * settings.kl_weight)
+    return kl
+
+
+def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+    """`out` joined to the KL graph with weight zero: DDP (`find_unused_parameters`, Trainer's default)
+    finds the parameters a step uses by walking back from the model's outputs; without the tie the
+    scorer looks unused there, and its gradient from the loss then arrives a second time."""
+    return out if kl is None else out + 0.0 * kl.to(out.dtype)
 
 
 def sparsemix_attention_forward(
@@ -76,22 +84,25 @@ def sparsemix_attention_forward(
     multimax = settings.normalizer == "multimax"
     theta, affine = multimax_params(module, query.shape[1]) if multimax else (None, None)
 
+    kl = None
     if module.training and settings.kl_weight > 0 and long_input:
-        _add_kl_term(active_aux_losses(KL_TERM), settings, w_query, w_key, query, key, geometry, scaling, mask,
-                     _score_mod(theta, affine) if multimax else None)
+        kl = _add_kl_term(active_aux_losses(KL_TERM), settings, w_query, w_key, query, key, geometry, scaling, mask,
+                          _score_mod(theta, affine) if multimax else None)
 
     if not long_input or settings.dense_warmup:
         if mask is None:  # keys past the queries were dropped above: no mask left to cut
             attention_mask = None
         if multimax:
-            return multimax_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                              dropout=dropout, **kwargs)
-        if kwargs.get("output_attentions"):  # SDPA keeps no probabilities: the reference computes them
+            out, probs = multimax_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                                    dropout=dropout, **kwargs)
+        elif kwargs.get("output_attentions"):  # SDPA keeps no probabilities: the reference computes them
             out, probs = naive_attention(query, key, value, scale=scaling, mask=mask, bias=bias,
                                          is_causal=causal and mask is None, dropout_p=dropout if module.training else 0.0)
-            return out.transpose(1, 2).contiguous(), probs
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+            out = out.transpose(1, 2).contiguous()
+        else:
+            out, probs = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                                dropout=dropout, **kwargs)
+        return _tie(out, kl), probs
 
     if bias is not None:
         raise ValueError("sparsemix does not support additive position biases in the attention mask; use 'multimax' or 'sdpa'")
@@ -116,4 +127,4 @@ def sparsemix_attention_forward(
         query, key, value, w_query, w_key, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,
     )
-    return out.transpose(1, 2).contiguous(), None
+    return _tie(out.transpose(1, 2).contiguous(), kl), None

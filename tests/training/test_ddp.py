@@ -49,3 +49,28 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert len(rank0["losses"]) == len(one["losses"]) == 6
     for a, b in zip(rank0["losses"], one["losses"]):
         assert abs(a - b) < 1e-3, (rank0["losses"], one["losses"])
+
+
+def test_sparsemix_under_ddp_matches_one_process(tmp_path):
+    """The KL term leaves the model outputs alone (DDP rebuilds them from their declared fields)."""
+    worker = str(Path(__file__).with_name("ddp_sparsemix_worker.py"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), worker, str(tmp_path / "ddp"), "4"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    single = subprocess.run([sys.executable, worker, str(tmp_path / "single"), "8"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1))
+    one = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    assert rank0["scorers"] == rank1["scorers"] and len(rank0["scorers"]) == 4
+    assert all(k > 0 for k in rank0["kl"]) and len(rank0["losses"]) == len(one["losses"]) == 4
+    for a, b in zip(rank0["losses"], one["losses"]):
+        assert abs(a - b) < 1e-3, (rank0["losses"], one["losses"])
+    for name, value in one["scorers"].items():
+        assert abs(rank0["scorers"][name] - value) < 1e-3 * max(1.0, abs(value)), name
