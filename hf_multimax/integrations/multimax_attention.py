@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
@@ -10,17 +13,30 @@ from .attention_utils import attention_call, layer_outputs, prepare_inputs, sett
 
 __all__ = ["multimax_attention_forward", "multimax_params"]
 
+logger = logging.getLogger(__name__)
+
 
 def multimax_params(module: torch.nn.Module, n_heads: int):
     """`(theta, affine)` of the module's MultiMax layer as the settings in its config ask, with
     per-head scalars checked against the query's heads."""
     theta, affine = layer_outputs(module, MultiMaxModulator, settings_of(module, MultiMaxSettings))
+    if module.training and torch.is_grad_enabled() and not theta.requires_grad and not bool(theta.any()):
+        _warn_frozen_at_identity()
     if theta.dim() == 2 and theta.shape[1] != n_heads:
         raise ValueError(
             f"{type(module).__name__} has per-head MultiMax scalars for {theta.shape[1]} heads "
             f"but the query has {n_heads} heads"
         )
     return theta, affine
+
+
+@functools.cache
+def _warn_frozen_at_identity() -> None:
+    logger.warning(
+        "The MultiMax scalars are frozen at identity while the model trains, so its attention stays softmax. With "
+        "PEFT, train them beside the adapters with LoraConfig(..., modules_to_save=['multimax']); otherwise set "
+        "requires_grad=True on them."
+    )
 
 
 def multimax_attention_forward(

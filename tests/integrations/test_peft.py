@@ -12,6 +12,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from hf_multimax.integrations.multimax_attention import _warn_frozen_at_identity
+from tests.conftest import assert_close
+
 LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
 
@@ -65,3 +68,23 @@ def test_modules_to_save_trains_the_scalars_and_round_trips(tmp_path):
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+    merged = peft_model.merge_and_unload()  # the trained copy of the scalars replaces the wrapper
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert reloaded.config._attn_implementation == "multimax"
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids).logits, logits, what="merged model reloaded")
+
+
+def test_lora_with_frozen_scalars_at_identity_says_so_once(caplog):
+    _warn_frozen_at_identity.cache_clear()  # once per process: start this process's count here
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), attn_implementation="multimax")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not any(".multimax." in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    ids = torch.randint(0, 100, (2, 12))
+    peft_model.train()
+    with caplog.at_level("WARNING", logger="hf_multimax"):
+        for _ in range(2):
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert caplog.text.count("frozen at identity") == 1 and "modules_to_save=['multimax']" in caplog.text
