@@ -11,12 +11,20 @@ methods are wrapped, each a call-through that returns at once for a config namin
   layers; without this a checkpoint that lacks them would load garbage;
 - `set_attn_implementation`: switching to or from a plugin method attaches or removes the layers.
 
+Two more only improve what users are told:
+
+- `get_correct_attn_implementation`: an unknown name (`"multimax:nope"`, `"multimx"`) is refused by
+  transformers with a list of its own backends; the plugin's choices, and the closest one, are added;
+- `_from_config`: `from_config(config, multimax={...})` puts the settings in the config, as
+  `from_pretrained(..., multimax={...})` does, instead of passing them to the model's `__init__`.
+
 `PreTrainedConfig.<method> = None` makes `multimax=` / `sparsemix=` known config attributes, so
 `from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the config.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 
 import transformers
@@ -34,6 +42,8 @@ EXPECTED_SIGNATURES = {
     "post_init": ["self"],
     "_initialize_weights": ["self", "module", "is_custom_code"],
     "set_attn_implementation": ["self", "attn_implementation", "allow_all_kernels"],
+    "get_correct_attn_implementation": ["self", "requested_attention", "is_init_check"],
+    "_from_config": ["config", "kwargs"],
 }
 _ORIGINALS: dict[str, object] = {}
 _CONFIG_ATTRS: list[str] = []
@@ -43,7 +53,7 @@ def check_transformers() -> None:
     """Raise if the installed transformers lacks the internals the hooks wrap, naming the version."""
     problems = []
     for name, expected in EXPECTED_SIGNATURES.items():
-        method = getattr(PreTrainedModel, name, None)
+        method = getattr(PreTrainedModel, name, None)  # bound for classmethods: no `cls`
         found = list(inspect.signature(method).parameters) if callable(method) else None
         if found != expected:
             problems.append(f"PreTrainedModel.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
@@ -79,6 +89,29 @@ def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
     return result
 
 
+def _get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+    try:
+        return _ORIGINALS["get_correct_attn_implementation"](self, requested_attention, *args, **kwargs)
+    except ValueError as err:
+        if not isinstance(requested_attention, str):
+            raise
+        method = METHODS.get(requested_attention.split(":", 1)[0])
+        if method is not None:
+            hint = f" {method.name} has no backend {requested_attention.split(':', 1)[1]!r}; its choices: {method.names}."
+        else:
+            names = [n for m in METHODS.values() for n in m.names]
+            close = difflib.get_close_matches(requested_attention, names, n=1, cutoff=0.6)
+            hint = f" hf_multimax (imported) adds {tuple(METHODS)}" + (f'; did you mean "{close[0]}"?' if close else ".")
+        raise ValueError(f"{err}{hint}") from None
+
+
+def _from_config(cls, config, **kwargs):
+    for method in METHODS.values():
+        if method.settings is not None and method.name in kwargs:
+            setattr(config, method.name, kwargs.pop(method.name))
+    return _ORIGINALS["_from_config"].__func__(cls, config, **kwargs)
+
+
 def install_hooks() -> None:
     """Wrap the three methods (see the module docstring), once."""
     if _ORIGINALS:
@@ -88,10 +121,11 @@ def install_hooks() -> None:
         ("post_init", _post_init),
         ("_initialize_weights", _initialize_weights),
         ("set_attn_implementation", _set_attn_implementation),
+        ("get_correct_attn_implementation", _get_correct_attn_implementation),
+        ("_from_config", classmethod(_from_config)),
     ):
         original = PreTrainedModel.__dict__[name]
         _ORIGINALS[name] = original
-        wrapper.__wrapped__ = original
         setattr(PreTrainedModel, name, wrapper)
     for method in METHODS.values():
         if method.settings is not None and not hasattr(PreTrainedConfig, method.name):

@@ -58,7 +58,8 @@ def test_uninstall_restores_transformers_and_register_puts_it_back():
         import transformers as tf
         from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
         from transformers.masking_utils import AttentionMaskInterface
-        originals = {n: PreTrainedModel.__dict__[n] for n in ("post_init", "_initialize_weights", "set_attn_implementation")}
+        originals = {n: PreTrainedModel.__dict__[n] for n in ("post_init", "_initialize_weights", "set_attn_implementation",
+                                                              "get_correct_attn_implementation", "_from_config")}
         import hf_multimax
         assert all(PreTrainedModel.__dict__[n] is not f for n, f in originals.items())
         cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -103,3 +104,21 @@ def test_import_refuses_a_transformers_whose_internals_differ():
     assert proc.returncode != 0
     assert f"transformers {transformers.__version__}" in proc.stderr
     assert "PreTrainedModel._initialize_weights('self', 'module')" in proc.stderr
+
+
+def test_unknown_names_list_the_plugin_choices_and_from_config_takes_settings():
+    import copy
+
+    import pytest
+    import transformers as tf
+
+    import hf_multimax  # noqa: F401
+
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"multimax has no backend 'nope'; its choices: \('multimax', 'multimax:auto'"):
+        tf.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="multimax:nope")
+    with pytest.raises(ValueError, match='adds .*did you mean "multimax"'):
+        tf.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="multimx")
+    model = tf.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="multimax", multimax={"order": 1})
+    assert model.config.multimax["order"] == 1 and model.model.layers[0].self_attn.multimax.order == 1
