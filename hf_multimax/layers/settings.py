@@ -9,6 +9,8 @@ import functools
 import re
 from typing import Any, ClassVar, Mapping
 
+import torch
+
 __all__ = ["ConfigSettings"]
 
 
@@ -65,7 +67,7 @@ class ConfigSettings:
             return cls._from_items(tuple((k, type(v).__name__, v) for k, v in values.items()))
         # Attention functions read the settings from the config on every call: parse each distinct
         # dict once (the settings are frozen, so sharing them is safe).
-        return _parse(cls, key)
+        return (_parse_in_graph if torch.compiler.is_compiling() else _parse)(cls, key)
 
     @classmethod
     def _from_items(cls, items):
@@ -99,3 +101,11 @@ class ConfigSettings:
 @functools.lru_cache(maxsize=256)
 def _parse(cls, key):
     return cls._from_items(key)
+
+
+@torch.compiler.assume_constant_result
+def _parse_in_graph(cls, key):
+    # Under torch.compile this runs at trace time and its result is a constant of the graph; the key
+    # was built in traced code, so the graph is guarded on the config dict's values and a change of
+    # them recompiles.
+    return _parse(cls, key)

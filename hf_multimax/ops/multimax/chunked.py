@@ -95,7 +95,10 @@ def compile_enabled() -> bool:
 
 
 def _tile(name):
-    """The tile function, compiled once per process on first use (never at import)."""
+    """The tile function, compiled once per process on first use (never at import); inside a model
+    that is being compiled as a whole, the plain function (the outer graph fuses it)."""
+    if torch.compiler.is_compiling():
+        return {"forward": _forward_tile, "backward": _backward_tile}[name]
     key = (name, compile_enabled())
     if key not in _TILES:
         fn = {"forward": _forward_tile, "backward": _backward_tile}[name]
@@ -120,11 +123,12 @@ def _blocks(n_queries, n_keys, block_size, causal_offset, keep):
     """(row0, row1, col0, col1) per query block: the key range the block can attend. Causal blocks
     stop at their last query; with a boolean mask the range shrinks to the keys any row of the block
     keeps (padding, sliding windows, a causal mask handed over by transformers). Empty ranges are
-    yielded as col0 == col1."""
+    yielded as col0 == col1. Under torch.compile the mask is not read here (the range would depend on
+    its values, which a graph cannot): the tiles apply it, so only the saving is lost."""
     for r0 in range(0, n_queries, block_size):
         r1 = min(n_queries, r0 + block_size)
         c0, c1 = 0, n_keys if causal_offset is None else max(0, min(n_keys, r1 + causal_offset))
-        if keep is not None and c1 > 0:
+        if keep is not None and c1 > 0 and not torch.compiler.is_compiling():
             used = keep[..., r0:r1, :c1].reshape(-1, c1).any(dim=0).nonzero()
             c0, c1 = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
         yield r0, r1, c0, c1
