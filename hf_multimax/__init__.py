@@ -7,7 +7,7 @@ none of them is built exactly as without the plugin), and registers the fusion m
 `hf_multimax.uninstall()` undoes all of it. No compilation, threads or downloads at import.
 """
 
-from .integrations import ATTENTION_NAMES, AuxLosses, collect_aux_losses, register, uninstall
+from .integrations import ATTENTION_NAMES, AuxLosses, collect_aux_losses, register, reset_to_identity, uninstall
 from .layers import MultiMaxModulator, MultiMaxSettings, SparseMixScorer, SparseMixSettings
 from .layers.sparsemix import freeze_all_but_scorers
 
@@ -22,6 +22,7 @@ __all__ = [
     "collect_aux_losses",
     "freeze_all_but_scorers",
     "register",
+    "reset_to_identity",
     "uninstall",
     "__version__",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attach import sync_model
+from .attach import reset_to_identity, sync_model
 from .aux_losses import AuxLosses, collect_aux_losses
 from .fusion_auto import register_fusion_auto_classes, unregister_fusion_auto_classes
 from .hooks import check_transformers, install_hooks, uninstall_hooks
@@ -21,6 +21,7 @@ __all__ = [
     "collect_aux_losses",
     "method_of",
     "register",
+    "reset_to_identity",
     "sync_model",
     "uninstall",
 ]

@@ -25,21 +25,23 @@ from .methods import METHODS, method_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["declared_attention_classes", "output_head_of", "sync_model", "uses_plugin", "warn_unused_settings"]
+__all__ = ["config_tree", "declared_attention_classes", "output_head_of", "reset_to_identity", "sync_model", "uses_plugin",
+           "warn_unused_settings"]
 
 
 
-def _configs(config: PreTrainedConfig):
+def config_tree(config: PreTrainedConfig):
+    """The config and its sub-configs, recursively."""
     yield config
     for key in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, key, None)
         if isinstance(sub, PreTrainedConfig):
-            yield from _configs(sub)
+            yield from config_tree(sub)
 
 
 def uses_plugin(config: PreTrainedConfig) -> bool:
     """Whether the config (or a sub-config) names a plugin method. Cheap: no module is visited."""
-    return any(method_of(c.__dict__.get("_attn_implementation_internal")) is not None for c in _configs(config))
+    return any(method_of(c.__dict__.get("_attn_implementation_internal")) is not None for c in config_tree(config))
 
 
 def declared_attention_classes(model: torch.nn.Module) -> tuple[type, ...]:
@@ -120,13 +122,14 @@ class _Resolver:
 def sync_model(model: PreTrainedModel) -> None:
     """Give every attention module the layers its config's method needs (identity init), keep those
     that fit, remove those no longer asked for; the same for the MultiMax output head. Idempotent.
-    Refuses to drop or reshape trained parameters."""
+    Refuses, before changing anything, to drop or reshape trained parameters."""
     resolve = _Resolver(model.config)
     declared = declared_attention_classes(model)
     layer_classes = MethodLayer.__subclasses__()
     head = output_head_of(model)
     counts: dict[str, int] = {}
     attached: set[str] = set()
+    to_attach, to_detach = [], []
     for path, module in model.named_modules():
         if module is head or isinstance(module, MethodLayer) or hasattr(module, "original_module"):
             continue
@@ -144,12 +147,25 @@ def sync_model(model: PreTrainedModel) -> None:
             counts[method.name] = counts.get(method.name, 0) + 1
         for cls in layer_classes:
             if cls in layers:
-                _ensure(module, cls, layers[cls], path)
+                to_attach.append((module, cls, layers[cls], path))
                 attached.add(cls.attr)
             elif _layer_at(module, cls.attr) is not None:
-                _detach(module, cls, path)
+                to_detach.append((module, cls, path))
 
     root_method, root_settings, root_layers = resolve(model.config)
+    head_settings = root_layers.get(MultiMaxModulator)
+    head_attached = head is not None and _layer_at(head, MultiMaxModulator.attr) is not None
+    if head_attached and not (head_settings and head_settings.output_head):
+        to_detach.append((head, MultiMaxModulator, "the output head"))
+    _refuse_to_lose_training(to_attach, to_detach)
+    for module, cls, settings, path in to_attach:
+        _ensure(module, cls, settings, path)
+    for module, cls, path in to_detach:
+        if module is head:
+            head._multimax_hook.remove()
+            del head._multimax_hook
+        delattr(module, cls.attr)
+
     # With target_modules a nested model (LlamaModel inside LlamaForCausalLM) may match nothing on its
     # own paths; an attention module left without its layer then raises at its first forward.
     if root_layers and not counts.get(root_method.name) and root_settings.target_modules is None:
@@ -166,7 +182,9 @@ def sync_model(model: PreTrainedModel) -> None:
         # MISSING report. A checkpoint that holds some of them must hold all: the rest are reported.
         if not any(f".{attr}." in key for key in saved):
             model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
-    _sync_output_head(model, head, root_layers.get(MultiMaxModulator))
+    if head is not None and head_settings is not None and head_settings.output_head and not head_attached:
+        _ensure(head, MultiMaxModulator, head_settings.replace(per_head=False), "the output head")
+        head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
     guard = model.__dict__.get("_hf_multimax_guard")
     if attached and guard is None:
         model._hf_multimax_guard = model.register_forward_pre_hook(_warn_if_config_moved_on)
@@ -231,17 +249,28 @@ def _checkpoint_keys(name_or_path: str) -> frozenset[str]:
     return frozenset(keys)
 
 
+def _refuse_to_lose_training(to_attach, to_detach) -> None:
+    lost = [f"{path} holds trained {cls.title}, which the new attention does not use"
+            for module, cls, path in to_detach if not _layer_at(module, cls.attr).is_untrained()]
+    for module, cls, settings, path in to_attach:
+        existing, wanted = _layer_at(module, cls.attr), cls.structure_for(settings, module)
+        if existing is not None and existing.structure != wanted and not existing.is_untrained():
+            lost.append(f"{path} holds trained {cls.title} {existing.structure} that do not fit the settings "
+                        f"{settings.to_dict()} ({wanted})")
+    if lost:
+        raise ValueError(
+            f"Refused: {'; '.join(lost[:2])}{f' (and {len(lost) - 2} more)' if len(lost) > 2 else ''}. "
+            "Keep the model's attention implementation and settings (continuous batching switches to flash "
+            "attention where it can: pass auto_switch_to_flash=False to keep them), or drop the training on purpose "
+            "with hf_multimax.reset_to_identity(model) first"
+        )
+
+
 def _ensure(host: torch.nn.Module, cls: type[MethodLayer], settings, path: str) -> None:
     existing = _layer_at(host, cls.attr)
     wanted = cls.structure_for(settings, host)
-    if existing is not None:
-        if existing.structure == wanted:
-            return
-        if not existing.is_untrained():
-            raise ValueError(
-                f"{path} holds trained {cls.title} {existing.structure} that do not fit the settings "
-                f"{settings.to_dict()} ({wanted}); switch with set_attn_implementation('sdpa') first to drop them"
-            )
+    if existing is not None and existing.structure == wanted:
+        return
     ref = next(host.parameters(), None)
     layer = cls(*wanted)
     if ref is not None:  # meta while from_pretrained builds: initialised there with the loaded weights
@@ -249,10 +278,14 @@ def _ensure(host: torch.nn.Module, cls: type[MethodLayer], settings, path: str) 
     setattr(host, cls.attr, layer)
 
 
-def _detach(host: torch.nn.Module, cls: type[MethodLayer], path: str) -> None:
-    if not _layer_at(host, cls.attr).is_untrained():
-        logger.warning("Removing the trained %s of %s: the new attention does not use them.", cls.title, path)
-    delattr(host, cls.attr)
+def reset_to_identity(model: torch.nn.Module) -> int:
+    """Reset every plugin layer of `model` to identity (the model then computes what it computed
+    without the plugin's training), so switching attention may drop them. Returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, MethodLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.reset_parameters()
+    return len(layers)
 
 
 def _modulate_logits(head, args, output, *, config):
@@ -262,17 +295,3 @@ def _modulate_logits(head, args, output, *, config):
             "with model.set_attn_implementation('multimax')"
         )
     return head.multimax(output)
-
-
-def _sync_output_head(model: PreTrainedModel, head, settings: MultiMaxSettings | None) -> None:
-    if head is None:
-        return
-    attached = _layer_at(head, MultiMaxModulator.attr) is not None
-    if settings is not None and settings.output_head:
-        if not attached:
-            _ensure(head, MultiMaxModulator, settings.replace(per_head=False), "the output head")
-            head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
-    elif attached:
-        head._multimax_hook.remove()
-        del head._multimax_hook
-        _detach(head, MultiMaxModulator, "the output head")

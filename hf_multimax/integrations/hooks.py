@@ -32,7 +32,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 
 from ..layers.base import MethodLayer
-from .attach import sync_model, uses_plugin, warn_unused_settings
+from .attach import config_tree, sync_model, uses_plugin, warn_unused_settings
 from .methods import METHODS
 
 __all__ = ["check_transformers", "install_hooks", "uninstall_hooks"]
@@ -83,9 +83,19 @@ def _initialize_weights(self, module, is_custom_code: bool = False):
 
 
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    # What the configs said before: restored if the layers refuse the switch (trained parameters).
+    keys = ("_attn_implementation_internal", "attn_implementation", *METHODS)
+    before = [(c, {k: c.__dict__[k] for k in keys if k in c.__dict__}) for c in config_tree(self.config)]
     result = _ORIGINALS["set_attn_implementation"](self, attn_implementation, *args, **kwargs)
     if uses_plugin(self.config) or any(isinstance(m, MethodLayer) for m in self.modules()):
-        sync_model(self)
+        try:
+            sync_model(self)
+        except ValueError:
+            for config, saved in before:
+                for key in keys:
+                    config.__dict__.pop(key, None)
+                config.__dict__.update(saved)
+            raise
     return result
 
 

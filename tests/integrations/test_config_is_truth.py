@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import hf_multimax
+
 from hf_multimax.ops.backends import AttentionCall
 from hf_multimax.ops.multimax import BACKENDS
 from tests.conftest import assert_close
@@ -126,3 +128,18 @@ def test_a_second_model_built_from_the_same_config_object_is_reported(caplog):
         first(ids())
         first(ids())
     assert caplog.text.count("holds plugin parameters but its config now says attn_implementation='sdpa'") == 1
+
+
+def test_switching_away_from_trained_scalars_is_refused_and_changes_nothing():
+    model = build(output_head=True)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.multimax.t2.fill_(0.4)
+    before = model(ids()).logits
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn holds trained MultiMax scalars.*reset_to_identity"):
+        model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "multimax" and model.config.attn_implementation == "multimax"
+    assert model.model.layers[1].self_attn.multimax.t2.item() == pytest.approx(0.4)
+    assert torch.equal(model(ids()).logits, before)
+    assert hf_multimax.reset_to_identity(model) == 3  # two layers + the output head
+    model.set_attn_implementation("sdpa")
+    assert not hasattr(model.model.layers[1].self_attn, "multimax") and not hasattr(model.lm_head, "multimax")
