@@ -34,3 +34,6 @@ scorers = {n: p.detach().double().sum().item() for n, p in trainer.model.named_p
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"scorers": scorers, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                "kl": [h["sparsemix_kl"] for h in trainer.state.log_history if "loss" in h]}, f)
+if torch.distributed.is_initialized():  # a clean teardown: gloo's threads abort a process that exits without one
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -31,3 +31,6 @@ with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"scalars": multimax_scalars(trainer.model),
                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}, f)
+if torch.distributed.is_initialized():  # a clean teardown: gloo's threads abort a process that exits without one
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
