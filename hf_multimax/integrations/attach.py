@@ -158,8 +158,9 @@ def sync_model(model: PreTrainedModel) -> None:
     if head_attached and not (head_settings and head_settings.output_head):
         to_detach.append((head, MultiMaxModulator, "the output head"))
     _refuse_to_lose_training(to_attach, to_detach)
+    saved = _checkpoint_shapes(getattr(model.config, "_name_or_path", "") or "")
     for module, cls, settings, path in to_attach:
-        _ensure(module, cls, settings, path)
+        _ensure(module, cls, settings, path, _saved_shapes(saved, path, cls.attr))
     for module, cls, path in to_detach:
         if module is head:
             head._multimax_hook.remove()
@@ -176,14 +177,15 @@ def sync_model(model: PreTrainedModel) -> None:
             f"modules that call transformers' AttentionInterface with config.{root_method.name}"
             "['target_modules'] (a list of names or a regex on the full module path, as in PEFT)"
         )
-    saved = _checkpoint_keys(getattr(model.config, "_name_or_path", "") or "")
     for attr in attached:
         # Converting a plain checkpoint: its layers are missing by design (identity init), not worth a
         # MISSING report. A checkpoint that holds some of them must hold all: the rest are reported.
         if not any(f".{attr}." in key for key in saved):
             model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
     if head is not None and head_settings is not None and head_settings.output_head and not head_attached:
-        _ensure(head, MultiMaxModulator, head_settings.replace(per_head=False), "the output head")
+        head_path = next(path for path, module in model.named_modules() if module is head)
+        _ensure(head, MultiMaxModulator, head_settings.replace(per_head=False), head_path,
+                _saved_shapes(saved, head_path, MultiMaxModulator.attr))
         head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
     guard = model.__dict__.get("_hf_multimax_guard")
     if attached and guard is None:
@@ -222,11 +224,11 @@ def _warn_once(message: str) -> None:  # nested models run post_init once each
 
 
 @functools.lru_cache(maxsize=8)
-def _checkpoint_keys(name_or_path: str) -> frozenset[str]:
-    """The tensor names of the safetensors checkpoint `from_pretrained` is loading (headers only), or
-    none when there is no local or cached checkpoint (a model built from a config)."""
+def _checkpoint_shapes(name_or_path: str) -> dict[str, tuple]:
+    """Name -> shape of the tensors of the safetensors checkpoint `from_pretrained` is loading (read
+    from the headers), or nothing when there is no local or cached checkpoint (built from a config)."""
     if not name_or_path:
-        return frozenset()
+        return {}
     files = []
     for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
         if os.path.isdir(name_or_path):
@@ -235,18 +237,20 @@ def _checkpoint_keys(name_or_path: str) -> frozenset[str]:
             try:
                 path = try_to_load_from_cache(name_or_path, name)
             except ValueError:  # not a valid repo id either
-                return frozenset()
+                return {}
         if not isinstance(path, str) or not os.path.isfile(path):
             continue
         if name == SAFE_WEIGHTS_INDEX_NAME:
             with open(path) as f:
-                return frozenset(json.load(f)["weight_map"])
+                shards = set(json.load(f)["weight_map"].values())
+            files = [os.path.join(os.path.dirname(path), shard) for shard in sorted(shards)]
+            break
         files.append(path)
-    keys = set()
+    shapes = {}
     for path in files:
         with safe_open(path, "pt") as f:
-            keys.update(f.keys())
-    return frozenset(keys)
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
 
 
 def _refuse_to_lose_training(to_attach, to_detach) -> None:
@@ -266,13 +270,28 @@ def _refuse_to_lose_training(to_attach, to_detach) -> None:
         )
 
 
-def _ensure(host: torch.nn.Module, cls: type[MethodLayer], settings, path: str) -> None:
+def _saved_shapes(saved: dict[str, tuple], path: str, attr: str) -> dict[str, tuple]:
+    """The checkpoint's shapes of the layer at `path.attr`, by parameter name. Module names are
+    matched by suffix either way: a nested model (LlamaModel in LlamaForCausalLM) names its modules
+    without the outer prefix, and a base model's checkpoint lacks the head model's prefix."""
+    layer = f".{path}.{attr}"
+    shapes = {}
+    for key, shape in saved.items():
+        module, name = key.rsplit(".", 1) if "." in key else ("", key)
+        if (f".{module}").endswith(layer) or layer.endswith(f".{module}"):
+            shapes[name] = shape
+    return shapes
+
+
+def _ensure(host: torch.nn.Module, cls: type[MethodLayer], settings, path: str, saved: dict | None = None) -> None:
     existing = _layer_at(host, cls.attr)
     wanted = cls.structure_for(settings, host)
     if existing is not None and existing.structure == wanted:
         return
     ref = next(host.parameters(), None)
     layer = cls(*wanted)
+    if saved:
+        layer.use_saved_shapes(saved)
     if ref is not None:  # meta while from_pretrained builds: initialised there with the loaded weights
         layer = layer.to(ref.device)
     setattr(host, cls.attr, layer)

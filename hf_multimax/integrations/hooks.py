@@ -77,6 +77,7 @@ def _post_init(self, *args, **kwargs):
 def _initialize_weights(self, module, is_custom_code: bool = False):
     if not isinstance(module, MethodLayer):
         return _ORIGINALS["_initialize_weights"](self, module, is_custom_code)
+    module.restore_shapes()  # after from_pretrained loaded an older checkpoint's 0-dim tensors
     if not getattr(module, "_is_hf_initialized", False):
         module.reset_parameters(init=hf_init)  # transformers' initialisers skip tensors loaded from the checkpoint
         module._is_hf_initialized = True

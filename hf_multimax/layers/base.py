@@ -61,6 +61,22 @@ class MethodLayer(nn.Module):
     def is_identity(self) -> bool:
         raise NotImplementedError
 
+    def use_saved_shapes(self, saved: dict[str, tuple]) -> None:
+        """Take the shapes a checkpoint stored for `[1]` parameters it saved as 0-dim (written before
+        parameters became 1-D), so that loading it fits; `restore_shapes` turns them back after."""
+        for name, param in list(self._parameters.items()):
+            if param is not None and tuple(param.shape) == (1,) and saved.get(name) == ():
+                self._parameters[name] = nn.Parameter(param.reshape(()), requires_grad=param.requires_grad)
+
+    def restore_shapes(self) -> None:
+        """0-dim parameters (from `use_saved_shapes`, now loaded) back to `[1]`, values kept."""
+        for name, param in list(self._parameters.items()):
+            if param is not None and param.dim() == 0:
+                new = nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad)
+                if hasattr(param, "_is_hf_initialized"):  # transformers' "loaded" mark
+                    new._is_hf_initialized = param._is_hf_initialized
+                self._parameters[name] = new
+
     def is_untrained(self) -> bool:
         """Still being built by `from_pretrained` (on meta) or at identity: dropping it loses nothing."""
         return any(p.is_meta for p in self.parameters()) or self.is_identity()

@@ -63,7 +63,8 @@ class MultiMaxModulator(MethodLayer):
     """The learnable MultiMax scalars of one attention layer or output head.
 
     Every parameter is zero at identity (sigma(x) = x, so attention is exactly softmax); the
-    optional affine is stored as a delta from (scale 1, shift 0) for the same reason.
+    optional affine is stored as a delta from (scale 1, shift 0) for the same reason. Every parameter is
+    1-D, `[1]` shared or `[num_heads]` per head: FSDP2 and DeepSpeed ZeRO-3 refuse 0-dim parameters.
 
     Args:
         order (`int`): 1 or 2, see `MultiMaxSettings`.
@@ -84,7 +85,7 @@ class MultiMaxModulator(MethodLayer):
             raise ValueError(f"num_heads={num_heads!r} must be a positive int or None (shared scalars)")
         self.order = order
         self.num_heads = num_heads
-        shape = () if num_heads is None else (num_heads,)
+        shape = (1,) if num_heads is None else (num_heads,)
         # fp32 whatever the model dtype: these are a handful of numbers that steer every score.
         for name in _ORDER_PARAMS[order]:
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=torch.float32)))
@@ -121,14 +122,16 @@ class MultiMaxModulator(MethodLayer):
     def theta(self) -> torch.Tensor:
         """`[8]` or `[8, num_heads]`: the scalars in `THETA_NAMES` order, zeros for pieces this order lacks."""
         params = self._parameters  # looked up per call: loading and .to() replace the tensors
-        if self.order == 2:
-            return torch.stack([params[n] for n in THETA_NAMES])
         zero = params["t1"].new_zeros(params["t1"].shape)
-        return torch.stack([params.get(n, zero) for n in THETA_NAMES])
+        theta = torch.stack([params.get(n, zero) for n in THETA_NAMES])
+        return theta if self.num_heads is not None else theta.reshape(len(THETA_NAMES))
 
     def affine_params(self) -> torch.Tensor | None:
         """`[2]` or `[2, num_heads]` as (scale delta, shift), or None without affine."""
-        return torch.stack([self.affine_scale, self.affine_shift]) if self.affine else None
+        if not self.affine:
+            return None
+        affine = torch.stack([self.affine_scale, self.affine_shift])
+        return affine if self.num_heads is not None else affine.reshape(2)
 
     def is_identity(self) -> bool:
         return all(bool((p == 0).all()) for p in self.parameters(recurse=False))

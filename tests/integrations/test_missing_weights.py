@@ -1,5 +1,6 @@
 """Plugin weights missing from a checkpoint that holds plugin weights are reported as transformers
-reports missing weights; converting a plain checkpoint (which never had them) reports nothing."""
+reports missing weights; converting a plain checkpoint (which never had them) reports nothing; a
+checkpoint written when the shared scalars were 0-dim still loads (they are 1-D now)."""
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,8 +22,8 @@ def test_plugin_weights_missing_from_a_plugin_checkpoint_are_reported(tmp_path):
     config.multimax = {"output_head": True}
     model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax")
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 0:
+        for name, p in model.named_parameters():
+            if ".multimax." in name:
                 p.fill_(0.25)
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
@@ -32,3 +33,28 @@ def test_plugin_weights_missing_from_a_plugin_checkpoint_are_reported(tmp_path):
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert sorted(info["missing_keys"]) == dropped and len(dropped) == 8
     assert reloaded.model.layers[0].self_attn.multimax.t1.item() == 0.25, "what is there still loads"
+
+
+def test_checkpoint_with_0dim_scalars_loads_into_1d_parameters(tmp_path):
+    config = LlamaConfig(**LLAMA)
+    config.multimax = {"output_head": True, "affine": True}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".multimax." in name:
+                assert p.shape == (1,), name  # FSDP2 and ZeRO-3 refuse 0-dim parameters
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    old = {k: v.reshape(()) if ".multimax." in k else v for k, v in weights.items()}  # as written before
+    assert sum(v.dim() == 0 for v in old.values()) == 3 * 10
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    for name, p in reloaded.named_parameters():
+        if ".multimax." in name:
+            assert p.shape == (1,) and p.item() == weights[name].item(), name
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
