@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 __all__ = ["MULTIMAX_KEY", "is_multimax_parameter", "separate_multimax_group"]
+
+logger = logging.getLogger(__name__)
 
 MULTIMAX_KEY = ".multimax."
 
@@ -26,6 +30,15 @@ def separate_multimax_group(
     """
     if lr_multiplier <= 0:
         raise ValueError(f"multimax_lr_multiplier={lr_multiplier} must be > 0")
+    if not hasattr(optimizer, "param_groups"):  # a DeepSpeed config's own optimizer (accelerate's DummyOptim)
+        logger.warning(
+            "The optimizer comes from the DeepSpeed config, so the MultiMax scalars share its learning rate and weight "
+            "decay; drop `optimizer` from the DeepSpeed config to give them their own group."
+        )
+        return None
+    existing = next((g for g in optimizer.param_groups if g.get("name") == "multimax"), None)
+    if existing is not None:  # Trainer calls create_optimizer again under DeepSpeed: never multiply twice
+        return existing
     ids = {id(p) for n, p in model.named_parameters() if is_multimax_parameter(n) and p.requires_grad}
     if not ids:
         return None
