@@ -40,3 +40,18 @@ def test_readme_sparsemix_example_runs(tmp_path):
     assert namespace["aux"].terms["sparsemix_kl"], "1024 tokens in blocks of 64 take the sparse path"
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config._attn_implementation == "sparsemix" and reloaded.config.sparsemix["top_k"] == 8
+
+
+def test_readme_peft_example_runs(tmp_path):
+    path, out = tmp_path / "base", tmp_path / "adapter"
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    block = next(b for b in python_blocks() if "modules_to_save" in b)
+    namespace = {"path": str(path), "out": str(out)}
+    exec(compile(block, "README PEFT block", "exec"), namespace)
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(namespace["restored"](input_ids=ids).logits, namespace["peft_model"](input_ids=ids).logits)
+    assert (out / "adapter_model.safetensors").exists()
+    assert namespace["merged"].config._attn_implementation == "multimax"
