@@ -1,9 +1,10 @@
 """hf-multimax: learnable attention mechanisms for Hugging Face Transformers.
 
 `import hf_multimax` registers `attn_implementation="multimax"`, `"sparsemix"` (and
-`"<name>:<backend>"`), `"sparsemax"` and `"entmax15"` with transformers, wraps three
-`PreTrainedModel` methods so those names attach their learnable layers (a model whose config names
-none of them is built exactly as without the plugin), and registers the fusion model's Auto classes.
+`"<name>:<backend>"`), `"sparsemax"` and `"entmax15"` with transformers, wraps five
+`PreTrainedModel` methods so those names attach their learnable layers and get helpful errors (a
+model whose config names none of them is built exactly as without the plugin), and registers the
+fusion model's Auto classes.
 `hf_multimax.uninstall()` undoes all of it. No compilation, threads or downloads at import.
 """
 

@@ -21,7 +21,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..layers.base import MethodLayer
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
-from .methods import METHODS, method_of
+from .methods import LAYER_CLASSES, METHODS, method_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class _Resolver:
     def __init__(self, root: PreTrainedConfig):
         self.root = root
         self._done: dict[int, tuple] = {}
+        self(root)  # first: sub-configs that agree with it share its dicts
 
     def __call__(self, config: PreTrainedConfig):
         key = id(config)
@@ -91,13 +92,21 @@ class _Resolver:
         return self._done[key]
 
     def _settings(self, cls, config, backend=None):
-        values = getattr(config, cls.config_key, None)
+        key = cls.config_key
+        own = values = config.__dict__.get(key)
         if values is None and config is not self.root:  # a sub-model inherits the top-level settings
-            values = getattr(self.root, cls.config_key, None)
+            values = self.root.__dict__.get(key)
         settings = cls.from_dict(values)
         if backend is not None:
             settings = settings.replace(backend=backend)
-        setattr(config, cls.config_key, settings.to_dict())
+        if values != settings.to_dict():  # defaults filled in, a backend folded in
+            values = settings.to_dict()
+        if config is not self.root and values == self.root.__dict__.get(key):
+            values = self.root.__dict__[key]
+        # Written to this config only (a sub-config may hold its own settings); settings equal to the
+        # top-level ones share its dict, so an in-place edit of it reaches every sub-model.
+        if own is not values:
+            config.__dict__[key] = values
         return settings
 
     def _resolve(self, config):
@@ -107,7 +116,7 @@ class _Resolver:
             if method_of(config.__dict__.get("attn_implementation")) is not None:
                 del config.attn_implementation  # persisted by an earlier switch to a plugin method
             return None, None, {}
-        backend = name.split(":", 1)[1] if ":" in name and name.split(":", 1)[1] != "auto" else None
+        backend = name.split(":", 1)[1] if ":" in name else None  # "multimax:auto" sets "auto" too
         own = self._settings(method.settings, config, backend) if method.settings is not None else None
         layers = {cls: own if cls.settings_cls is method.settings else self._settings(cls.settings_cls, config)
                   for cls in (method.layers(own) if own is not None else ())}
@@ -125,7 +134,6 @@ def sync_model(model: PreTrainedModel) -> None:
     Refuses, before changing anything, to drop or reshape trained parameters."""
     resolve = _Resolver(model.config)
     declared = declared_attention_classes(model)
-    layer_classes = MethodLayer.__subclasses__()
     head = output_head_of(model)
     counts: dict[str, int] = {}
     attached: set[str] = set()
@@ -145,7 +153,7 @@ def sync_model(model: PreTrainedModel) -> None:
             layers = {}
         elif method is not None:
             counts[method.name] = counts.get(method.name, 0) + 1
-        for cls in layer_classes:
+        for cls in LAYER_CLASSES:
             if cls in layers:
                 to_attach.append((module, cls, layers[cls], path))
                 attached.add(cls.attr)
@@ -189,13 +197,22 @@ def sync_model(model: PreTrainedModel) -> None:
         head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
     guard = model.__dict__.get("_hf_multimax_guard")
     if attached and guard is None:
-        model._hf_multimax_guard = model.register_forward_pre_hook(_warn_if_config_moved_on)
+        model._hf_multimax_guard = model.register_forward_pre_hook(_check_config_at_forward)
     elif not attached and guard is not None:
         guard.remove()
         del model._hf_multimax_guard
 
 
-def _warn_if_config_moved_on(model, args):
+def _check_config_at_forward(model, args):
+    """What the attention functions cannot see from inside the model, checked by the outermost one."""
+    head = output_head_of(model)
+    settings = MultiMaxSettings.from_config(model.config) if getattr(model.config, "multimax", None) else None
+    if settings is not None and settings.output_head and (head is None or _layer_at(head, "multimax") is None):
+        raise ValueError(
+            f"config.multimax['output_head'] is True but {type(model).__name__} has no MultiMax scalars on its "
+            + ("output head; apply the change with model.set_attn_implementation('multimax')" if head is not None else
+               "output head, as it has none (an LM head, `classifier` or `score`); set output_head=False")
+        )
     # transformers 5 builds models around the config object it is given: a second model built from
     # the same object with another attention switches this one too, leaving its layers unused.
     if not uses_plugin(model.config) and not model.__dict__.get("_hf_multimax_warned"):
@@ -223,10 +240,10 @@ def _warn_once(message: str) -> None:  # nested models run post_init once each
     logger.warning(message)
 
 
-@functools.lru_cache(maxsize=8)
 def _checkpoint_shapes(name_or_path: str) -> dict[str, tuple]:
     """Name -> shape of the tensors of the safetensors checkpoint `from_pretrained` is loading (read
-    from the headers), or nothing when there is no local or cached checkpoint (built from a config)."""
+    from the headers: cheap, and never cached, as a folder can be saved again), or nothing when there
+    is no local or cached checkpoint (a model built from a config)."""
     if not name_or_path:
         return {}
     files = []

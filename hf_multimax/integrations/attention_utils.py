@@ -40,10 +40,11 @@ def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], setting
         )
     wanted = layer_cls.structure_for(settings, module)
     if layer.structure != wanted:
+        running = module.config._attn_implementation
         raise ValueError(
             f"config.{name} asks {type(module).__name__}.{layer_cls.attr} for {wanted} but it holds {layer.structure}: a "
-            f"change of its parameters' shape is applied with model.set_attn_implementation('{name}') (which refuses "
-            "to drop trained parameters), not by editing the config alone"
+            f"change of its parameters' shape is applied with model.set_attn_implementation({running!r}) (which "
+            "refuses to drop trained parameters), not by editing the config alone"
         )
     return layer()
 

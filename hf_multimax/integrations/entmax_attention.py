@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..ops.entmax import ENTMAX_NORMALIZERS, naive_entmax_attention
+from ..ops.entmax import naive_entmax_attention
 from .attention_utils import prepare_inputs
 
-__all__ = ["ENTMAX_NORMALIZERS", "entmax_attention_forward"]
+__all__ = ["entmax_attention_forward"]
 
 
 def entmax_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, normalizer,
@@ -23,7 +21,3 @@ def entmax_attention_forward(module, query, key, value, attention_mask, scaling=
         softcap=kwargs.get("softcap"), dropout_p=dropout if module.training else 0.0,
     )
     return out.transpose(1, 2).contiguous(), probs
-
-
-def attention_functions():
-    return {name: functools.partial(entmax_attention_forward, normalizer=name) for name in ENTMAX_NORMALIZERS}

@@ -18,8 +18,10 @@ Two more only improve what users are told:
 - `_from_config`: `from_config(config, multimax={...})` puts the settings in the config, as
   `from_pretrained(..., multimax={...})` does, instead of passing them to the model's `__init__`.
 
-`PreTrainedConfig.<method> = None` makes `multimax=` / `sparsemix=` known config attributes, so
-`from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the config.
+`PreTrainedConfig.multimax` / `.sparsemix` become properties (None by default): known config
+attributes, so `from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the
+config, and setting one on a composite model's config sets it on every sub-config too (as
+transformers does for `_attn_implementation`), since each attention module reads its own config.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def check_transformers() -> None:
     """Raise if the installed transformers lacks the internals the hooks wrap, naming the version."""
     problems = []
     for name, expected in EXPECTED_SIGNATURES.items():
-        method = getattr(PreTrainedModel, name, None)  # bound for classmethods: no `cls`
+        # The originals once installed; bound (no `cls`) for classmethods.
+        method = _ORIGINALS[name].__get__(None, PreTrainedModel) if name in _ORIGINALS else getattr(PreTrainedModel, name, None)
         found = list(inspect.signature(method).parameters) if callable(method) else None
         if found != expected:
             problems.append(f"PreTrainedModel.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
@@ -123,8 +126,22 @@ def _from_config(cls, config, **kwargs):
     return _ORIGINALS["_from_config"].__func__(cls, config, **kwargs)
 
 
+def _settings_property(key: str) -> property:
+    def get(config):
+        return config.__dict__.get(key)
+
+    def set_(config, value):
+        for c in config_tree(config):
+            c.__dict__[key] = value
+
+    def delete(config):
+        config.__dict__.pop(key, None)
+
+    return property(get, set_, delete, doc=f"The {key} settings (a dict), set on every sub-config too.")
+
+
 def install_hooks() -> None:
-    """Wrap the three methods (see the module docstring), once."""
+    """Wrap the five methods (see the module docstring), once."""
     if _ORIGINALS:
         return
     check_transformers()
@@ -140,7 +157,7 @@ def install_hooks() -> None:
         setattr(PreTrainedModel, name, wrapper)
     for method in METHODS.values():
         if method.settings is not None and not hasattr(PreTrainedConfig, method.name):
-            setattr(PreTrainedConfig, method.name, None)
+            setattr(PreTrainedConfig, method.name, _settings_property(method.name))
             _CONFIG_ATTRS.append(method.name)
 
 

@@ -3,8 +3,8 @@
 A method is its attention implementation name (also its config key), its HF-signature attention
 function and the mask function registered beside it, its settings class, its backends, and the
 learnable layers it attaches to each attention module (which can depend on its settings: SparseMix
-with the MultiMax normalizer also needs MultiMax scalars). The integration code (`registration`,
-`attach`) is generic over this table; adding a method is one entry here plus its ops, layer and
+with the MultiMax normalizer also needs MultiMax scalars). The integration code (`register()`
+in `__init__`, `attach`) is generic over this table; adding a method is one entry here plus its ops, layer and
 attention-function files.
 """
 
@@ -27,7 +27,7 @@ from .entmax_attention import entmax_attention_forward
 from .multimax_attention import multimax_attention_forward
 from .sparsemix_attention import sparsemix_attention_forward
 
-__all__ = ["METHODS", "Method", "method_of"]
+__all__ = ["LAYER_CLASSES", "METHODS", "Method", "method_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,12 @@ METHODS: dict[str, Method] = {
         *(Method(n, functools.partial(entmax_attention_forward, normalizer=n)) for n in ENTMAX_NORMALIZERS),
     )
 }
+
+# Every learnable layer class a method attaches (each method's default settings name all of its own).
+LAYER_CLASSES: tuple[type[MethodLayer], ...] = tuple(
+    dict.fromkeys(cls for m in METHODS.values() if m.settings is not None for cls in m.layers(m.settings()))
+)
+
 
 def method_of(name) -> Method | None:
     """The plugin method an attention implementation name belongs to, or None."""

@@ -90,8 +90,6 @@ def sparsemix_attention_forward(
                           _score_mod(theta, affine) if multimax else None)
 
     if not long_input or settings.dense_warmup:
-        if mask is None:  # keys past the queries were dropped above: no mask left to cut
-            attention_mask = None
         if multimax:
             out, probs = multimax_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                                     dropout=dropout, **kwargs)

@@ -28,8 +28,7 @@ class MethodLayer(nn.Module):
     - `attr`: the attribute name on the host;
     - `settings_cls`: the settings (config key) its structure follows; `title`: its name in messages;
     - `structure_for(settings, host)`: what the settings and host require (shapes, flags), compared
-      with `structure` to decide whether an attached layer still fits;
-    - `build(settings, host)`: a new layer at identity;
+      with `structure` to decide whether an attached layer still fits; `cls(*structure)` builds one;
     - `reset_parameters(init)`: identity init (attaching is a numerical no-op) with the initialisers of
       `init` (`torch.nn.init`, or transformers' guarded ones that skip loaded tensors);
     - `is_identity()`: the layer still computes what the model computed without it.
@@ -49,10 +48,6 @@ class MethodLayer(nn.Module):
 
     @classmethod
     def structure_for(cls, settings, host: nn.Module) -> Any:
-        raise NotImplementedError
-
-    @classmethod
-    def build(cls, settings, host: nn.Module) -> "MethodLayer":
         raise NotImplementedError
 
     def reset_parameters(self, init=nn.init) -> None:
@@ -78,5 +73,10 @@ class MethodLayer(nn.Module):
                 self._parameters[name] = new
 
     def is_untrained(self) -> bool:
-        """Still being built by `from_pretrained` (on meta) or at identity: dropping it loses nothing."""
-        return any(p.is_meta for p in self.parameters()) or self.is_identity()
+        """Still being built by `from_pretrained` (on meta) or at identity: dropping it loses nothing.
+        Parameters partitioned by DeepSpeed ZeRO-3 are empty here: their values are unknown, so they
+        count as trained."""
+        params = list(self.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            return False
+        return any(p.is_meta for p in params) or self.is_identity()

@@ -86,7 +86,8 @@ class MultiMaxModulator(MethodLayer):
         self.order = order
         self.num_heads = num_heads
         shape = (1,) if num_heads is None else (num_heads,)
-        # fp32 whatever the model dtype: these are a handful of numbers that steer every score.
+        # Created in fp32 (from_pretrained(dtype=...) keeps them so): a handful of numbers that steer every
+        # score. model.to(dtype) casts them like any parameter; the kernels modulate in fp32 either way.
         for name in _ORDER_PARAMS[order]:
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=torch.float32)))
         self.affine = affine
@@ -109,10 +110,6 @@ class MultiMaxModulator(MethodLayer):
                     "set per_head=False"
                 )
         return settings.order, heads, settings.affine
-
-    @classmethod
-    def build(cls, settings: MultiMaxSettings, host: nn.Module | None) -> "MultiMaxModulator":
-        return cls(*cls.structure_for(settings, host))
 
     def reset_parameters(self, init=nn.init) -> None:
         """Identity init: every parameter to zero."""

@@ -19,10 +19,12 @@ class ConfigSettings:
     """Base of a frozen settings dataclass kept as `config.<config_key>` (a JSON-able dict).
 
     Args:
-        target_modules (`list[str]` or `str`, *optional*): the attention modules the method applies
-            to, as in PEFT: a list of names (a module matches when its dotted path equals a name or
-            ends with `.<name>`) or one regular expression (matched against the whole path). Default:
-            `None`, the attention classes the model declares (`_can_record_outputs["attentions"]`).
+        target_modules (`list[str]` or `str`, *optional*): where the attention modules are, for a
+            model that does not declare them: as in PEFT, a list of names (a module matches when its
+            dotted path equals a name or ends with `.<name>`) or one regular expression (matched
+            against the whole path). It must match every module that calls the attention function
+            (the method applies to the whole model; one left out raises at its first forward).
+            Default: `None`, the attention classes the model declares (`_can_record_outputs["attentions"]`).
     """
 
     config_key: ClassVar[str]
@@ -91,11 +93,6 @@ class ConfigSettings:
     def from_config(cls, config):
         """The validated settings in `config.<config_key>` (defaults where it is None or absent)."""
         return cls.from_dict(getattr(config, cls.config_key, None))
-
-    @classmethod
-    def is_own_name(cls, name) -> bool:
-        """`name` is this method's attention implementation (`"<config_key>"` or `"<config_key>:<backend>"`)."""
-        return isinstance(name, str) and (name == cls.config_key or name.startswith(cls.config_key + ":"))
 
 
 @functools.lru_cache(maxsize=256)

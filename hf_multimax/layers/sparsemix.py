@@ -132,7 +132,8 @@ class SparseMixScorer(MethodLayer):
     def __init__(self, num_kv_heads: int, head_dim: int, rank: int):
         super().__init__()
         self.num_kv_heads, self.head_dim, self.rank = num_kv_heads, head_dim, rank
-        # fp32 whatever the model dtype: scores are ranked, small errors reorder blocks.
+        # Created in fp32 (from_pretrained(dtype=...) keeps them so): scores are ranked, small errors
+        # reorder blocks. model.to(dtype) casts them like any parameter.
         self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
         self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
         self.reset_parameters()
@@ -144,10 +145,6 @@ class SparseMixScorer(MethodLayer):
     @classmethod
     def structure_for(cls, settings: SparseMixSettings, host: nn.Module) -> tuple:
         return (*kv_heads_and_dim(host), settings.scorer_rank)
-
-    @classmethod
-    def build(cls, settings: SparseMixSettings, host: nn.Module) -> "SparseMixScorer":
-        return cls(*cls.structure_for(settings, host))
 
     @property
     def init_std(self) -> float:

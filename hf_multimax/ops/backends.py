@@ -100,9 +100,6 @@ class BackendRegistry(Mapping):
     def __len__(self) -> int:
         return len(self._backends)
 
-    def backend(self, name: str) -> Backend:
-        return self._backends[name]
-
     def resolve(self, requested: str, call: AttentionCall) -> Backend:
         """The backend that runs `call`: `requested` if it can, else ValueError saying why; for `auto`
         the first (by priority) that is available, supports the call and is preferred for it."""

@@ -71,9 +71,9 @@ def offline_tokenizer_path() -> str:
 def load_model(auto_cls, model_args: ModelArguments, default_config=None, **kwargs):
     """`auto_cls.from_pretrained(model_name_or_path)`, or `from_config(default_config())` when no path
     is given, with the requested attention and (for MultiMax) its settings."""
-    from ..layers.multimax import MultiMaxSettings
+    from ..integrations import METHODS, method_of
 
-    wants = MultiMaxSettings.is_own_name(model_args.attn_implementation)
+    wants = method_of(model_args.attn_implementation) is METHODS["multimax"]
     extra = {"multimax": model_args.multimax_settings()} if wants else {}
     if model_args.model_name_or_path:
         return auto_cls.from_pretrained(

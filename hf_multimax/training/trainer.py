@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 
 from ..integrations.aux_losses import collect_aux_losses
+from ..layers.sparsemix import SparseMixScorer
 from .optim import separate_multimax_group
 
 __all__ = ["MultiMaxTrainer", "MultiMaxTrainingArguments"]
@@ -42,6 +43,12 @@ class MultiMaxTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._aux_history: dict[str, list[float]] = {}
+        if self.args.n_gpu > 1 and any(isinstance(m, SparseMixScorer) for m in self.model.modules()):
+            # nn.DataParallel runs its replicas in threads, which do not see the collector opened here.
+            raise ValueError(
+                f"SparseMix's KL term cannot be collected under nn.DataParallel (n_gpu={self.args.n_gpu}): launch one "
+                "process per GPU with torchrun or accelerate launch (DDP) instead"
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with collect_aux_losses() as aux:

@@ -143,3 +143,43 @@ def test_switching_away_from_trained_scalars_is_refused_and_changes_nothing():
     assert hf_multimax.reset_to_identity(model) == 3  # two layers + the output head
     model.set_attn_implementation("sdpa")
     assert not hasattr(model.model.layers[1].self_attn, "multimax") and not hasattr(model.lm_head, "multimax")
+
+
+def test_composite_model_sub_configs_follow_the_top_level_settings():
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    config = LlavaConfig(text_config=LlamaConfig(**LLAMA), vision_config=vision, image_token_index=99)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="multimax", multimax={"order": 1})
+    layers = [m for m in model.modules() if isinstance(m, hf_multimax.MultiMaxModulator)]
+    assert len(layers) == 4 and all(m.order == 1 for m in layers)  # 2 text + 2 vision attention modules
+    model.config.multimax["backend"] = "eager"  # one dict: an in-place edit reaches every sub-model
+    assert model.config.text_config.multimax["backend"] == model.config.vision_config.multimax["backend"] == "eager"
+    model.config.multimax = {"order": 2}  # a shape edit on the top level reaches them too, and is refused
+    with pytest.raises(ValueError, match="holds"):
+        model(input_ids=torch.randint(0, 90, (1, 5)))
+
+
+def test_auto_suffix_sets_the_backend_back_to_auto():
+    model = build("multimax:chunked")
+    model.set_attn_implementation("multimax:auto")
+    assert model.config.multimax["backend"] == "auto"
+
+
+def test_output_head_without_its_scalars_is_refused_at_forward():
+    model = build()
+    model.config.multimax = {**model.config.multimax, "output_head": True}  # an edit the layers did not follow
+    with pytest.raises(ValueError, match=r"output_head'\] is True .*set_attn_implementation\('multimax'\)"):
+        model(ids())
+    config = LlamaConfig(**LLAMA)
+    config.multimax = {"output_head": True}
+    from transformers import AutoModel
+
+    base = AutoModel.from_config(config, attn_implementation="multimax")  # no LM head to modulate
+    with pytest.raises(ValueError, match="as it has none"):
+        base(ids())
+
+
+def test_check_transformers_passes_once_installed():
+    hf_multimax.integrations.check_transformers()

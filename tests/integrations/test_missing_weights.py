@@ -58,3 +58,12 @@ def test_checkpoint_with_0dim_scalars_loads_into_1d_parameters(tmp_path):
     ids = torch.randint(0, 100, (1, 7))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_a_folder_saved_again_is_read_again(tmp_path):
+    """The checkpoint's shapes are read at each load, not remembered: an old folder saved over loads."""
+    test_checkpoint_with_0dim_scalars_loads_into_1d_parameters(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # now with 1-D scalars
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["mismatched_keys"] and again.model.layers[0].self_attn.multimax.t1.shape == (1,)
