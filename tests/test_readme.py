@@ -13,11 +13,16 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_examples_run(tmp_path):
-    path, out = tmp_path / "base", tmp_path / "out"
+def save_tiny_llama(path):
+    """The `path` the README's examples load: a tiny random Llama."""
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def test_readme_examples_run(tmp_path):
+    path, out = tmp_path / "base", tmp_path / "out"
+    save_tiny_llama(path)
     blocks = python_blocks()
     assert len(blocks) >= 2
     namespace = {"path": str(path), "out": str(out)}
@@ -31,9 +36,7 @@ def test_readme_examples_run(tmp_path):
 
 def test_readme_sparsemix_example_runs(tmp_path):
     path, out = tmp_path / "base", tmp_path / "sparse"
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    save_tiny_llama(path)
     block = next(b for b in python_blocks() if 'attn_implementation="sparsemix"' in b)
     namespace = {"path": str(path), "out": str(out)}
     exec(compile(block, "README SparseMix block", "exec"), namespace)
@@ -44,9 +47,7 @@ def test_readme_sparsemix_example_runs(tmp_path):
 
 def test_readme_peft_example_runs(tmp_path):
     path, out = tmp_path / "base", tmp_path / "adapter"
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    save_tiny_llama(path)
     block = next(b for b in python_blocks() if "modules_to_save" in b)
     namespace = {"path": str(path), "out": str(out)}
     exec(compile(block, "README PEFT block", "exec"), namespace)
