@@ -25,7 +25,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="Override the recipe's 30 epochs.")
     parser.add_argument("--warmup_noise_epochs", type=int, default=None, help="Override the recipe's 5 warm-up epochs.")
     parser.add_argument("--num_train", type=int, default=None, help="Synthetic task: training samples.")
-    parser.add_argument("--out_dir", default="docs")
+    parser.add_argument("--out_dir", default="outputs/compare_fusion",
+                        help="where the JSON, markdown table and plots go (the shipped ones: --out_dir docs)")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("epochs", "warmup_noise_epochs", "num_train") if getattr(args, k) is not None}

@@ -1,9 +1,9 @@
 """Publish a fine-tuned MultiMax model folder to the Hub with a model card.
 
-    python scripts/publish.py outputs/text_classification user/my-multimax-model --dry-run --local-dir outputs/upload
-    python scripts/publish.py outputs/text_classification user/my-multimax-model --private
+    .venv/bin/python scripts/publish.py outputs/text user/my-multimax-model --dry-run --local-dir outputs/upload
+    .venv/bin/python scripts/publish.py outputs/text user/my-multimax-model --private
 
-The token comes from --token, HF_TOKEN or `huggingface-cli login`. --dry-run writes exactly the
+The token comes from --token, HF_TOKEN or `hf auth login`. --dry-run writes exactly the
 folder that would be uploaded (to --local-dir) and prints the calls that would be made.
 """
 
@@ -21,16 +21,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="a save_pretrained folder (e.g. a finetune script's --output_dir)")
     parser.add_argument("repo_id", help="user/name on the Hub")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--token", default=None)
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` one)")
     parser.add_argument("--local-dir", default=None, help="stage the upload folder here (default: a temp dir)")
     parser.add_argument("--dry-run", action="store_true", help="stage the folder, print the calls, upload nothing")
-    parser.add_argument("--base_model", default=None)
+    parser.add_argument("--base_model", default=None, help="the model it was fine-tuned from (default: from its config)")
     parser.add_argument("--training_data", default=None, help="free text describing the training data")
     parser.add_argument("--dataset_id", default=None, help="a Hub dataset id, for the card's metadata")
     args = parser.parse_args(argv)
 
     model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        parser.error(f"model_dir {str(model_dir)!r} is not a save_pretrained folder (no config.json there); pass the "
+                     "--output_dir of a fine-tuning run")
     config = transformers.AutoConfig.from_pretrained(model_dir)
     architecture = (config.architectures or ["AutoModel"])[0]
     model = getattr(transformers, architecture).from_pretrained(model_dir)

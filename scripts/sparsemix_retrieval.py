@@ -30,8 +30,8 @@ from experiments.sparsemix_retrieval import (  # noqa: E402
 
 @dataclass
 class ScriptArguments:
-    output: str = field(default="docs/sparsemix_retrieval.json", metadata={"help": "Where to write the results."})
-    quick: bool = field(default=False, metadata={"help": "Tiny sizes for a smoke test (overrides the sizes)."})
+    output: str = field(default="outputs/sparsemix_retrieval.json", metadata={"help": "Where to write the results."})
+    quick: bool = field(default=False, metadata={"help": "Smoke run: tiny sizes (overrides them); claims no target."})
 
 
 def main(argv=None):
@@ -42,6 +42,7 @@ def main(argv=None):
             setattr(args, name, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     result = run_retrieval_experiment(args)
+    result["quick"] = script.quick
     result["command"] = "python scripts/sparsemix_retrieval.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(script.output)
     out.parent.mkdir(parents=True, exist_ok=True)

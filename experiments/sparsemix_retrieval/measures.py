@@ -96,8 +96,8 @@ def kl_target_needle_recall(model, dataset: RetrievalDataset, *, block_size: int
     mass pooled over the block's query rows, and report how often the needle's block is in the top
     `top_k`, per layer, for three poolings of the rows:
 
-    - `mean`: the mean over the block's rows (SparseMix's KL target up to 4b8d034);
-    - `max`: the max over the rows (SeerAttention's max-pooled ground truth; SparseMix's since 025b385);
+    - `mean`: the mean over the block's rows (SparseMix's first KL target);
+    - `max`: the max over the rows (SeerAttention's max-pooled ground truth; SparseMix's KL target);
     - `query_row`: the query token's own row (an upper bound: what the lookup needs).
 
     Counted per key/value head, averaged (`*_mean_over_heads`) and at best (`*_any_head`). Runs the

@@ -41,7 +41,7 @@ def publish(
 ) -> dict:
     """Stage the folder (in `local_dir`, else a temporary one) and upload it with huggingface_hub:
     `create_repo` then `upload_folder`. The token comes from `token` or the usual places
-    (`HF_TOKEN`, `huggingface-cli login`). With `dry_run=True` nothing is sent: the staged folder and
+    (`HF_TOKEN`, `hf auth login`). With `dry_run=True` nothing is sent: the staged folder and
     the calls that would be made are returned.
     """
     folder = Path(local_dir) if local_dir else Path(tempfile.mkdtemp(prefix="hf_multimax_publish_"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 from ..integrations.aux_losses import collect_aux_losses
@@ -25,6 +26,9 @@ class MultiMaxTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.use_cpu or not torch.accelerator.is_available():
+            # Pinned memory only helps copies to an accelerator; without one torch warns on every loader.
+            self.dataloader_pin_memory = False
         super().__post_init__()
         if self.multimax_lr_multiplier <= 0:
             raise ValueError(f"multimax_lr_multiplier={self.multimax_lr_multiplier} must be > 0")

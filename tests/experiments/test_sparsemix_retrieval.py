@@ -42,7 +42,7 @@ def test_answer_is_recoverable_from_a_needle_in_another_block(length, segment):
         assert (needle // segment > 0).all() and (needle // segment < q // segment).all()
 
 
-def test_quick_pipeline_writes_every_field(tmp_path):
+def test_quick_pipeline_writes_every_field(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("sparsemix_retrieval", ROOT / "scripts" / "sparsemix_retrieval.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -57,3 +57,6 @@ def test_quick_pipeline_writes_every_field(tmp_path):
     assert {"dense_training", "eval_dense", "scorer_warmup", "sparse_finetune", "total"} <= set(result["times_s"])
     assert result["settings"]["seed"] == 0 and result["sparse_dense_ratio"] >= 0
     assert [s["length"] for s in result["dense_training"]] == [128, 1024]
+    printed = capsys.readouterr().out
+    assert result["quick"] and "SMOKE RUN (--quick)" in printed and "no target claimed" in printed
+    assert " met" not in printed and "NOT met" not in printed

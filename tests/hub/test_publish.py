@@ -97,3 +97,10 @@ def test_trainer_writes_our_card_for_push_to_hub(model, tmp_path):
     assert card.data.base_model == "someone/tiny-bert" and "hf-multimax" in card.data.tags
     repo = "someone/from-trainer"
     assert f'from_pretrained("{repo}")' in card.text
+
+
+def test_publish_script_names_a_missing_folder(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, str(root / "scripts" / "publish.py"), str(tmp_path / "nope"), "user/x", "--dry-run"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "is not a save_pretrained folder (no config.json there)" in run.stderr
