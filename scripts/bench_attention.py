@@ -1,8 +1,8 @@
 """Benchmark MultiMax attention backends against SDPA softmax, measured in the same run
 (`experiments/bench_attention.py` says what is measured). Writes JSON and a PNG chart.
 
-    python scripts/bench_attention.py                  # full sweep, 512..16384
-    python scripts/bench_attention.py --quick          # CI smoke: tiny sizes, seconds
+    .venv/bin/python scripts/bench_attention.py                  # full sweep, 512..16384
+    .venv/bin/python scripts/bench_attention.py --quick          # smoke run: tiny sizes, claims nothing
 """
 
 import argparse
@@ -15,14 +15,18 @@ from experiments.bench_attention import MAX_LEN, QUICK, bench_attention, plot, s
 from experiments.harness import write_results  # noqa: E402
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--backends", nargs="+", default=["sdpa", "eager", "chunked", "flex"], choices=list(MAX_LEN))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--generate_tokens", type=int, default=64)
-    parser.add_argument("--output", default="outputs/bench_attention.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
+    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[2048, 8192], help="lengths whose peak memory is measured (fresh process each)")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "eager", "chunked", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the baseline)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--generate_tokens", type=int, default=64, help="new tokens of the greedy-generation measurement")
+    parser.add_argument("--output", default="outputs/bench_attention.json", help="JSON path (the PNG goes beside it)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny sizes, one repeat")
     args = parser.parse_args(argv)
     if args.quick:

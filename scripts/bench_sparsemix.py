@@ -1,8 +1,8 @@
 """Benchmark SparseMix attention against dense SDPA softmax attention, measured in the same run
 (`experiments/bench_sparsemix.py` says what is measured). Writes JSON and a PNG chart.
 
-    python scripts/bench_sparsemix.py                  # full sweep, 1024..16384
-    python scripts/bench_sparsemix.py --quick          # CI smoke: tiny sizes, seconds
+    .venv/bin/python scripts/bench_sparsemix.py                  # full sweep, 1024..16384
+    .venv/bin/python scripts/bench_sparsemix.py --quick          # smoke run: tiny sizes, claims nothing
 """
 
 import argparse
@@ -17,15 +17,19 @@ from experiments.bench_sparsemix import MAX_LEN, QUICK, bench_sparsemix, plot, s
 from experiments.harness import write_results  # noqa: E402
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[16384])
-    parser.add_argument("--variants", nargs="+", default=["sdpa", "blocked", "eager", "flex"], choices=list(MAX_LEN))
-    parser.add_argument("--block_size", type=int, default=64)
-    parser.add_argument("--top_k", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default="outputs/bench_sparsemix.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
+    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[16384], help="lengths whose peak memory is measured (fresh process each)")
+    parser.add_argument("--variants", nargs="+", default=["sdpa", "blocked", "eager", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the dense baseline)")
+    parser.add_argument("--block_size", type=int, default=64, help="SparseMix block size")
+    parser.add_argument("--top_k", type=int, default=8, help="key blocks kept per query block besides sink and local")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--output", default="outputs/bench_sparsemix.json", help="JSON path (the PNG goes beside it)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny sizes, one repeat")
     args = parser.parse_args(argv)

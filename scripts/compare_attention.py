@@ -2,7 +2,7 @@
 sparsemax attention and compare accuracy, loss and attention metrics (`experiments/compare_attention.py`
 says what is measured). Writes JSON and a PNG chart, prints a markdown table.
 
-    python scripts/compare_attention.py [--steps 300] [--output outputs/compare_attention.json]
+    .venv/bin/python scripts/compare_attention.py [--steps 300] [--output outputs/compare_attention.json]
 """
 
 import argparse
@@ -15,12 +15,16 @@ from experiments.compare_attention import ATTENTIONS, compare_attention, markdow
 from experiments.harness import write_results  # noqa: E402
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS))
-    parser.add_argument("--output", default="outputs/compare_attention.json")
-    parser.add_argument("--workdir", default="outputs/compare_attention_runs")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per attention implementation")
+    parser.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS), help="attention implementations to compare")
+    parser.add_argument("--output", default="outputs/compare_attention.json", help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--workdir", default="outputs/compare_attention_runs", help="where the training runs write")
     args = parser.parse_args(argv)
     results = compare_attention(args.attentions, args.steps, args.workdir)
     write_results(results, args.output, plot)

@@ -1,7 +1,7 @@
 """Convert the packaged all-MiniLM-L6-v2 to MultiMax, show nothing changed, fine-tune a few steps
 on a generated task, save, reload in a fresh process and print what changed.
 
-    python scripts/demo.py [--steps 60] [--output_dir outputs/demo]
+    .venv/bin/python scripts/demo.py [--steps 60] [--output_dir outputs/demo]
 """
 
 from __future__ import annotations
@@ -85,10 +85,14 @@ def reload_and_report(path: str) -> None:
     }))
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--output_dir", default="outputs/demo")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps")
+    parser.add_argument("--output_dir", default="outputs/demo", help="where the fine-tuned model is saved")
     parser.add_argument("--reload", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reload:

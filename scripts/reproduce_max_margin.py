@@ -6,8 +6,8 @@ normalised GD with lr 0.1 from zero for 2000 steps, float64, many seeds in one b
 Reports mean corr(W, W_mm) over seeds, against the SVM of the tokens GD selects (local) and of the
 globally optimal tokens; writes JSON and a PNG.
 
-    python scripts/reproduce_max_margin.py                # 50 seeds, 2000 steps
-    python scripts/reproduce_max_margin.py --quick        # 8 seeds, 300 steps
+    .venv/bin/python scripts/reproduce_max_margin.py                # 50 seeds, 2000 steps
+    .venv/bin/python scripts/reproduce_max_margin.py --quick        # 8 seeds, 300 steps
 """
 
 import argparse
@@ -19,16 +19,20 @@ import numpy as np
 from hf_multimax.analysis.max_margin import make_problem, track_gradient_descent
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--n", type=int, default=6)
-    parser.add_argument("--T", type=int, default=8)
-    parser.add_argument("--d", type=int, default=10)
-    parser.add_argument("--output", default="outputs/max_margin.json")
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--seeds", type=int, default=50, help="independent problems, trained as one batch")
+    parser.add_argument("--steps", type=int, default=2000, help="gradient steps")
+    parser.add_argument("--lr", type=float, default=0.1, help="normalised-GD learning rate")
+    parser.add_argument("--n", type=int, default=6, help="inputs per problem")
+    parser.add_argument("--T", type=int, default=8, help="tokens per input")
+    parser.add_argument("--d", type=int, default=10, help="token dimension")
+    parser.add_argument("--output", default="outputs/max_margin.json", help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (8 seeds, 300 steps): claims nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 8, 300

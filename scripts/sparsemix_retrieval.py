@@ -2,10 +2,10 @@
 (untrained scorer, after the scorers' dense warm-up, after sparse fine-tuning); the experiment is
 `experiments/sparsemix_retrieval/`.
 
-    python scripts/sparsemix_retrieval.py                 # the full run (< 20 min on 2 CPU cores)
-    python scripts/sparsemix_retrieval.py --quick --output /tmp/r.json   # smoke run (< 30 s)
+    .venv/bin/python scripts/sparsemix_retrieval.py                 # the full run
+    .venv/bin/python scripts/sparsemix_retrieval.py --quick      # smoke run: tiny sizes, claims nothing
 
-Writes the JSON (`--output`, default docs/sparsemix_retrieval.json) and prints a markdown table.
+Writes the JSON (`--output`, default outputs/sparsemix_retrieval.json) and prints a markdown table.
 Every other flag is a field of `RetrievalExperimentArguments`.
 """
 

@@ -1,6 +1,6 @@
 """Train the multimodal fusion model with one method on one task and print its imbalance report.
 
-    python scripts/train_fusion.py --task synthetic --method rollingq --seed 0 --output_dir runs/rollingq
+    .venv/bin/python scripts/train_fusion.py --task synthetic --method rollingq --seed 0 --output_dir outputs/rollingq
 """
 
 import json

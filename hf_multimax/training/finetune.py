@@ -37,8 +37,14 @@ from .trainer import MultiMaxTrainer, MultiMaxTrainingArguments
 __all__ = ["TASKS", "main", "parse_args", "run_causal_lm", "run_image_classification", "run_text_classification"]
 
 
-def parse_args(args=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, MultiMaxTrainingArguments))
+def parse_args(args=None, task: str | None = None):
+    description = None
+    if task is not None:  # the task's own description first; the many Trainer flags follow ours
+        description = (f"Fine-tuning: {' '.join(TASKS[task].__doc__.split())} Any attention implementation "
+                       "(default: MultiMax), and every TrainingArguments flag (--output_dir is required); the first "
+                       "groups of flags below are this script's.")
+    parser = HfArgumentParser((ModelArguments, DataArguments, MultiMaxTrainingArguments), description=description,
+                              usage="%(prog)s --output_dir DIR [--do_train] [--do_eval] [options]")
     return parser.parse_args_into_dataclasses(args=args)
 
 
@@ -64,7 +70,7 @@ def _probe(collator, dataset, n=8):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _train_and_evaluate(trainer, training_args, probe=None):
+def _train_and_evaluate(trainer, training_args, probe=None, perplexity: bool = False):
     if probe is not None:
         trainer.add_callback(MultiMaxLoggingCallback(probe))
     metrics = {}
@@ -79,7 +85,7 @@ def _train_and_evaluate(trainer, training_args, probe=None):
         metrics.update(result.metrics)
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
-        if "eval_loss" in eval_metrics:
+        if perplexity and "eval_loss" in eval_metrics:  # a language model's metric only
             eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50))
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -140,7 +146,7 @@ def run_causal_lm(model_args, data_args, training_args):
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         processing_class=tokenizer, data_collator=collator,
     )
-    return _train_and_evaluate(trainer, training_args, _probe(collator, data["validation"]))
+    return _train_and_evaluate(trainer, training_args, _probe(collator, data["validation"]), perplexity=True)
 
 
 def tiny_vit_config(num_labels=10):
@@ -178,5 +184,5 @@ TASKS = {
 def main(task: str, args=None):
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; choose from {sorted(TASKS)}")
-    model_args, data_args, training_args = parse_args(args)
+    model_args, data_args, training_args = parse_args(args, task)
     return TASKS[task](model_args, data_args, training_args)

@@ -44,16 +44,18 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset (needs a network)."})
-    dataset_config_name: str | None = field(default=None)
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
     train_file: str | None = field(default=None, metadata={"help": "csv, json/jsonl or txt."})
-    validation_file: str | None = field(default=None)
-    text_column: str = field(default="text")
-    label_column: str = field(default="label")
-    max_seq_length: int = field(default=128)
+    validation_file: str | None = field(
+        default=None, metadata={"help": "csv, json/jsonl or txt. Default: a held-out part of the training data."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
     num_generated_train: int = field(default=2000, metadata={"help": "Size of the generated train set."})
     num_generated_eval: int = field(default=400, metadata={"help": "Size of the generated eval set."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many eval examples."})
 
 
 def offline_tokenizer_path() -> str:

@@ -49,6 +49,7 @@ def test_text_classification_learns_and_logs(tiny_bert, tmp_path):
         "--learning_rate", "3e-3", "--num_generated_train", "2000", "--num_generated_eval", "300",
     ))
     assert metrics["eval_accuracy"] >= 0.8, metrics  # chance is 0.5
+    assert "eval_perplexity" not in metrics, "only the task's own metrics"
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0] * 0.7
