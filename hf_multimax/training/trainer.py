@@ -97,7 +97,7 @@ class MultiMaxTrainer(Trainer):
         evals = [h for h in self.state.log_history if any(k.startswith("eval_") for k in h)]
         repo_id = self.args.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
         card = build_model_card(
-            self.model, repo_id, base_model=finetuned_from or self.model.config._name_or_path or None,
+            self.model, repo_id, base_model=finetuned_from,
             training_data=dataset if isinstance(dataset, str) else None, license=license or "apache-2.0",
             eval_results={k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
             training_args=f"max_steps={self.args.max_steps}, learning_rate={self.args.learning_rate}, "

