@@ -9,11 +9,11 @@ python3 -m venv .venv
 # are CUDA builds) pass PyTorch's CPU wheel index, https://download.pytorch.org/whl/cpu; GPU machines
 # leave it unset or pass a CUDA index.
 .venv/bin/python -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-.venv/bin/python -c 'import torch, sys
-if torch.version.cuda and not torch.cuda.is_available():
-    sys.stderr.write(f"setup: torch {torch.__version__} is a CUDA build but this machine has no GPU; for the smaller CPU "
-                     "build run again with TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n")'
 .venv/bin/python -m pip install -q -e ".[dev,entmax]"
 # DeepSpeed (for its ZeRO-3 tests) builds against the torch above: no build isolation, which would fetch
 # another torch, and none of its compiled ops (the tests use its CPU accelerator).
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.16"
+.venv/bin/python -c 'import torch, sys
+if torch.version.cuda and not torch.cuda.is_available():
+    sys.stderr.write(f"setup: torch {torch.__version__} is a CUDA build but this machine has no GPU; for the smaller CPU "
+                     "build run again with TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n")'
