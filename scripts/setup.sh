@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU build of torch first (so nothing pulls a CUDA build), then the project.
+# Creates .venv: torch first (see TORCH_INDEX_URL below), then the project with its test extras, then DeepSpeed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
