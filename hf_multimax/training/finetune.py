@@ -167,7 +167,9 @@ def run_image_classification(model_args, data_args, training_args):
     scikit-learn's bundled digits. A model path needs a dataset whose `pixel_values` fit it."""
     set_seed(training_args.seed)
     raw = load_raw_dataset(data_args, generated_digits)
-    num_labels = len(set(raw["train"][data_args.label_column]))
+    # Integer class ids over every split: a small training sample need not hold every class.
+    seen = {int(label) for split in raw.values() for label in split[data_args.label_column]}
+    num_labels = max(seen) + 1
     data = raw.with_format("torch")
     model = load_model(AutoModelForImageClassification, model_args, lambda: tiny_vit_config(num_labels))
 
