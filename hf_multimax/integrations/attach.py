@@ -29,7 +29,6 @@ __all__ = ["config_tree", "declared_attention_classes", "output_head_of", "reset
            "warn_unused_settings"]
 
 
-
 def config_tree(config: PreTrainedConfig):
     """The config and its sub-configs, recursively."""
     yield config
