@@ -13,14 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is 
 
 from experiments.bench_attention import MAX_LEN, QUICK, bench_attention, plot, summary  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and every flag's default."""
+from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
     parser.add_argument("--memory_lengths", type=int, nargs="+", default=[2048, 8192], help="lengths whose peak memory is measured (fresh process each)")
     parser.add_argument("--backends", nargs="+", default=["sdpa", "eager", "chunked", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the baseline)")

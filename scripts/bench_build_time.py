@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is 
 
 from experiments.bench_build_time import QUICK, bench_build_time, plot, summary  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
+from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="fresh processes per variant, interleaved")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama model")
     parser.add_argument("--output", default="outputs/bench_build_time.json", help="JSON path (the PNG goes beside it)")

@@ -15,14 +15,11 @@ import torch  # noqa: E402
 
 from experiments.bench_sparsemix import MAX_LEN, QUICK, bench_sparsemix, plot, summary  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and every flag's default."""
+from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
     parser.add_argument("--memory_lengths", type=int, nargs="+", default=[16384], help="lengths whose peak memory is measured (fresh process each)")
     parser.add_argument("--variants", nargs="+", default=["sdpa", "blocked", "eager", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the dense baseline)")

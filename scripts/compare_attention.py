@@ -13,14 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is 
 
 from experiments.compare_attention import ATTENTIONS, compare_attention, markdown_table, plot  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and every flag's default."""
+from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps per attention implementation")
     parser.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS), help="attention implementations to compare")
     parser.add_argument("--output", default="outputs/compare_attention.json", help="JSON path (the PNG goes beside it)")

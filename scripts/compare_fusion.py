@@ -15,14 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is 
 import hf_multimax  # noqa: E402,F401  (registers the fusion model with the Auto classes)
 from experiments.fusion import METHODS, TASKS  # noqa: E402
 from experiments.fusion.compare import compare_fusion  # noqa: E402
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and every flag's default."""
+from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="benchmark tasks")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="fusion methods to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (mean and std over them)")

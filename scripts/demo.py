@@ -29,6 +29,7 @@ from transformers import (  # noqa: E402
 import hf_multimax  # noqa: E402,F401  (registers attn_implementation="multimax")
 from hf_multimax import MultiMaxModulator  # noqa: E402
 from hf_multimax.ops.multimax import THETA_NAMES  # noqa: E402
+from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
 POSITIVE = ["great", "superb", "lovely", "brilliant", "fine"]
 NEGATIVE = ["awful", "dull", "broken", "poor", "grim"]
@@ -85,12 +86,8 @@ def reload_and_report(path: str) -> None:
     }))
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and every flag's default."""
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps")
     parser.add_argument("--output_dir", default="outputs/demo", help="where the fine-tuned model is saved")
     parser.add_argument("--reload", metavar="DIR", help=argparse.SUPPRESS)

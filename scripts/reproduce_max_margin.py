@@ -16,15 +16,12 @@ import os
 
 import numpy as np
 
+from _cli import HelpFormatter  # scripts/ is first on sys.path when run
 from hf_multimax.analysis.max_margin import make_problem, track_gradient_descent
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The docstring as written, and every flag's default."""
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, default=50, help="independent problems, trained as one batch")
     parser.add_argument("--steps", type=int, default=2000, help="gradient steps")
     parser.add_argument("--lr", type=float, default=0.1, help="normalised-GD learning rate")
