@@ -16,10 +16,11 @@ __all__ = ["multimax_attention_forward", "multimax_params"]
 logger = logging.getLogger(__name__)
 
 
-def multimax_params(module: torch.nn.Module, n_heads: int):
-    """`(theta, affine)` of the module's MultiMax layer as the settings in its config ask, with
-    per-head scalars checked against the query's heads."""
-    theta, affine = layer_outputs(module, MultiMaxModulator, settings_of(module, MultiMaxSettings))
+def multimax_params(module: torch.nn.Module, n_heads: int, settings: MultiMaxSettings | None = None):
+    """`(theta, affine)` of the module's MultiMax layer as the settings in its config ask (read here
+    unless the caller has them), with per-head scalars checked against the query's heads."""
+    settings = settings or settings_of(module, MultiMaxSettings)
+    theta, affine = layer_outputs(module, MultiMaxModulator, settings)
     if module.training and torch.is_grad_enabled() and not theta.requires_grad and not bool(theta.any()):
         _warn_frozen_at_identity()
     if theta.dim() == 2 and theta.shape[1] != n_heads:
@@ -56,7 +57,7 @@ def multimax_attention_forward(
     if kwargs.get("s_aux") is not None:
         raise ValueError("multimax does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
     settings = settings_of(module, MultiMaxSettings)
-    theta, affine = multimax_params(module, query.shape[1])
+    theta, affine = multimax_params(module, query.shape[1], settings)
     if theta.dim() == 2:  # per head: [8, H] -> [8, H, 1, 1] against scores [B, H, Q, K]
         theta = theta[:, :, None, None]
         affine = None if affine is None else affine[:, :, None, None]
