@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 from transformers import (
+    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -17,6 +18,7 @@ from transformers import (
     HfArgumentParser,
     LlamaConfig,
     ViTConfig,
+    ViTImageProcessorPil,
     set_seed,
 )
 
@@ -158,12 +160,20 @@ def run_causal_lm(model_args, data_args, training_args):
 
 
 def tiny_vit_config(num_labels=10):
-    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
+    return ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=64, num_hidden_layers=2,
                      num_attention_heads=4, intermediate_size=128, num_labels=num_labels)
 
 
+def digits_image_processor():
+    """What turns a user's picture into the default model's input: RGB, 8x8, intensities in [0, 1]
+    (the grey digits are stored that way, the grey value in all three channels). Saved beside the
+    model, so the published model runs in `pipeline("image-classification")` as is."""
+    return ViTImageProcessorPil(do_resize=True, size={"height": 8, "width": 8}, do_rescale=True,
+                                rescale_factor=1 / 255, do_normalize=False, do_convert_rgb=True)
+
+
 def run_image_classification(model_args, data_args, training_args):
-    """Image classification. Defaults: a tiny random ViT (8x8 grey images, 2x2 patches) on
+    """Image classification. Defaults: a tiny random ViT (8x8 RGB images, 2x2 patches) on
     scikit-learn's bundled digits. A model path needs a dataset whose `pixel_values` fit it."""
     set_seed(training_args.seed)
     raw = load_raw_dataset(data_args, generated_digits)
@@ -177,9 +187,12 @@ def run_image_classification(model_args, data_args, training_args):
         return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
                 "labels": torch.tensor([int(r[data_args.label_column]) for r in rows])}
 
+    # A pretrained model brings its own processor; the default tiny ViT gets the digits' one.
+    processor = (AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+                 if model_args.model_name_or_path else digits_image_processor())
     trainer = MultiMaxTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-        data_collator=collate, compute_metrics=_classification_metrics(),
+        processing_class=processor, data_collator=collate, compute_metrics=_classification_metrics(),
     )
     return _train_and_evaluate(trainer, training_args, _probe(collate, data["validation"]),
                                base_model=model_args.model_name_or_path, data=describe_data(data_args, generated_digits))
@@ -196,4 +209,19 @@ def main(task: str, args=None):
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; choose from {sorted(TASKS)}")
     model_args, data_args, training_args = parse_args(args, task)
+    _quiet_replicas(training_args)
     return TASKS[task](model_args, data_args, training_args)
+
+
+def _quiet_replicas(training_args) -> None:
+    """Under torchrun/accelerate every process runs this script: only the main one shows progress
+    bars and notices; the others keep their errors."""
+    if training_args.process_index == 0:
+        return
+    import datasets
+    import transformers
+
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -3,12 +3,15 @@ attention, datasets (local files, the Hub when there is a network, or generated 
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MINILM_HUB_ID",
@@ -93,8 +96,8 @@ def load_model(auto_cls, model_args: ModelArguments, default_config=None, **kwar
     wants = method_of(model_args.attn_implementation) is METHODS["multimax"]
     extra = {"multimax": model_args.multimax_settings()} if wants else {}
     if model_args.model_name_or_path:
-        return auto_cls.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, **extra, **kwargs
+        return _from_pretrained_with_new_head(
+            auto_cls, model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, **extra, **kwargs
         )
     if default_config is None:
         raise ValueError("--model_name_or_path is required for this task")
@@ -102,6 +105,32 @@ def load_model(auto_cls, model_args: ModelArguments, default_config=None, **kwar
     for key, value in {**extra, **kwargs}.items():
         setattr(config, key, value)
     return auto_cls.from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+def _from_pretrained_with_new_head(auto_cls, path, **kwargs):
+    """`from_pretrained`, with transformers' load report cut to what is news. A task head that the
+    checkpoint lacks (a classifier on a base model) is the point of fine-tuning and gets one info line;
+    anything else missing, unexpected or mismatched is still reported as a warning."""
+    from transformers.modeling_utils import logger as loading_logger
+
+    def drop_report(record):  # a filter, not a level: transformers runs extra checks when its level is raised
+        return "LOAD REPORT" not in str(record.msg)
+
+    loading_logger.addFilter(drop_report)
+    try:
+        model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        loading_logger.removeFilter(drop_report)
+    prefix = f"{model.base_model_prefix}."
+    new_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
+    news = {"missing": sorted(set(info["missing_keys"]) - set(new_head)), "unexpected": sorted(info["unexpected_keys"]),
+            "mismatched": sorted(str(m) for m in info["mismatched_keys"])}
+    if new_head:
+        logger.info("%s: new task head initialised (%s)", type(model).__name__, ", ".join(new_head))
+    for kind, keys in news.items():
+        if keys:
+            logger.warning("%s from %s: %d %s keys: %s", type(model).__name__, path, len(keys), kind, ", ".join(keys))
+    return model
 
 
 def load_raw_dataset(data_args: DataArguments, generate):
@@ -190,5 +219,6 @@ def generated_digits(n: int, seed: int):
     order = np.random.default_rng(1234).permutation(len(digits.target))
     cut = int(len(order) * 0.8)
     pick = (order[:cut] if seed == 0 else order[cut:])[:n]
-    images = (digits.images[pick] / 16.0).astype("float32")[:, None]  # [n, 1, 8, 8] in [0, 1]
+    # [n, 3, 8, 8] in [0, 1]: the grey value in the three channels of the RGB picture a user has.
+    images = np.repeat((digits.images[pick] / 16.0).astype("float32")[:, None], 3, axis=1)
     return datasets.Dataset.from_dict({"pixel_values": images.tolist(), "label": digits.target[pick].tolist()})

@@ -70,6 +70,18 @@ def test_causal_lm_loss_falls(tmp_path):
 def test_image_classification_learns_digits(tmp_path):
     metrics = main("image_classification", common(tmp_path, 150, "--do_train", "--do_eval", "--learning_rate", "3e-3"))
     assert metrics["eval_accuracy"] >= 0.6, metrics  # chance is 0.1
+    # The saved folder is usable as published: a pipeline on a plain grey picture of a digit.
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from transformers import pipeline
+
+    digits = load_digits()
+    classify = pipeline("image-classification", model=str(tmp_path))
+    right = 0
+    for image, label in zip(digits.images[-40:], digits.target[-40:]):  # 32x32 pictures, 0..255
+        picture = Image.fromarray((image * 255 / 16).astype("uint8"), mode="L").resize((32, 32), Image.NEAREST)
+        right += classify(picture)[0]["label"] == f"LABEL_{label}"
+    assert right >= 20, right  # the same images the model scores >= 60% on, through the saved processor
 
 
 def test_resume_continues_the_same_loss_curve(tiny_bert, tmp_path):
@@ -89,3 +101,31 @@ def test_resume_continues_the_same_loss_curve(tiny_bert, tmp_path):
 
     a, b = losses(straight), losses(resumed)
     assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+
+
+def test_load_reports_only_the_news(tmp_path, caplog):
+    """A base model's missing classifier is the point of fine-tuning: one info line. A base weight
+    missing from the checkpoint is still a warning that names it."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertModel
+
+    from hf_multimax.training.tasks import ModelArguments, load_model
+
+    config = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    BertModel(config).save_pretrained(tmp_path / "base")
+    args = ModelArguments(model_name_or_path=str(tmp_path / "base"), attn_implementation="sdpa")
+    with caplog.at_level(logging.INFO):
+        load_model(AutoModelForSequenceClassification, args, num_labels=2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("classifier" in w for w in warnings), warnings
+    assert any("new task head" in r.getMessage() and "classifier.weight" in r.getMessage() for r in caplog.records)
+
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    del weights["pooler.dense.bias"]
+    save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    load_model(AutoModelForSequenceClassification, args, num_labels=2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("missing" in w and "bert.pooler.dense.bias" in w for w in warnings), warnings
