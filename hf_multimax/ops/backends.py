@@ -116,16 +116,23 @@ class BackendRegistry(Mapping):
                         f"(it picks one that can) or one of {tuple(self)}"
                     )
             return backend
-        reasons, capable = [], None
+        # Availability is asked last: it may build a kernel, which only a backend that would be
+        # taken should pay for.
+        reasons, capable = [], []
         for backend in sorted(self._backends.values(), key=lambda b: -b.priority):
-            for ok, reason in (backend.is_available(self.method), backend.supports(call)):
-                if not ok:
-                    reasons.append(f"{backend.name}: {reason}")
-                    break
+            ok, reason = backend.supports(call)
+            if not ok:
+                reasons.append(f"{backend.name}: {reason}")
+            elif not backend.preferred(call):
+                capable.append(backend)
             else:
-                if backend.preferred(call):
+                ok, reason = backend.is_available(self.method)
+                if ok:
                     return backend
-                capable = capable or backend
-        if capable is not None:
-            return capable
+                reasons.append(f"{backend.name}: {reason}")
+        for backend in capable:
+            ok, reason = backend.is_available(self.method)
+            if ok:
+                return backend
+            reasons.append(f"{backend.name}: {reason}")
         raise ValueError(f"no {self.method} backend can run this call ({'; '.join(reasons)})")

@@ -1,0 +1,422 @@
+// MultiMax attention on CPU, forward and backward, fused in the FlashAttention-2 way: one task per
+// block of queries walks the keys in blocks, multiplies tiles with BLAS (MKL's sgemm, which torch
+// ships), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
+// the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
+// the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars.
+//
+// Inputs are fp32 and contiguous (the Python side converts); the scalars arrive per head, [H, 8] and
+// [H, 2], so shared scalars are a broadcast there. The maths is the one of ops/multimax/naive.py.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, through column-major BLAS: C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
+
+inline float relu(float x) { return x > 0.f ? x : 0.f; }
+inline Vec relu(const Vec& x) { return at::vec::clamp_min(x, Vec(0.f)); }
+inline float hsum(const Vec& v) {
+  float buf[Vec::size()];
+  v.store(buf);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += buf[i];
+  return s;
+}
+inline float hmax(const Vec& v) {
+  float buf[Vec::size()];
+  v.store(buf);
+  float m = buf[0];
+  for (int i = 1; i < Vec::size(); ++i) m = std::max(m, buf[i]);
+  return m;
+}
+inline float min0(float x) { return x < 0.f ? x : 0.f; }
+inline Vec min0(const Vec& x) { return at::vec::minimum(x, Vec(0.f)); }
+inline float lt(float x, float y) { return x < y ? 1.f : 0.f; }
+inline Vec lt(const Vec& x, const Vec& y) { return x.lt(y); }
+inline float tanh_(float x) { return std::tanh(x); }
+inline Vec tanh_(const Vec& x) { return x.tanh(); }
+inline float exp_(float x) { return std::exp(x); }
+inline Vec exp_(const Vec& x) { return x.exp_u20(); }
+
+// One head's scalars, as float or as broadcast vectors.
+template <typename T>
+struct Scalars {
+  T t1, t2, t3, t4, b1, d1, b2, d2, scale_a, shift_c;
+  Scalars(const float* theta, const float* affine)
+      : t1(theta[0]), t2(theta[1]), t3(theta[2]), t4(theta[3]), b1(theta[4]), d1(theta[5]), b2(theta[6]),
+        d2(theta[7]), scale_a(1.f + affine[0]), shift_c(affine[1]) {}
+};
+
+// Everything about a call that is not a tensor of scores.
+struct Problem {
+  int64_t B, H, Hkv, Q, K, D, Dv;
+  bool causal;
+  int64_t offset;  // causal: key j is visible to query i when j <= i + offset
+  float scale, softcap;
+  bool has_affine;
+  const bool* mask;  // [B, H, Q, K] with strides (0 where broadcast), last dim contiguous
+  int64_t mask_s[3];
+  const float* bias;
+  int64_t bias_s[3];
+
+  int64_t key_end(int64_t last_row) const { return causal ? std::min(K, std::max<int64_t>(0, last_row + offset + 1)) : K; }
+};
+
+// Pre-softcap scaled score u -> score s the modulator reads (softcap, then bias).
+template <typename T>
+inline T capped(T u, const Problem& p, T cap, T inv_cap) {
+  return p.softcap > 0.f ? cap * tanh_(u * inv_cap) : u;
+}
+
+// sigma(x), x = (1 + a) s + c.
+template <typename T>
+inline T modulate(T s, const Scalars<T>& m) {
+  T x = m.scale_a * s + m.shift_c;
+  T lo1 = relu(m.b1 - x), hi1 = relu(x - m.d1), lo2 = relu(m.b2 - x), hi2 = relu(x - m.d2);
+  return x + m.t1 * lo1 + m.t2 * hi1 + m.t3 * lo2 * lo2 + m.t4 * hi2 * hi2;
+}
+
+// Row i of a tile: in place, pre-softcap scores -> modulated scores y (masked keys -> -inf).
+// Returns the row maximum.
+float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>& ms, const Scalars<Vec>& mv,
+                  const float* bias_row, const bool* mask_row, int64_t visible) {
+  const Vec cap_v(p.softcap), inv_cap_v(p.softcap > 0.f ? 1.f / p.softcap : 0.f);
+  const float cap = p.softcap, inv_cap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
+  int64_t j = 0;
+  Vec vmax(kNegInf);
+  const int64_t vn = std::min(n, visible) - (std::min(n, visible) % Vec::size());
+  for (; j < vn; j += Vec::size()) {
+    Vec s = capped(Vec::loadu(row + j), p, cap_v, inv_cap_v);
+    if (bias_row) s = s + Vec::loadu(bias_row + j);
+    Vec y = modulate(s, mv);
+    y.store(row + j);
+    vmax = at::vec::maximum(vmax, y);
+  }
+  float mx = hmax(vmax);
+  for (; j < n; ++j) {
+    if (j >= visible) {
+      row[j] = kNegInf;
+      continue;
+    }
+    float s = capped(row[j], p, cap, inv_cap);
+    if (bias_row) s += bias_row[j];
+    row[j] = modulate(s, ms);
+    mx = std::max(mx, row[j]);
+  }
+  if (mask_row) {  // a boolean mask: recompute the maximum over the kept keys only
+    mx = kNegInf;
+    for (int64_t t = 0; t < n; ++t) {
+      if (!mask_row[t]) row[t] = kNegInf;
+      mx = std::max(mx, row[t]);
+    }
+  }
+  return mx;
+}
+
+// row <- exp(row - m) (masked -inf -> 0); returns the sum.
+float exp_row(float* row, int64_t n, float m) {
+  const Vec mv(m);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = exp_(Vec::loadu(row + j) - mv);
+    e.store(row + j);
+    vsum = vsum + e;
+  }
+  float sum = hsum(vsum);
+  for (; j < n; ++j) {
+    row[j] = std::exp(row[j] - m);
+    sum += row[j];
+  }
+  return sum;
+}
+
+bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  if (!p.mask) return false;
+  for (int64_t r = r0; r < r1; ++r) {
+    const bool* m = p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2];
+    for (int64_t c = c0; c < c1; ++c)
+      if (m[c]) return false;
+  }
+  return true;
+}
+
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 512;
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
+                                const at::Tensor& theta, const at::Tensor& affine) {
+  auto out = at::empty({p.B, p.H, p.Q, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.H, p.Q}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const int64_t q_blocks = (p.Q + kQueryBlock - 1) / kQueryBlock, group = p.H / p.Hkv;
+
+  at::parallel_for(0, p.B * p.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kQueryBlock * kKeyBlock), acc(kQueryBlock * p.Dv), m(kQueryBlock), l(kQueryBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / p.H, h = bh % p.H, r0 = (task % q_blocks) * kQueryBlock;
+      const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
+      const int64_t kvh = b * p.Hkv + h / group;
+      const float* qb = qp + (bh * p.Q + r0) * p.D;
+      const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
+      const Scalars<float> ms(tp + h * 8, ap + h * 2);
+      const Scalars<Vec> mv(tp + h * 8, ap + h * 2);
+      std::fill(acc.begin(), acc.begin() + rows * p.Dv, 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t c_end = p.key_end(r1 - 1);
+      for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
+        const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
+        if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
+        gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, tile.data(), n);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = r0 + i;
+          float* row = tile.data() + i * n;
+          const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
+          const bool* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+          const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+          const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
+          if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
+            std::fill(row, row + n, 0.f);
+            continue;
+          }
+          const float corr = std::exp(m[i] - mx);  // 0 when m was -inf
+          l[i] = l[i] * corr + exp_row(row, n, mx);
+          if (corr != 1.f) {
+            float* a = acc.data() + i * p.Dv;
+            for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
+          }
+          m[i] = mx;
+        }
+        gemm(false, false, rows, p.Dv, n, 1.f, tile.data(), n, vb + c0 * p.Dv, p.Dv, 1.f, acc.data(), p.Dv);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = op + (bh * p.Q + r0 + i) * p.Dv;
+        const bool any = l[i] > 0.f;
+        const float inv = any ? 1.f / l[i] : 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[i * p.Dv + d] * inv;
+        // +inf makes the backward's recomputed probabilities of an empty row exactly zero.
+        lp[bh * p.Q + r0 + i] = any ? m[i] + std::log(l[i]) : kInf;
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// Gradient of the 10 scalars (t1..t4, b1, d1, b2, d2, a, c) accumulated over one tile row.
+template <typename T>
+struct ScalarGrads {
+  T g[10];
+  ScalarGrads() {
+    for (auto& x : g) x = T(0.f);
+  }
+};
+
+// One score of the backward, in place: `s_io` holds the pre-softcap scaled score and becomes dS
+// (w.r.t. q.k), `dp_io` holds dP = dO.V^T and becomes P.
+template <typename T>
+inline void backward_elem(T u, T bias, T lse, T delta, T& dp_io, T& s_io, const Scalars<T>& m, const Problem& p,
+                          T cap, T inv_cap, T scale, ScalarGrads<T>& acc, bool has_affine) {
+  T t = p.softcap > 0.f ? tanh_(u * inv_cap) : T(0.f);
+  T s = (p.softcap > 0.f ? cap * t : u) + bias;
+  T x = m.scale_a * s + m.shift_c;
+  T lo1 = relu(m.b1 - x), hi1 = relu(x - m.d1), lo2 = relu(m.b2 - x), hi2 = relu(x - m.d2);
+  T y = x + m.t1 * lo1 + m.t2 * hi1 + m.t3 * lo2 * lo2 + m.t4 * hi2 * hi2;
+  // Kept keys have y <= lse; the clamp keeps a masked key's probability finite (its dy is 0 anyway).
+  T prob = exp_(min0(y - lse));
+  T dy = prob * (dp_io - delta);
+  T below1 = lt(x, m.b1), above1 = lt(m.d1, x);
+  acc.g[0] = acc.g[0] + dy * lo1;
+  acc.g[1] = acc.g[1] + dy * hi1;
+  acc.g[2] = acc.g[2] + dy * lo2 * lo2;
+  acc.g[3] = acc.g[3] + dy * hi2 * hi2;
+  acc.g[4] = acc.g[4] + dy * below1;
+  acc.g[5] = acc.g[5] + dy * above1;
+  acc.g[6] = acc.g[6] + dy * lo2;
+  acc.g[7] = acc.g[7] + dy * hi2;
+  T dx = dy * (T(1.f) - m.t1 * below1 + m.t2 * above1 - T(2.f) * m.t3 * lo2 + T(2.f) * m.t4 * hi2);
+  if (has_affine) {
+    acc.g[8] = acc.g[8] + dx * s;
+    acc.g[9] = acc.g[9] + dx;
+    dx = dx * m.scale_a;
+  }
+  if (p.softcap > 0.f) dx = dx * (T(1.f) - t * t);
+  dp_io = prob;
+  s_io = dx * scale;
+}
+
+void backward_row(float* s_row, float* dp_row, int64_t n, const Problem& p, const Scalars<float>& ms,
+                  const Scalars<Vec>& mv, const float* bias_row, const bool* mask_row, int64_t visible, float lse,
+                  float delta, ScalarGrads<float>& gs, ScalarGrads<Vec>& gv) {
+  const float inv_cap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
+  // Keys past the causal limit: no probability, no gradient.
+  const int64_t vis = std::max<int64_t>(0, std::min(n, visible));
+  int64_t j = 0;
+  const Vec lse_v(lse), delta_v(delta), cap_v(p.softcap), inv_cap_v(inv_cap), scale_v(p.scale), zero(0.f);
+  const int64_t vn = vis - vis % Vec::size();
+  for (; j < vn; j += Vec::size()) {
+    Vec dp = Vec::loadu(dp_row + j), s = Vec::loadu(s_row + j);
+    Vec bias = bias_row ? Vec::loadu(bias_row + j) : zero;
+    backward_elem<Vec>(s, bias, lse_v, delta_v, dp, s, mv, p, cap_v, inv_cap_v, scale_v, gv, p.has_affine);
+    dp.store(dp_row + j);
+    s.store(s_row + j);
+  }
+  for (; j < vis; ++j) {
+    backward_elem<float>(s_row[j], bias_row ? bias_row[j] : 0.f, lse, delta, dp_row[j], s_row[j], ms, p, p.softcap,
+                         inv_cap, p.scale, gs, p.has_affine);
+  }
+  for (; j < n; ++j) dp_row[j] = s_row[j] = 0.f;
+  if (mask_row)
+    for (int64_t t = 0; t < vis; ++t)
+      if (!mask_row[t]) dp_row[t] = 0.f;  // masked: P = 0 (its dS is already 0: see backward)
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
+                                 const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& dout,
+                                 const at::Tensor& lse, const at::Tensor& delta) {
+  auto dq = at::zeros({p.B, p.H, p.Q, p.D}, q.options());
+  auto dk = at::zeros({p.B, p.H, p.K, p.D}, q.options());  // per query head; GQA groups summed by the caller
+  auto dv = at::zeros({p.B, p.H, p.K, p.Dv}, q.options());
+  auto dscalars = at::zeros({p.B, p.H, 10}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
+  const float *dop = dout.data_ptr<float>(), *lp = lse.data_ptr<float>(), *delp = delta.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* dsp = dscalars.data_ptr<float>();
+  const int64_t group = p.H / p.Hkv;
+
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_tile(kQueryBlock * kKeyBlock), dp_tile(kQueryBlock * kKeyBlock);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
+      const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
+      const Scalars<float> ms(tp + h * 8, ap + h * 2);
+      const Scalars<Vec> mv(tp + h * 8, ap + h * 2);
+      ScalarGrads<float> gs;
+      ScalarGrads<Vec> gv;
+      for (int64_t r0 = 0; r0 < p.Q; r0 += kQueryBlock) {
+        const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
+        const float *qb = qp + (bh * p.Q + r0) * p.D, *dob = dop + (bh * p.Q + r0) * p.Dv;
+        float* dqb = dqp + (bh * p.Q + r0) * p.D;
+        const int64_t c_end = p.key_end(r1 - 1);
+        for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
+          const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
+          if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
+          gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, s_tile.data(), n);
+          gemm(false, true, rows, n, p.Dv, 1.f, dob, p.Dv, vb + c0 * p.Dv, p.Dv, 0.f, dp_tile.data(), n);
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = r0 + i;
+            float *s_row = s_tile.data() + i * n, *dp_row = dp_tile.data() + i * n;
+            const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
+            const bool* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+            const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+            const float row_lse = lp[bh * p.Q + r];
+            if (row_lse == kInf) {  // nothing to attend: no gradient
+              std::fill(s_row, s_row + n, 0.f);
+              std::fill(dp_row, dp_row + n, 0.f);
+              continue;
+            }
+            if (mask_row) {
+              // dP of a masked key is replaced by delta: then dy = p * (dP - delta) = 0 exactly, so
+              // every gradient term of that key vanishes; backward_row zeroes its P.
+              for (int64_t t = 0; t < n; ++t)
+                if (!mask_row[t]) dp_row[t] = delp[bh * p.Q + r];
+            }
+            backward_row(s_row, dp_row, n, p, ms, mv, bias_row, mask_row, visible, row_lse, delp[bh * p.Q + r], gs, gv);
+          }
+          gemm(false, false, rows, p.D, n, 1.f, s_tile.data(), n, kb + c0 * p.D, p.D, 1.f, dqb, p.D);
+          gemm(true, false, n, p.D, rows, 1.f, s_tile.data(), n, qb, p.D, 1.f, dkp + (bh * p.K + c0) * p.D, p.D);
+          gemm(true, false, n, p.Dv, rows, 1.f, dp_tile.data(), n, dob, p.Dv, 1.f, dvp + (bh * p.K + c0) * p.Dv, p.Dv);
+        }
+      }
+      float* out = dsp + bh * 10;
+      for (int g = 0; g < 10; ++g)
+        out[g] = gs.g[g] + hsum(gv.g[g]);
+      // The accumulators hold dy*[x<b1], dy*[x>d1], dy*relu(b2-x), dy*relu(x-d2): the gradients of
+      // b1, d1, b2, d2 are these times t1, -t2, 2*t3, -2*t4.
+      const float* th = tp + h * 8;
+      out[4] *= th[0];
+      out[5] *= -th[1];
+      out[6] *= 2.f * th[2];
+      out[7] *= -2.f * th[3];
+    }
+  });
+  return {dq, dk, dv, dscalars};
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                     const c10::optional<at::Tensor>& bias, bool causal, double scale, double softcap, bool has_affine) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "fp32 q, k, v expected");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous q, k, v expected");
+  Problem p{};
+  p.B = q.size(0); p.H = q.size(1); p.Q = q.size(2); p.D = q.size(3);
+  p.Hkv = k.size(1); p.K = k.size(2); p.Dv = v.size(3);
+  TORCH_CHECK(p.H % p.Hkv == 0, "query heads must be a multiple of key/value heads");
+  p.causal = causal;
+  p.offset = p.K - p.Q;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.has_affine = has_affine;
+  p.mask = nullptr;
+  p.bias = nullptr;
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.dtype() == at::kBool && m.dim() == 4 && m.stride(3) == 1, "bool [B, H, Q, K] mask with contiguous keys expected");
+    p.mask = m.data_ptr<bool>();
+    for (int d = 0; d < 3; ++d) p.mask_s[d] = m.stride(d);
+  }
+  if (bias.has_value()) {
+    const auto& t = *bias;
+    TORCH_CHECK(t.dtype() == at::kFloat && t.dim() == 4 && t.stride(3) == 1, "fp32 [B, H, Q, K] bias with contiguous keys expected");
+    p.bias = t.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) p.bias_s[d] = t.stride(d);
+  }
+  return p;
+}
+
+std::vector<at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
+                                   const at::Tensor& affine, const c10::optional<at::Tensor>& mask,
+                                   const c10::optional<at::Tensor>& bias, bool causal, double scale, double softcap,
+                                   bool has_affine) {
+  const Problem p = make_problem(q, k, v, mask, bias, causal, scale, softcap, has_affine);
+  return forward(q, k, v, p, theta.contiguous(), affine.contiguous());
+}
+
+std::vector<at::Tensor> backward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
+                                    const at::Tensor& affine, const c10::optional<at::Tensor>& mask,
+                                    const c10::optional<at::Tensor>& bias, bool causal, double scale, double softcap,
+                                    bool has_affine, const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta) {
+  const Problem p = make_problem(q, k, v, mask, bias, causal, scale, softcap, has_affine);
+  return backward(q, k, v, p, theta.contiguous(), affine.contiguous(), dout.contiguous(), lse.contiguous(),
+                  delta.contiguous());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward_op, "MultiMax attention forward: (out, lse)");
+  m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
+}

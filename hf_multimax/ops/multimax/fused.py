@@ -1,0 +1,162 @@
+"""MultiMax attention through one fused C++ kernel on CPU, forward and backward (`csrc/fused_cpu.cpp`).
+
+FlashAttention-2's structure on the CPU: each block of queries walks the keys in blocks, the two tile
+products go to BLAS, and softcap, bias, affine, the modulator, masks and an online softmax run in one
+vectorised pass over the tile while it is in cache. The backward recomputes tiles from the row
+log-sum-exp and returns the gradients of q, k, v and of the scalars. Memory is O(tile) beyond the
+inputs and outputs, as for SDPA's CPU kernel.
+
+The kernel is compiled on first use with `torch.utils.cpp_extension` (g++ and the torch headers;
+about a minute, cached in `TORCH_EXTENSIONS_DIR`). Where it cannot be built, `is_available()` says
+why, `auto` takes the `chunked` backend and one warning is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..naive_attention import check_qkv
+from .naive import check_theta
+
+__all__ = ["fused_is_available", "fused_multimax_attention", "load_fused_extension"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
+# The ATen vector width the kernel is built for, from what torch itself dispatches to on this CPU.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+@functools.cache
+def load_fused_extension():
+    """Build (first time) and import the C++ extension. Raises with the compiler's reason."""
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, [])]
+    name = f"hf_multimax_fused_cpu_{capability.lower()}"
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+@functools.cache
+def fused_is_available() -> tuple[bool, str]:
+    """`(True, "")` once the extension is built and loaded; else `(False, reason)`, logged once."""
+    if os.environ.get("HF_MULTIMAX_NO_BUILD") == "1":
+        return False, "building C++ kernels is switched off (HF_MULTIMAX_NO_BUILD=1)"
+    try:
+        load_fused_extension()
+    except Exception as error:  # no compiler, no headers, a linker error: say so once, use another backend
+        reason = f"its C++ kernel could not be built ({type(error).__name__}: {str(error).strip()[-400:]})"
+        logger.warning("MultiMax 'fused' backend unavailable, using 'chunked' instead: %s", reason)
+        return False, reason
+    return True, ""
+
+
+class _FusedMultiMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, theta, affine, mask, bias, causal, scale, softcap):
+        ext = load_fused_extension()
+        heads = q.shape[1]
+        theta_h, affine_h = _per_head(theta, affine, heads)
+        qf, kf, vf = (t.detach().float().contiguous() for t in (q, k, v))
+        out, lse = ext.forward(qf, kf, vf, theta_h, affine_h, mask, bias, causal, scale, softcap, affine is not None)
+        ctx.save_for_backward(qf, kf, vf, theta_h, affine_h, mask, bias, out, lse)
+        ctx.config = (causal, scale, softcap, affine is not None, theta.shape, None if affine is None else affine.shape,
+                      q.dtype, k.dtype, v.dtype, theta.dtype, None if affine is None else affine.dtype)
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qf, kf, vf, theta_h, affine_h, mask, bias, out, lse = ctx.saved_tensors
+        causal, scale, softcap, has_affine, theta_shape, affine_shape, q_dtype, k_dtype, v_dtype, theta_dtype, affine_dtype = ctx.config
+        dout = grad_out.float().contiguous()
+        delta = (dout * out).sum(-1)
+        dq, dk, dv, dscalars = load_fused_extension().backward(
+            qf, kf, vf, theta_h, affine_h, mask, bias, causal, scale, softcap, has_affine, dout, lse, delta)
+        B, H, K = dk.shape[:3]
+        group = H // kf.shape[1]
+        if group > 1:  # grouped-query attention: the kernel returns one gradient per query head
+            dk = dk.view(B, H // group, group, K, -1).sum(2)
+            dv = dv.view(B, H // group, group, K, -1).sum(2)
+        per_head = dscalars.sum(0)  # [H, 10]
+        dtheta = _to_param_shape(per_head[:, :8], theta_shape).to(theta_dtype)
+        daffine = None if not has_affine else _to_param_shape(per_head[:, 8:], affine_shape).to(affine_dtype)
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dtheta, daffine, None, None, None, None, None
+
+
+def _per_head(theta, affine, heads):
+    """theta `[8]`, `[8, H]` or `[8, H, 1, 1]` -> `[H, 8]` fp32 (affine likewise, zeros when absent)."""
+    theta_h = theta.detach().float().reshape(8, -1).expand(8, heads).t().contiguous()
+    if affine is None:
+        return theta_h, theta_h.new_zeros(heads, 2)
+    return theta_h, affine.detach().float().reshape(2, -1).expand(2, heads).t().contiguous()
+
+
+def _to_param_shape(grad_h, shape):
+    """`[H, n]` per-head gradients -> the parameter's `[n]`, `[n, H]` or `[n, H, 1, 1]` shape."""
+    grad = grad_h.t()  # [n, H]
+    per_head = len(shape) > 1 and shape[1] != 1
+    return (grad if per_head else grad.sum(1, keepdim=True)).reshape(shape)
+
+
+def fused_multimax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    softcap: float | None = None,
+    affine: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as `naive_multimax_attention` on CPU tensors, with no dropout and no
+    probabilities. Computes in fp32; returns `(out [B, H, Q, Dv] in value's dtype, None)`.
+
+    Examples:
+        >>> q = k = v = torch.randn(1, 2, 300, 16)
+        >>> out, _ = fused_multimax_attention(q, k, v, torch.zeros(8), is_causal=True)
+        >>> out.shape
+        torch.Size([1, 2, 300, 16])
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"the fused backend does not support attention dropout (got dropout_p={dropout_p}); use eager")
+    if query.device.type != "cpu":
+        raise ValueError(f"the fused backend runs on CPU tensors, got {query.device}; use 'flex' or 'triton' on GPU")
+    check_qkv(query, key, value)
+    check_theta(theta)
+    B, H, Q, _ = query.shape
+    K = key.shape[-2]
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}; pass additive masks as bias")
+        mask = _full(mask, B, H, Q, K)
+    if bias is not None:
+        bias = _full(bias.float(), B, H, Q, K)
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap={softcap!r} must be positive or None")
+    out = _FusedMultiMax.apply(query, key, value, theta, affine, mask, bias, bool(is_causal), float(scale),
+                               float(softcap or 0.0))
+    return out, None
+
+
+def _full(t, B, H, Q, K):
+    """Broadcast to `[B, H, Q, K]` without copying; keys made contiguous (the kernel reads rows)."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    t = t.expand(B, H, Q, K)
+    return t if t.stride(-1) == 1 else t.contiguous()
