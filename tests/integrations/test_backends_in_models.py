@@ -48,7 +48,7 @@ def outputs(model, kind, ids, mask):
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-@pytest.mark.parametrize("backend", ["chunked", "flex"])
+@pytest.mark.parametrize("backend", ["fused", "chunked", "flex"])
 def test_backend_matches_eager_in_model(kind, backend, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
     eager, fast = build(kind, "eager", tmp_path), build(kind, backend, tmp_path)
@@ -60,7 +60,7 @@ def test_backend_matches_eager_in_model(kind, backend, tmp_path, monkeypatch):
             assert_close(outputs(fast, kind, ids, mask)[valid], outputs(eager, kind, ids, mask)[valid], what="flex")
         return
     a, b = outputs(eager, kind, ids, mask), outputs(fast, kind, ids, mask)
-    assert_close(b[valid], a[valid], what="chunked output")
+    assert_close(b[valid], a[valid], what=f"{backend} output")
     w = torch.randn_like(a) * valid[..., None]
     (a * w).sum().backward()
     (b * w).sum().backward()
@@ -90,25 +90,35 @@ def resolve_backend(requested, q_len, k_len, **call):
     return BACKENDS.resolve(requested, AttentionCall("cpu", q_len, k_len, **call)).name
 
 
-def test_auto_decision_table():
+def test_auto_decision_table(monkeypatch):
     big, small = (1024, 1024), (8, 8)
-    assert resolve_backend("auto", *big) == "chunked"
-    assert resolve_backend("auto", *small) == "eager"
+    # The fused kernel wherever it can serve the call (measured fastest from decoding to 4k)...
+    assert resolve_backend("auto", *big) == "fused"
+    assert resolve_backend("auto", *small) == "fused"
+    assert resolve_backend("auto", 1, 300, needs_grad=True) == "fused"
+    # ...the reference where the call needs what only it does...
     assert resolve_backend("auto", *big, dropout=0.1) == "eager"
     assert resolve_backend("auto", *big, want_probs=True) == "eager"
-    assert resolve_backend("auto", 1, AUTO_MIN_SCORES) == "chunked"
     assert resolve_backend("flex", *small) == "flex"
     with pytest.raises(ValueError, match="backend='chunked' cannot run this call: output_attentions=True"):
         resolve_backend("chunked", *small, want_probs=True)
+    # ...and without the fused kernel (no compiler), the previous table: eager short, chunked long.
+    monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "fused")
+    assert resolve_backend("auto", *big) == "chunked"
+    assert resolve_backend("auto", *small) == "eager"
+    assert resolve_backend("auto", 1, AUTO_MIN_SCORES) == "chunked"
 
 
-def test_auto_runs_chunked_on_long_inputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["fused", "chunked"])
+def test_auto_runs_the_fast_kernel(backend, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
+    if backend == "chunked":
+        monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "fused")
     import hf_multimax.ops.multimax as ops
 
     calls = []
-    original = ops.BACKENDS["chunked"]
-    monkeypatch.setitem(ops.BACKENDS, "chunked", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = ops.BACKENDS[backend]
+    monkeypatch.setitem(ops.BACKENDS, backend, lambda *a, **k: calls.append(1) or original(*a, **k))
     model = build("llama", "auto", tmp_path)
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 520)))

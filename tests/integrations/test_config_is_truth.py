@@ -89,8 +89,10 @@ def test_target_modules_that_match_nothing_fail_loudly():
 
 def test_auto_falls_back_within_the_method(monkeypatch):
     call = AttentionCall("cpu", 1024, 1024)
+    assert BACKENDS.resolve("auto", call).name == "fused"
+    monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "multimax:fused")
     assert BACKENDS.resolve("auto", call).name == "chunked"
-    monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "multimax:chunked")
+    monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "multimax:fused,chunked")
     assert BACKENDS.resolve("auto", call).name == "eager"
     with pytest.raises(ValueError, match="chunked.*disabled by HF_MULTIMAX_DISABLE_BACKENDS"):
         BACKENDS.resolve("chunked", call)
@@ -108,8 +110,8 @@ def test_fallback_inside_a_model_matches(monkeypatch):
         for layer in model.model.layers:
             layer.self_attn.multimax.t1.fill_(0.3)
     reference = model(ids(600)).logits
-    monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "chunked")
-    assert_close(model(ids(600)).logits, reference, what="eager fallback vs chunked")
+    monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "fused,chunked")
+    assert_close(model(ids(600)).logits, reference, what="eager fallback vs fused")
 
 
 def test_settings_for_an_unused_method_are_reported(caplog):

@@ -35,7 +35,7 @@ def generate(model, ids, cache):
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-@pytest.mark.parametrize("backend", ["auto", "eager", "chunked", "flex"])
+@pytest.mark.parametrize("backend", ["auto", "eager", "chunked", "fused", "flex"])
 def test_multimax_generate_matches_sdpa(backend, cache, monkeypatch):
     monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
     model, ref = pair(f"multimax:{backend}")

@@ -9,10 +9,11 @@ import importlib.util
 from ..backends import AttentionCall, Backend, BackendRegistry
 from .chunked import chunked_multimax_attention
 from .flex import flex_is_available, flex_multimax_attention
+from .fused import fused_is_available, fused_multimax_attention
 from .naive import THETA_NAMES, naive_multimax_attention, naive_multimax_modulate
 
-# Below this many scores per (batch, head) materialising them is cheap and eager wins (and needs no
-# compilation); measured crossover on a 2-core CPU with scripts/bench_attention.py.
+# Without the fused kernel: below this many scores per (batch, head) materialising them is cheap and
+# eager beats chunked; measured crossover on a 2-core CPU with scripts/bench_attention.py.
 AUTO_MIN_SCORES = 512 * 512
 
 
@@ -23,6 +24,12 @@ def _fused_supports(call: AttentionCall) -> tuple[bool, str]:
     if call.dropout > 0.0:
         return False, f"it applies no attention dropout (got dropout={call.dropout})"
     return True, ""
+
+
+def fused_supports(call: AttentionCall) -> tuple[bool, str]:
+    if call.device != "cpu":
+        return False, f"it is a CPU kernel (the call is on {call.device})"
+    return _fused_supports(call)
 
 
 def flex_supports(call: AttentionCall) -> tuple[bool, str]:
@@ -41,6 +48,10 @@ BACKENDS = BackendRegistry(
         Backend("eager", naive_multimax_attention, priority=10),
         Backend("chunked", chunked_multimax_attention, priority=20, supports=_fused_supports,
                 preferred=lambda call: call.q_len * call.k_len >= AUTO_MIN_SCORES),
+        # One C++ call per layer, forward and backward; measured faster than eager and chunked at every
+        # length from 1 (decoding) to 4096 (docs/bench_attention.md), so `auto` takes it on CPU whenever
+        # it can serve the call and could be built.
+        Backend("fused", fused_multimax_attention, priority=25, supports=fused_supports, available=fused_is_available),
         # Forward and backward fused by torch.compile on GPU; `auto` takes it there only.
         Backend("flex", flex_multimax_attention, priority=30, supports=flex_supports, available=flex_is_available,
                 preferred=lambda call: call.device == "cuda"),
@@ -53,6 +64,8 @@ __all__ = [
     "THETA_NAMES",
     "chunked_multimax_attention",
     "flex_supports",
+    "fused_multimax_attention",
+    "fused_supports",
     "flex_multimax_attention",
     "naive_multimax_attention",
     "naive_multimax_modulate",

@@ -48,8 +48,7 @@ def load_fused_extension():
 
 
 @functools.cache
-def fused_is_available() -> tuple[bool, str]:
-    """`(True, "")` once the extension is built and loaded; else `(False, reason)`, logged once."""
+def _build() -> tuple[bool, str]:
     if os.environ.get("HF_MULTIMAX_NO_BUILD") == "1":
         return False, "building C++ kernels is switched off (HF_MULTIMAX_NO_BUILD=1)"
     try:
@@ -61,51 +60,80 @@ def fused_is_available() -> tuple[bool, str]:
     return True, ""
 
 
-class _FusedMultiMax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, theta, affine, mask, bias, causal, scale, softcap):
-        ext = load_fused_extension()
-        heads = q.shape[1]
-        theta_h, affine_h = _per_head(theta, affine, heads)
-        qf, kf, vf = (t.detach().float().contiguous() for t in (q, k, v))
-        out, lse = ext.forward(qf, kf, vf, theta_h, affine_h, mask, bias, causal, scale, softcap, affine is not None)
-        ctx.save_for_backward(qf, kf, vf, theta_h, affine_h, mask, bias, out, lse)
-        ctx.config = (causal, scale, softcap, affine is not None, theta.shape, None if affine is None else affine.shape,
-                      q.dtype, k.dtype, v.dtype, theta.dtype, None if affine is None else affine.dtype)
-        return out.to(v.dtype)
+@torch.compiler.assume_constant_result
+def _build_in_graph() -> tuple[bool, str]:
+    return _build()  # runs at trace time; the graph keeps the answer as a constant
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        qf, kf, vf, theta_h, affine_h, mask, bias, out, lse = ctx.saved_tensors
-        causal, scale, softcap, has_affine, theta_shape, affine_shape, q_dtype, k_dtype, v_dtype, theta_dtype, affine_dtype = ctx.config
-        dout = grad_out.float().contiguous()
-        delta = (dout * out).sum(-1)
-        dq, dk, dv, dscalars = load_fused_extension().backward(
-            qf, kf, vf, theta_h, affine_h, mask, bias, causal, scale, softcap, has_affine, dout, lse, delta)
-        B, H, K = dk.shape[:3]
-        group = H // kf.shape[1]
-        if group > 1:  # grouped-query attention: the kernel returns one gradient per query head
-            dk = dk.view(B, H // group, group, K, -1).sum(2)
-            dv = dv.view(B, H // group, group, K, -1).sum(2)
-        per_head = dscalars.sum(0)  # [H, 10]
-        dtheta = _to_param_shape(per_head[:, :8], theta_shape).to(theta_dtype)
-        daffine = None if not has_affine else _to_param_shape(per_head[:, 8:], affine_shape).to(affine_dtype)
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), dtheta, daffine, None, None, None, None, None
+
+def fused_is_available() -> tuple[bool, str]:
+    """`(True, "")` once the extension is built and loaded (built on the first call); else
+    `(False, reason)`, logged once."""
+    return _build_in_graph() if torch.compiler.is_compiling() else _build()
+
+
+# The kernel as torch operators, so autograd, torch.compile (fake tensors give the shapes) and
+# tracing see one op each way. `fused_multimax_attention` calls the extension directly when no
+# gradient is needed (decoding): the same C++ without the operator machinery.
+@torch.library.custom_op("hf_multimax::fused_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, affine: torch.Tensor,
+                mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, scale: float, softcap: float,
+                has_affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = load_fused_extension().forward(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine):
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("hf_multimax::fused_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, affine: torch.Tensor,
+                 mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, scale: float, softcap: float,
+                 has_affine: bool, dout: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    delta = (dout * out).sum(-1)
+    dq, dk, dv, dscalars = load_fused_extension().backward(
+        q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine, dout.contiguous(), lse, delta)
+    B, H, K = dk.shape[:3]
+    group = H // k.shape[1]
+    if group > 1:  # grouped-query attention: the kernel returns one gradient per query head
+        dk = dk.view(B, H // group, group, K, -1).sum(2)
+        dv = dv.view(B, H // group, group, K, -1).sum(2)
+    per_head = dscalars.sum(0)  # [H, 10]
+    return dq, dk, dv, per_head[:, :8].contiguous(), per_head[:, 8:].contiguous()
+
+
+@_backward_op.register_fake
+def _(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine, dout, out, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), theta.new_empty(theta.shape), \
+        affine.new_empty(affine.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine = inputs
+    ctx.save_for_backward(q, k, v, theta, affine, mask, bias, *output)
+    ctx.config = (causal, scale, softcap, has_affine)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, theta, affine, mask, bias, out, lse = ctx.saved_tensors
+    causal, scale, softcap, has_affine = ctx.config
+    dq, dk, dv, dtheta, daffine = _backward_op(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine,
+                                               grad_out, out, lse)
+    return dq, dk, dv, dtheta, daffine if has_affine else None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _per_head(theta, affine, heads):
-    """theta `[8]`, `[8, H]` or `[8, H, 1, 1]` -> `[H, 8]` fp32 (affine likewise, zeros when absent)."""
-    theta_h = theta.detach().float().reshape(8, -1).expand(8, heads).t().contiguous()
+    """theta `[8]`, `[8, H]` or `[8, H, 1, 1]` -> `[H, 8]` fp32 (affine likewise, zeros when absent).
+    Differentiable: autograd takes the kernel's per-head gradients back to the parameters' shapes."""
+    theta_h = theta.float().reshape(8, -1).expand(8, heads).t().contiguous()
     if affine is None:
         return theta_h, theta_h.new_zeros(heads, 2)
-    return theta_h, affine.detach().float().reshape(2, -1).expand(2, heads).t().contiguous()
-
-
-def _to_param_shape(grad_h, shape):
-    """`[H, n]` per-head gradients -> the parameter's `[n]`, `[n, H]` or `[n, H, 1, 1]` shape."""
-    grad = grad_h.t()  # [n, H]
-    per_head = len(shape) > 1 and shape[1] != 1
-    return (grad if per_head else grad.sum(1, keepdim=True)).reshape(shape)
+    return theta_h, affine.float().reshape(2, -1).expand(2, heads).t().contiguous()
 
 
 def fused_multimax_attention(
@@ -144,14 +172,23 @@ def fused_multimax_attention(
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}; pass additive masks as bias")
-        mask = _full(mask, B, H, Q, K)
+        # Added to the modulated scores: 0 keeps, -inf hides (vectorised like the rest of the tile).
+        mask = _full(torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")), B, H, Q, K)
     if bias is not None:
         bias = _full(bias.float(), B, H, Q, K)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap={softcap!r} must be positive or None")
-    out = _FusedMultiMax.apply(query, key, value, theta, affine, mask, bias, bool(is_causal), float(scale),
-                               float(softcap or 0.0))
-    return out, None
+    H = query.shape[1]
+    theta_h, affine_h = _per_head(theta, affine, H)
+    q, k, v = (t.float().contiguous() for t in (query, key, value))
+    args = (q, k, v, theta_h, affine_h, mask, bias, bool(is_causal), float(scale), float(softcap or 0.0),
+            affine is not None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h)) \
+            or torch.compiler.is_compiling():
+        out, _ = _forward_op(*args)
+    else:
+        out, _ = load_fused_extension().forward(*args)
+    return out.to(value.dtype), None
 
 
 def _full(t, B, H, Q, K):

@@ -75,7 +75,7 @@ struct Problem {
   int64_t offset;  // causal: key j is visible to query i when j <= i + offset
   float scale, softcap;
   bool has_affine;
-  const bool* mask;  // [B, H, Q, K] with strides (0 where broadcast), last dim contiguous
+  const float* mask;  // 0 / -inf added after the modulator, [B, H, Q, K] strides (0 where broadcast)
   int64_t mask_s[3];
   const float* bias;
   int64_t bias_s[3];
@@ -100,7 +100,7 @@ inline T modulate(T s, const Scalars<T>& m) {
 // Row i of a tile: in place, pre-softcap scores -> modulated scores y (masked keys -> -inf).
 // Returns the row maximum.
 float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>& ms, const Scalars<Vec>& mv,
-                  const float* bias_row, const bool* mask_row, int64_t visible) {
+                  const float* bias_row, const float* mask_row, int64_t visible) {
   const Vec cap_v(p.softcap), inv_cap_v(p.softcap > 0.f ? 1.f / p.softcap : 0.f);
   const float cap = p.softcap, inv_cap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
   int64_t j = 0;
@@ -110,6 +110,7 @@ float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>&
     Vec s = capped(Vec::loadu(row + j), p, cap_v, inv_cap_v);
     if (bias_row) s = s + Vec::loadu(bias_row + j);
     Vec y = modulate(s, mv);
+    if (mask_row) y = y + Vec::loadu(mask_row + j);
     y.store(row + j);
     vmax = at::vec::maximum(vmax, y);
   }
@@ -121,15 +122,8 @@ float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>&
     }
     float s = capped(row[j], p, cap, inv_cap);
     if (bias_row) s += bias_row[j];
-    row[j] = modulate(s, ms);
+    row[j] = modulate(s, ms) + (mask_row ? mask_row[j] : 0.f);
     mx = std::max(mx, row[j]);
-  }
-  if (mask_row) {  // a boolean mask: recompute the maximum over the kept keys only
-    mx = kNegInf;
-    for (int64_t t = 0; t < n; ++t) {
-      if (!mask_row[t]) row[t] = kNegInf;
-      mx = std::max(mx, row[t]);
-    }
   }
   return mx;
 }
@@ -154,10 +148,11 @@ float exp_row(float* row, int64_t n, float m) {
 
 bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   if (!p.mask) return false;
+  if (p.mask_s[2] == 0) r1 = r0 + 1;  // one row for all queries (a padding mask)
   for (int64_t r = r0; r < r1; ++r) {
-    const bool* m = p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2];
+    const float* m = p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2];
     for (int64_t c = c0; c < c1; ++c)
-      if (m[c]) return false;
+      if (m[c] == 0.f) return false;
   }
   return true;
 }
@@ -196,7 +191,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           const int64_t r = r0 + i;
           float* row = tile.data() + i * n;
           const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-          const bool* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+          const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
           const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
           const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
           if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
@@ -238,13 +233,14 @@ struct ScalarGrads {
 // One score of the backward, in place: `s_io` holds the pre-softcap scaled score and becomes dS
 // (w.r.t. q.k), `dp_io` holds dP = dO.V^T and becomes P.
 template <typename T>
-inline void backward_elem(T u, T bias, T lse, T delta, T& dp_io, T& s_io, const Scalars<T>& m, const Problem& p,
+inline void backward_elem(T u, T bias, T post, T lse, T delta, T& dp_io, T& s_io, const Scalars<T>& m, const Problem& p,
                           T cap, T inv_cap, T scale, ScalarGrads<T>& acc, bool has_affine) {
   T t = p.softcap > 0.f ? tanh_(u * inv_cap) : T(0.f);
   T s = (p.softcap > 0.f ? cap * t : u) + bias;
   T x = m.scale_a * s + m.shift_c;
   T lo1 = relu(m.b1 - x), hi1 = relu(x - m.d1), lo2 = relu(m.b2 - x), hi2 = relu(x - m.d2);
-  T y = x + m.t1 * lo1 + m.t2 * hi1 + m.t3 * lo2 * lo2 + m.t4 * hi2 * hi2;
+  // A masked key has post = -inf: probability 0, so dy = 0 and every term below vanishes.
+  T y = x + m.t1 * lo1 + m.t2 * hi1 + m.t3 * lo2 * lo2 + m.t4 * hi2 * hi2 + post;
   // Kept keys have y <= lse; the clamp keeps a masked key's probability finite (its dy is 0 anyway).
   T prob = exp_(min0(y - lse));
   T dy = prob * (dp_io - delta);
@@ -269,7 +265,7 @@ inline void backward_elem(T u, T bias, T lse, T delta, T& dp_io, T& s_io, const 
 }
 
 void backward_row(float* s_row, float* dp_row, int64_t n, const Problem& p, const Scalars<float>& ms,
-                  const Scalars<Vec>& mv, const float* bias_row, const bool* mask_row, int64_t visible, float lse,
+                  const Scalars<Vec>& mv, const float* bias_row, const float* mask_row, int64_t visible, float lse,
                   float delta, ScalarGrads<float>& gs, ScalarGrads<Vec>& gv) {
   const float inv_cap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
   // Keys past the causal limit: no probability, no gradient.
@@ -279,19 +275,16 @@ void backward_row(float* s_row, float* dp_row, int64_t n, const Problem& p, cons
   const int64_t vn = vis - vis % Vec::size();
   for (; j < vn; j += Vec::size()) {
     Vec dp = Vec::loadu(dp_row + j), s = Vec::loadu(s_row + j);
-    Vec bias = bias_row ? Vec::loadu(bias_row + j) : zero;
-    backward_elem<Vec>(s, bias, lse_v, delta_v, dp, s, mv, p, cap_v, inv_cap_v, scale_v, gv, p.has_affine);
+    Vec bias = bias_row ? Vec::loadu(bias_row + j) : zero, post = mask_row ? Vec::loadu(mask_row + j) : zero;
+    backward_elem<Vec>(s, bias, post, lse_v, delta_v, dp, s, mv, p, cap_v, inv_cap_v, scale_v, gv, p.has_affine);
     dp.store(dp_row + j);
     s.store(s_row + j);
   }
   for (; j < vis; ++j) {
-    backward_elem<float>(s_row[j], bias_row ? bias_row[j] : 0.f, lse, delta, dp_row[j], s_row[j], ms, p, p.softcap,
+    backward_elem<float>(s_row[j], bias_row ? bias_row[j] : 0.f, mask_row ? mask_row[j] : 0.f, lse, delta, dp_row[j], s_row[j], ms, p, p.softcap,
                          inv_cap, p.scale, gs, p.has_affine);
   }
   for (; j < n; ++j) dp_row[j] = s_row[j] = 0.f;
-  if (mask_row)
-    for (int64_t t = 0; t < vis; ++t)
-      if (!mask_row[t]) dp_row[t] = 0.f;  // masked: P = 0 (its dS is already 0: see backward)
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
@@ -331,19 +324,13 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
             const int64_t r = r0 + i;
             float *s_row = s_tile.data() + i * n, *dp_row = dp_tile.data() + i * n;
             const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-            const bool* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+            const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
             const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
             const float row_lse = lp[bh * p.Q + r];
             if (row_lse == kInf) {  // nothing to attend: no gradient
               std::fill(s_row, s_row + n, 0.f);
               std::fill(dp_row, dp_row + n, 0.f);
               continue;
-            }
-            if (mask_row) {
-              // dP of a masked key is replaced by delta: then dy = p * (dP - delta) = 0 exactly, so
-              // every gradient term of that key vanishes; backward_row zeroes its P.
-              for (int64_t t = 0; t < n; ++t)
-                if (!mask_row[t]) dp_row[t] = delp[bh * p.Q + r];
             }
             backward_row(s_row, dp_row, n, p, ms, mv, bias_row, mask_row, visible, row_lse, delp[bh * p.Q + r], gs, gv);
           }
@@ -384,8 +371,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.bias = nullptr;
   if (mask.has_value()) {
     const auto& m = *mask;
-    TORCH_CHECK(m.dtype() == at::kBool && m.dim() == 4 && m.stride(3) == 1, "bool [B, H, Q, K] mask with contiguous keys expected");
-    p.mask = m.data_ptr<bool>();
+    TORCH_CHECK(m.dtype() == at::kFloat && m.dim() == 4 && m.stride(3) == 1, "fp32 0/-inf [B, H, Q, K] mask with contiguous keys expected");
+    p.mask = m.data_ptr<float>();
     for (int d = 0; d < 3; ++d) p.mask_s[d] = m.stride(d);
   }
   if (bias.has_value()) {
