@@ -27,7 +27,7 @@ __all__ = ["MAX_LEN", "QUICK", "bench_attention", "summary"]
 
 H, D = 8, 64
 # Where each backend stops being run (memory or time): eager materialises H*L*L fp32 scores several times.
-MAX_LEN = {"eager": 2048, "chunked": 16384, "flex": 16384, "sdpa": 16384}
+MAX_LEN = {"eager": 2048, "chunked": 16384, "fused": 16384, "flex": 16384, "sdpa": 16384}
 # The CI smoke run: tiny sizes, one repeat.
 QUICK = {"lengths": [128, 256], "memory_lengths": [256], "repeats": 1, "generate_tokens": 4}
 

@@ -66,7 +66,9 @@ def test_identity_parity_outputs_and_gradients(name, checkpoints):
         if ref_grads[pname].grad is None:
             assert p.grad is None or not p.grad.any(), pname
             continue
-        assert_close(p.grad, ref_grads[pname].grad, what=f"{name} grad {pname}")
+        # Relative to the gradient's size: the fused kernel sums in another order than eager/SDPA.
+        scale = ref_grads[pname].grad.abs().max().clamp_min(1.0)
+        assert_close(p.grad / scale, ref_grads[pname].grad / scale, what=f"{name} grad {pname}")
     assert any(m.t1.grad is not None and m.t1.grad.abs() > 0 for m in modulators), "scalars get no gradient"
 
 

@@ -100,8 +100,13 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
     if group > 1:  # grouped-query attention: the kernel returns one gradient per query head
         dk = dk.view(B, H // group, group, K, -1).sum(2)
         dv = dv.view(B, H // group, group, K, -1).sum(2)
-    per_head = dscalars.sum(0)  # [H, 10]
-    return dq, dk, dv, per_head[:, :8].contiguous(), per_head[:, 8:].contiguous()
+    per_head = dscalars.sum(0).t()  # [10, H]
+    dtheta, daffine = per_head[:8], per_head[8:]
+    if theta.shape[1] == 1:  # shared scalars: one sum over the heads
+        dtheta = dtheta.sum(1, keepdim=True)
+    if affine.shape[1] == 1:
+        daffine = daffine.sum(1, keepdim=True)
+    return dq, dk, dv, dtheta.contiguous(), daffine.contiguous()
 
 
 @_backward_op.register_fake
@@ -127,13 +132,16 @@ def _backward(ctx, grad_out, grad_lse):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _per_head(theta, affine, heads):
-    """theta `[8]`, `[8, H]` or `[8, H, 1, 1]` -> `[H, 8]` fp32 (affine likewise, zeros when absent).
-    Differentiable: autograd takes the kernel's per-head gradients back to the parameters' shapes."""
-    theta_h = theta.float().reshape(8, -1).expand(8, heads).t().contiguous()
+_NO_AFFINE = torch.zeros(2, 1)  # read, never written: the kernel's affine when there is none
+
+
+def _columns(theta, affine):
+    """theta `[8]`, `[8, H]` or `[8, H, 1, 1]` -> `[8, 1]` or `[8, H]` fp32 (affine likewise; a zero
+    constant when absent). Views where possible: decoding calls this for every layer and token."""
+    theta = theta.reshape(8, -1).float().contiguous()
     if affine is None:
-        return theta_h, theta_h.new_zeros(heads, 2)
-    return theta_h, affine.float().reshape(2, -1).expand(2, heads).t().contiguous()
+        return theta, _NO_AFFINE
+    return theta, affine.reshape(2, -1).float().contiguous()
 
 
 def fused_multimax_attention(
@@ -178,8 +186,7 @@ def fused_multimax_attention(
         bias = _full(bias.float(), B, H, Q, K)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap={softcap!r} must be positive or None")
-    H = query.shape[1]
-    theta_h, affine_h = _per_head(theta, affine, H)
+    theta_h, affine_h = _columns(theta, affine)
     q, k, v = (t.float().contiguous() for t in (query, key, value))
     args = (q, k, v, theta_h, affine_h, mask, bias, bool(is_causal), float(scale), float(softcap or 0.0),
             affine is not None)

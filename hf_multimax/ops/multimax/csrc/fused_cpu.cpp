@@ -4,8 +4,8 @@
 // the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
 // the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars.
 //
-// Inputs are fp32 and contiguous (the Python side converts); the scalars arrive per head, [H, 8] and
-// [H, 2], so shared scalars are a broadcast there. The maths is the one of ops/multimax/naive.py.
+// Inputs are fp32 and contiguous (the Python side converts); the scalars arrive as [8, 1] (shared) or
+// [8, H] (per head), the affine as [2, 1] or [2, H] (zeros without affine). The maths is the one of ops/multimax/naive.py.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -63,9 +63,10 @@ inline Vec exp_(const Vec& x) { return x.exp_u20(); }
 template <typename T>
 struct Scalars {
   T t1, t2, t3, t4, b1, d1, b2, d2, scale_a, shift_c;
-  Scalars(const float* theta, const float* affine)
-      : t1(theta[0]), t2(theta[1]), t3(theta[2]), t4(theta[3]), b1(theta[4]), d1(theta[5]), b2(theta[6]),
-        d2(theta[7]), scale_a(1.f + affine[0]), shift_c(affine[1]) {}
+  // Column h of theta [8, n] and affine [2, m] (n, m: 1 for shared scalars).
+  Scalars(const float* theta, int64_t n, const float* affine, int64_t m)
+      : t1(theta[0 * n]), t2(theta[1 * n]), t3(theta[2 * n]), t4(theta[3 * n]), b1(theta[4 * n]), d1(theta[5 * n]),
+        b2(theta[6 * n]), d2(theta[7 * n]), scale_a(1.f + affine[0]), shift_c(affine[m]) {}
 };
 
 // Everything about a call that is not a tensor of scores.
@@ -166,6 +167,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   auto lse = at::empty({p.B, p.H, p.Q}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
+  const int64_t tn = theta.size(1), an = affine.size(1);
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const int64_t q_blocks = (p.Q + kQueryBlock - 1) / kQueryBlock, group = p.H / p.Hkv;
 
@@ -177,8 +179,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t kvh = b * p.Hkv + h / group;
       const float* qb = qp + (bh * p.Q + r0) * p.D;
       const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
-      const Scalars<float> ms(tp + h * 8, ap + h * 2);
-      const Scalars<Vec> mv(tp + h * 8, ap + h * 2);
+      const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
+      const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
+      const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
       std::fill(acc.begin(), acc.begin() + rows * p.Dv, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -296,6 +299,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dscalars = at::zeros({p.B, p.H, 10}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
+  const int64_t tn = theta.size(1), an = affine.size(1);
   const float *dop = dout.data_ptr<float>(), *lp = lse.data_ptr<float>(), *delp = delta.data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dsp = dscalars.data_ptr<float>();
@@ -306,8 +310,9 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
       const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
-      const Scalars<float> ms(tp + h * 8, ap + h * 2);
-      const Scalars<Vec> mv(tp + h * 8, ap + h * 2);
+      const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
+      const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
+      const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
       ScalarGrads<float> gs;
       ScalarGrads<Vec> gv;
       for (int64_t r0 = 0; r0 < p.Q; r0 += kQueryBlock) {
@@ -344,11 +349,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
         out[g] = gs.g[g] + hsum(gv.g[g]);
       // The accumulators hold dy*[x<b1], dy*[x>d1], dy*relu(b2-x), dy*relu(x-d2): the gradients of
       // b1, d1, b2, d2 are these times t1, -t2, 2*t3, -2*t4.
-      const float* th = tp + h * 8;
-      out[4] *= th[0];
-      out[5] *= -th[1];
-      out[6] *= 2.f * th[2];
-      out[7] *= -2.f * th[3];
+      out[4] *= ms.t1;
+      out[5] *= -ms.t2;
+      out[6] *= 2.f * ms.t3;
+      out[7] *= -2.f * ms.t4;
     }
   });
   return {dq, dk, dv, dscalars};
