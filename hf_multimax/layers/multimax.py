@@ -119,8 +119,11 @@ class MultiMaxModulator(MethodLayer):
     def theta(self) -> torch.Tensor:
         """`[8]` or `[8, num_heads]`: the scalars in `THETA_NAMES` order, zeros for pieces this order lacks."""
         params = self._parameters  # looked up per call: loading and .to() replace the tensors
-        zero = params["t1"].new_zeros(params["t1"].shape)
-        theta = torch.stack([params.get(n, zero) for n in THETA_NAMES])
+        if self.order == 2:
+            theta = torch.stack([params[n] for n in THETA_NAMES])
+        else:
+            zero = params["t1"].new_zeros(params["t1"].shape)
+            theta = torch.stack([params.get(n, zero) for n in THETA_NAMES])
         return theta if self.num_heads is not None else theta.reshape(len(THETA_NAMES))
 
     def affine_params(self) -> torch.Tensor | None:
@@ -142,10 +145,25 @@ class MultiMaxModulator(MethodLayer):
         returned in x.dtype.
         """
         if x is None:
-            return self.theta(), self.affine_params()
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return self.theta(), self.affine_params()
+            return self._inference_params()
         if self.num_heads is not None:
             raise ValueError("per-head scalars need the head axis: use them through the attention function")
         return naive_multimax_modulate(x.float(), self.theta(), self.affine_params()).to(x.dtype)
+
+    def _inference_params(self):
+        """`(theta, affine)` without gradient, rebuilt only when a parameter changed: decoding asks for
+        them in every layer for every token. A parameter replaced (loading, `.to()`) is another object
+        and one changed in place (an optimizer step, `fill_`) has a new version: either rebuilds."""
+        params = tuple(self._parameters.values())
+        versions = tuple(p._version for p in params)
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], params)) \
+                or len(cached[0]) != len(params):
+            cached = (params, versions, (self.theta(), self.affine_params()))
+            self.__dict__["_inference_cache"] = cached
+        return cached[2]
 
     def extra_repr(self) -> str:
         heads = "shared" if self.num_heads is None else f"per_head={self.num_heads}"

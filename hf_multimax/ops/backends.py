@@ -14,6 +14,7 @@ method's), e.g. to work around a broken compiler stack.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from typing import Callable
@@ -68,10 +69,15 @@ class Backend:
     available: Callable[[], tuple[bool, str]] = lambda: (True, "")
 
     def is_available(self, method: str) -> tuple[bool, str]:
-        disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
-        if self.name in disabled or f"{method}:{self.name}" in disabled:
-            return False, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}"
+        value = os.environ.get(DISABLE_ENV, "")
+        if value and (self.name in _disabled(value) or f"{method}:{self.name}" in _disabled(value)):
+            return False, f"disabled by {DISABLE_ENV}={value!r}"
         return self.available()
+
+
+@functools.lru_cache(maxsize=16)
+def _disabled(value: str) -> frozenset[str]:
+    return frozenset(n.strip() for n in value.split(",") if n.strip())
 
 
 class BackendRegistry(Mapping):
@@ -86,6 +92,7 @@ class BackendRegistry(Mapping):
     def __init__(self, method: str, backends: list[Backend]):
         self.method = method
         self._backends = {b.name: b for b in backends}  # iterated in declaration order (reference first)
+        self._by_priority = sorted(self._backends.values(), key=lambda b: -b.priority)
 
     def __getitem__(self, name: str) -> Callable:
         return self._backends[name].kernel
@@ -93,6 +100,7 @@ class BackendRegistry(Mapping):
     def __setitem__(self, name: str, kernel: Callable) -> None:
         """Swap the kernel of an existing backend (a wrapper for tracing or profiling)."""
         self._backends[name] = dataclasses.replace(self._backends[name], kernel=kernel)
+        self._by_priority = sorted(self._backends.values(), key=lambda b: -b.priority)
 
     def __iter__(self):
         return iter(self._backends)
@@ -119,7 +127,7 @@ class BackendRegistry(Mapping):
         # Availability is asked last: it may build a kernel, which only a backend that would be
         # taken should pay for.
         reasons, capable = [], []
-        for backend in sorted(self._backends.values(), key=lambda b: -b.priority):
+        for backend in self._by_priority:
             ok, reason = backend.supports(call)
             if not ok:
                 reasons.append(f"{backend.name}: {reason}")

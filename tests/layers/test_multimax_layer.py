@@ -67,3 +67,19 @@ def test_reset_parameters_restores_identity():
 def test_modulator_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MultiMaxModulator(**kwargs)
+
+
+def test_inference_params_follow_every_change():
+    """Without gradient the scalars are stacked once and reused; any change must show on the next call."""
+    mod = MultiMaxModulator(order=2, num_heads=3, affine=True)
+    with torch.no_grad():
+        theta, affine = mod()
+        assert not theta.any() and mod()[0] is theta  # reused while nothing changes
+        mod.t1.fill_(0.5)  # in place (an optimizer step, a manual edit)
+        assert torch.equal(mod()[0][0], torch.full((3,), 0.5))
+        mod.load_state_dict({**mod.state_dict(), "affine_shift": torch.ones(3)})  # copied in
+        assert torch.equal(mod()[1][1], torch.ones(3))
+        mod.t2 = torch.nn.Parameter(torch.full((3,), 2.0))  # replaced
+        assert torch.equal(mod()[0][1], torch.full((3,), 2.0))
+    theta, _ = mod()  # with gradient: a fresh stack that autograd sees
+    assert theta.requires_grad

@@ -159,6 +159,9 @@ bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t 
 }
 
 constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds per thread worth a fork (~10 us)
+
+int64_t grain_for(int64_t task_work) { return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, task_work)); }
 constexpr int64_t kKeyBlock = 512;
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
@@ -171,7 +174,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const int64_t q_blocks = (p.Q + kQueryBlock - 1) / kQueryBlock, group = p.H / p.Hkv;
 
-  at::parallel_for(0, p.B * p.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  // Small calls (decoding: one query against a short cache) run on one thread: waking the others
+  // costs more than the work, and a busy core would stall every call.
+  const int64_t task_work = std::min(kQueryBlock, p.Q) * p.key_end(p.Q - 1) * (p.D + p.Dv);
+  at::parallel_for(0, p.B * p.H * q_blocks, grain_for(task_work), [&](int64_t begin, int64_t end) {
     std::vector<float> tile(kQueryBlock * kKeyBlock), acc(kQueryBlock * p.Dv), m(kQueryBlock), l(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / p.H, h = bh % p.H, r0 = (task % q_blocks) * kQueryBlock;
@@ -305,7 +311,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   float* dsp = dscalars.data_ptr<float>();
   const int64_t group = p.H / p.Hkv;
 
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.H, grain_for(3 * p.Q * p.key_end(p.Q - 1) * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     std::vector<float> s_tile(kQueryBlock * kKeyBlock), dp_tile(kQueryBlock * kKeyBlock);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
