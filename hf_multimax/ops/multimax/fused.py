@@ -39,8 +39,17 @@ _CAPABILITY_FLAGS = {
 @functools.cache
 def load_fused_extension():
     """Build (first time) and import the C++ extension. Raises with the compiler's reason."""
+    import shutil
+
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) puts it beside the venv's python
+        try:
+            import ninja
+
+            os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+        except ImportError:
+            pass  # load() then says that ninja is missing
     capability = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, [])]
     name = f"hf_multimax_fused_cpu_{capability.lower()}"
