@@ -23,7 +23,13 @@ def settings_of(module: torch.nn.Module, settings_cls: type[ConfigSettings]) -> 
             f"{type(module).__name__} has no `config`: {settings_cls.config_key} reads its settings from the attention "
             "module's config"
         )
-    return settings_cls.from_config(config)
+    # What the `PreTrainedConfig.<method>` property returns, without transformers' attribute lookup
+    # (this runs in every layer for every token).
+    values = config.__dict__.get(settings_cls.config_key, _ABSENT)
+    return settings_cls.from_config(config) if values is _ABSENT else settings_cls.from_dict(values)
+
+
+_ABSENT = object()
 
 
 def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], settings: ConfigSettings):
@@ -38,6 +44,9 @@ def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], setting
             f"with from_pretrained/from_config(attn_implementation='{name}') or call "
             f"model.set_attn_implementation('{name}') after `import hf_multimax`."
         )
+    # The check below holds until the settings (cached per distinct dict) or the layer change.
+    if module.__dict__.get("_hf_multimax_fits") == (settings, layer):
+        return layer()
     wanted = layer_cls.structure_for(settings, module)
     if layer.structure != wanted:
         running = module.config._attn_implementation
@@ -46,6 +55,7 @@ def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], setting
             f"change of its parameters' shape is applied with model.set_attn_implementation({running!r}) (which "
             "refuses to drop trained parameters), not by editing the config alone"
         )
+    module.__dict__["_hf_multimax_fits"] = (settings, layer)
     return layer()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import ClassVar
 
 import torch
@@ -15,6 +16,7 @@ from .settings import ConfigSettings
 __all__ = ["MultiMaxSettings", "MultiMaxModulator"]
 
 ORDERS = (1, 2)
+_VERSION = operator.attrgetter("_version")
 # Names of the scalars each order learns; order 1 has the linear pieces only.
 _ORDER_PARAMS = {1: ("t1", "t2", "b1", "d1"), 2: ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")}
 
@@ -157,10 +159,10 @@ class MultiMaxModulator(MethodLayer):
         them in every layer for every token. A parameter replaced (loading, `.to()`) is another object
         and one changed in place (an optimizer step, `fill_`) has a new version: either rebuilds."""
         params = tuple(self._parameters.values())
-        versions = tuple(p._version for p in params)
+        versions = tuple(map(_VERSION, params))
         cached = self.__dict__.get("_inference_cache")
-        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], params)) \
-                or len(cached[0]) != len(params):
+        if cached is None or cached[1] != versions or len(cached[0]) != len(params) \
+                or not all(map(operator.is_, cached[0], params)):
             cached = (params, versions, (self.theta(), self.affine_params()))
             self.__dict__["_inference_cache"] = cached
         return cached[2]

@@ -17,16 +17,16 @@ import dataclasses
 import functools
 import os
 from collections.abc import Mapping
-from typing import Callable
+from typing import Callable, NamedTuple
 
 __all__ = ["AttentionCall", "Backend", "BackendRegistry", "always"]
 
 DISABLE_ENV = "HF_MULTIMAX_DISABLE_BACKENDS"
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionCall:
-    """What a backend needs to know about one attention call to say whether it can serve it.
+class AttentionCall(NamedTuple):
+    """What a backend needs to know about one attention call to say whether it can serve it (a
+    NamedTuple: built for every attention call, so it must be cheap).
 
     Attributes:
         device (`str`): `query.device.type`.
@@ -59,6 +59,12 @@ class Backend:
         supports (`Callable[[AttentionCall], tuple[bool, str]]`): can it compute this call correctly.
         preferred (`Callable[[AttentionCall], bool]`): should `auto` take it for this call.
         available (`Callable[[], tuple[bool, str]]`): can it run in this process (imports, versions).
+        prepare_inference (`Callable`, *optional*): `(theta-like params..., softcap) -> run(query, key,
+            value, scale, is_causal)`, the kernel with its learnable inputs converted once, for repeated
+            no-gradient calls on unmasked inputs (decoding). Callers rebuild it when the inputs change.
+        reads_lengths (`bool`): `supports` or `preferred` look at `q_len`/`k_len`. The registry keeps
+            `auto`'s choice per kind of call (lengths aside) when no backend it asked reads them:
+            decoding resolves once, not once per token.
     """
 
     name: str
@@ -67,6 +73,8 @@ class Backend:
     supports: Callable[[AttentionCall], tuple[bool, str]] = always
     preferred: Callable[[AttentionCall], bool] = lambda call: True
     available: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    reads_lengths: bool = False
+    prepare_inference: Callable | None = None
 
     def is_available(self, method: str) -> tuple[bool, str]:
         value = os.environ.get(DISABLE_ENV, "")
@@ -93,6 +101,7 @@ class BackendRegistry(Mapping):
         self.method = method
         self._backends = {b.name: b for b in backends}  # iterated in declaration order (reference first)
         self._by_priority = sorted(self._backends.values(), key=lambda b: -b.priority)
+        self._chosen: dict[tuple, Backend] = {}  # auto's choices that do not depend on lengths
 
     def __getitem__(self, name: str) -> Callable:
         return self._backends[name].kernel
@@ -101,6 +110,7 @@ class BackendRegistry(Mapping):
         """Swap the kernel of an existing backend (a wrapper for tracing or profiling)."""
         self._backends[name] = dataclasses.replace(self._backends[name], kernel=kernel)
         self._by_priority = sorted(self._backends.values(), key=lambda b: -b.priority)
+        self._chosen.clear()
 
     def __iter__(self):
         return iter(self._backends)
@@ -124,10 +134,31 @@ class BackendRegistry(Mapping):
                         f"(it picks one that can) or one of {tuple(self)}"
                     )
             return backend
+        # Availability can change with the environment variable only (a build is tried once per process).
+        kind = (call.device, call.needs_grad, call.want_probs, call.dropout, os.environ.get(DISABLE_ENV, ""))
+        chosen = self._chosen.get(kind)
+        if chosen is not None:
+            return chosen
+        chosen, asked = self._resolve_auto(call)
+        if not any(b.reads_lengths for b in asked):
+            self._chosen[kind] = chosen
+        return chosen
+
+    def resolve_for_any_length(self, requested: str, call: AttentionCall) -> Backend | None:
+        """`resolve(requested, call)` when that choice holds for every q_len/k_len of the same kind
+        of call (so a caller may keep it while decoding), else None."""
+        backend = self.resolve(requested, call)
+        if requested != "auto":
+            return None if backend.reads_lengths else backend
+        kind = (call.device, call.needs_grad, call.want_probs, call.dropout, os.environ.get(DISABLE_ENV, ""))
+        return backend if self._chosen.get(kind) is backend else None
+
+    def _resolve_auto(self, call: AttentionCall) -> tuple[Backend, list[Backend]]:
         # Availability is asked last: it may build a kernel, which only a backend that would be
         # taken should pay for.
-        reasons, capable = [], []
+        reasons, capable, asked = [], [], []
         for backend in self._by_priority:
+            asked.append(backend)
             ok, reason = backend.supports(call)
             if not ok:
                 reasons.append(f"{backend.name}: {reason}")
@@ -136,11 +167,11 @@ class BackendRegistry(Mapping):
             else:
                 ok, reason = backend.is_available(self.method)
                 if ok:
-                    return backend
+                    return backend, asked
                 reasons.append(f"{backend.name}: {reason}")
         for backend in capable:
             ok, reason = backend.is_available(self.method)
             if ok:
-                return backend
+                return backend, asked
             reasons.append(f"{backend.name}: {reason}")
         raise ValueError(f"no {self.method} backend can run this call ({'; '.join(reasons)})")

@@ -81,3 +81,37 @@ def test_masks_sdpa_would_refuse_are_refused(mask, message):
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match=message):
         multimax_attention_forward(attn, q, k, k, mask, scaling=8**-0.5)
+
+
+def test_decoding_fast_path_follows_every_change():
+    """Unmasked no-gradient calls reuse the last call's scalars and kernel; each change below must
+    show in the next output, as the full path (backend 'eager', the reference) computes it."""
+    model, _ = pair("multimax")
+    ref, _ = pair("multimax:eager")
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(4))
+
+    def same(step):
+        with torch.no_grad():
+            for m in (model, ref):
+                step(m)
+            got, want = model(ids).logits, ref(ids).logits
+        assert_close(got, want, what="fast path vs eager")
+        return got
+
+    first = same(lambda m: None)
+    plan = model.model.layers[0].self_attn.__dict__.get("_hf_multimax_plan")
+    assert plan is not None, "an unmasked no-gradient call keeps a plan"
+    changed = same(lambda m: m.model.layers[0].self_attn.multimax.t1.fill_(0.4))  # in place
+    assert not torch.equal(first, changed)
+    same(lambda m: m.load_state_dict({**m.state_dict(), "model.layers.1.self_attn.multimax.t3": torch.full((1,), -0.2)}))
+    same(lambda m: m.config.multimax.update(affine=False))  # an edit of the settings dict (same structure)
+    with pytest.raises(ValueError, match="set_attn_implementation"):  # a shape edit is still refused
+        same(lambda m: m.config.multimax.update(order=1))
+    model.config.multimax.update(order=2)
+    ref.config.multimax.update(order=2)
+    same(lambda m: m.to(torch.bfloat16).to(torch.float32))  # `.to()` replaces the storage, not the version
+    model.train()
+    ref.train()
+    with torch.no_grad():  # training mode and masks take the full path
+        assert_close(model(ids, attention_mask=torch.ones_like(ids)).logits,
+                     ref(ids, attention_mask=torch.ones_like(ids)).logits, what="masked")

@@ -9,7 +9,7 @@ import importlib.util
 from ..backends import AttentionCall, Backend, BackendRegistry
 from .chunked import chunked_multimax_attention
 from .flex import flex_is_available, flex_multimax_attention
-from .fused import fused_is_available, fused_multimax_attention
+from .fused import fused_is_available, fused_multimax_attention, prepare_fused_inference
 from .naive import THETA_NAMES, naive_multimax_attention, naive_multimax_modulate
 
 # Without the fused kernel: below this many scores per (batch, head) materialising them is cheap and
@@ -47,11 +47,12 @@ BACKENDS = BackendRegistry(
         # The reference: serves every call (probabilities, dropout); fastest on short inputs.
         Backend("eager", naive_multimax_attention, priority=10),
         Backend("chunked", chunked_multimax_attention, priority=20, supports=_fused_supports,
-                preferred=lambda call: call.q_len * call.k_len >= AUTO_MIN_SCORES),
+                preferred=lambda call: call.q_len * call.k_len >= AUTO_MIN_SCORES, reads_lengths=True),
         # One C++ call per layer, forward and backward; measured faster than eager and chunked at every
         # length from 1 (decoding) to 4096 (docs/bench_attention.md), so `auto` takes it on CPU whenever
         # it can serve the call and could be built.
-        Backend("fused", fused_multimax_attention, priority=25, supports=fused_supports, available=fused_is_available),
+        Backend("fused", fused_multimax_attention, priority=25, supports=fused_supports, available=fused_is_available,
+                prepare_inference=prepare_fused_inference),
         # Forward and backward fused by torch.compile on GPU; `auto` takes it there only.
         Backend("flex", flex_multimax_attention, priority=30, supports=flex_supports, available=flex_is_available,
                 preferred=lambda call: call.device == "cuda"),

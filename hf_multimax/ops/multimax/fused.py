@@ -23,7 +23,7 @@ import torch
 from ..naive_attention import check_qkv
 from .naive import check_theta
 
-__all__ = ["fused_is_available", "fused_multimax_attention", "load_fused_extension"]
+__all__ = ["fused_is_available", "fused_multimax_attention", "load_fused_extension", "prepare_fused_inference"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +213,24 @@ def _full(t, B, H, Q, K):
         t = t.unsqueeze(0)
     t = t.expand(B, H, Q, K)
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def prepare_fused_inference(theta: torch.Tensor, affine: torch.Tensor | None, softcap: float | None):
+    """A no-gradient call with these scalars fixed, for decoding: `run(query, key, value, scale,
+    is_causal) -> out [B, H, Q, Dv]` for unmasked inputs, the scalars converted once. Checks what
+    changes per call (shapes, dtype of the output) and nothing else; the caller keeps it only while
+    the scalars, settings and backend choice stay the same."""
+    theta_h, affine_h = _columns(theta.detach(), None if affine is None else affine.detach())
+    ext, has_affine, cap = load_fused_extension(), affine is not None, float(softcap or 0.0)
+    if cap < 0:
+        raise ValueError(f"softcap={softcap!r} must be positive or None")
+
+    def run(query, key, value, scale, is_causal):
+        if query.shape[1] % key.shape[1] or theta_h.shape[1] not in (1, query.shape[1]):
+            check_qkv(query, key, value)  # raises with the reason
+            raise ValueError(f"{theta_h.shape[1]} per-head scalars for {query.shape[1]} query heads")
+        out, _ = ext.forward(query.float().contiguous(), key.float().contiguous(), value.float().contiguous(),
+                             theta_h, affine_h, None, None, is_causal, scale, cap, has_affine)
+        return out.to(value.dtype)
+
+    return run
