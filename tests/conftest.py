@@ -5,6 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No GPU here: Triton kernels run in Triton's interpreter, which reads this before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import hf_multimax  # noqa: E402,F401  (registers the attention implementations)
 

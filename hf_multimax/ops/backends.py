@@ -34,6 +34,7 @@ class AttentionCall(NamedTuple):
         needs_grad (`bool`): a backward will run through the call.
         want_probs (`bool`): the caller asked for the attention probabilities (`output_attentions`).
         dropout (`float`): attention dropout probability (0 outside training).
+        same_head_dims (`bool`): query and value heads have the same size.
     """
 
     device: str
@@ -42,6 +43,7 @@ class AttentionCall(NamedTuple):
     needs_grad: bool = False
     want_probs: bool = False
     dropout: float = 0.0
+    same_head_dims: bool = True
 
 
 def always(call: AttentionCall) -> tuple[bool, str]:
@@ -135,7 +137,7 @@ class BackendRegistry(Mapping):
                     )
             return backend
         # Availability can change with the environment variable only (a build is tried once per process).
-        kind = (call.device, call.needs_grad, call.want_probs, call.dropout, os.environ.get(DISABLE_ENV, ""))
+        kind = (*call[:1], *call[3:], os.environ.get(DISABLE_ENV, ""))  # everything but the lengths
         chosen = self._chosen.get(kind)
         if chosen is not None:
             return chosen
@@ -150,7 +152,7 @@ class BackendRegistry(Mapping):
         backend = self.resolve(requested, call)
         if requested != "auto":
             return None if backend.reads_lengths else backend
-        kind = (call.device, call.needs_grad, call.want_probs, call.dropout, os.environ.get(DISABLE_ENV, ""))
+        kind = (*call[:1], *call[3:], os.environ.get(DISABLE_ENV, ""))
         return backend if self._chosen.get(kind) is backend else None
 
     def _resolve_auto(self, call: AttentionCall) -> tuple[Backend, list[Backend]]:

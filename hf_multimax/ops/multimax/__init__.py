@@ -10,6 +10,7 @@ from ..backends import AttentionCall, Backend, BackendRegistry
 from .chunked import chunked_multimax_attention
 from .flex import flex_is_available, flex_multimax_attention
 from .fused import fused_is_available, fused_multimax_attention, prepare_fused_inference
+from .triton_kernel import triton_is_available, triton_multimax_attention
 from .naive import THETA_NAMES, naive_multimax_attention, naive_multimax_modulate
 
 # Without the fused kernel: below this many scores per (batch, head) materialising them is cheap and
@@ -29,6 +30,14 @@ def _fused_supports(call: AttentionCall) -> tuple[bool, str]:
 def fused_supports(call: AttentionCall) -> tuple[bool, str]:
     if call.device != "cpu":
         return False, f"it is a CPU kernel (the call is on {call.device})"
+    return _fused_supports(call)
+
+
+def triton_supports(call: AttentionCall) -> tuple[bool, str]:
+    if call.device != "cuda":  # TRITON_INTERPRET=1 runs the kernel function on CPU, for tests only
+        return False, f"it is a GPU kernel (the call is on {call.device})"
+    if not call.same_head_dims:
+        return False, "it needs query and value heads of the same size"
     return _fused_supports(call)
 
 
@@ -56,6 +65,11 @@ BACKENDS = BackendRegistry(
         # Forward and backward fused by torch.compile on GPU; `auto` takes it there only.
         Backend("flex", flex_multimax_attention, priority=30, supports=flex_supports, available=flex_is_available,
                 preferred=lambda call: call.device == "cuda"),
+        # FlashAttention-2 in Triton with the modulator in the tile, forward and backward. Taken on CUDA
+        # for training, where flex's backward with learnable scalars has open torch issues
+        # (pytorch#145208); not yet measured against flex (no GPU was available).
+        Backend("triton", triton_multimax_attention, priority=35, supports=triton_supports,
+                available=triton_is_available, preferred=lambda call: call.device == "cuda" and call.needs_grad),
     ],
 )
 
@@ -67,6 +81,8 @@ __all__ = [
     "flex_supports",
     "fused_multimax_attention",
     "fused_supports",
+    "triton_multimax_attention",
+    "triton_supports",
     "flex_multimax_attention",
     "naive_multimax_attention",
     "naive_multimax_modulate",
