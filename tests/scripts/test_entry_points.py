@@ -85,3 +85,9 @@ def test_bench_build_time_quick(tmp_path):
     assert set(data["ratio_to_without_plugin"]) == {"without plugin", "plugin imported, sdpa", "multimax"}
     assert out.with_suffix(".png").stat().st_size > 5_000
     assert result.stdout.strip().splitlines()[-1].startswith("SMOKE RUN, no claim")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_bench_gpu_refuses_without_cuda(tmp_path):
+    out = run(["scripts/bench_gpu.py", "--quick"], tmp_path)
+    assert out.returncode == 2 and "no CUDA device" in out.stderr, out.stderr
