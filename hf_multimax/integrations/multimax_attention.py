@@ -61,8 +61,8 @@ def multimax_attention_forward(
     """
     if kwargs.get("s_aux") is not None:
         raise ValueError("multimax does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
-    decoding = attention_mask is None and not torch.is_grad_enabled() and not module.training \
-        and not kwargs.get("output_attentions") and query.device.type == "cpu" and not torch.compiler.is_compiling()
+    decoding = not torch.compiler.is_compiling() and attention_mask is None and not torch.is_grad_enabled() \
+        and not module.training and not kwargs.get("output_attentions") and query.device.type == "cpu"
     if decoding:
         plan = module.__dict__.get("_hf_multimax_plan")
         if plan is not None and plan.holds(module, kwargs.get("softcap")):

@@ -1,5 +1,7 @@
 """The backend choice reaches the kernels inside real models, and each backend agrees with eager."""
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
@@ -102,6 +104,10 @@ def test_auto_decision_table(monkeypatch):
     assert resolve_backend("flex", *small) == "flex"
     with pytest.raises(ValueError, match="backend='chunked' cannot run this call: output_attentions=True"):
         resolve_backend("chunked", *small, want_probs=True)
+    # On a GPU: Triton for training (where installed), flex for inference.
+    if importlib.util.find_spec("triton") is not None:
+        assert BACKENDS.resolve("auto", AttentionCall("cuda", 1024, 1024, needs_grad=True)).name == "triton"
+    assert BACKENDS.resolve("auto", AttentionCall("cuda", 1024, 1024)).name == "flex"
     # ...and without the fused kernel (no compiler), the previous table: eager short, chunked long.
     monkeypatch.setenv("HF_MULTIMAX_DISABLE_BACKENDS", "fused")
     assert resolve_backend("auto", *big) == "chunked"

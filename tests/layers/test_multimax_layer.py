@@ -17,7 +17,7 @@ def test_settings_defaults_and_round_trip():
     [
         ({"order": 0}, r"multimax.order=0 .*allowed values: \(1, 2\)"),
         ({"order": "2"}, "multimax.order='2'"),
-        ({"backend": "triton"}, r"multimax.backend='triton' .*allowed values: \('auto', 'eager', 'chunked', 'fused', 'flex'\)"),
+        ({"backend": "xformers"}, r"multimax.backend='xformers' .*allowed values: \('auto', 'eager', 'chunked', 'fused', 'flex', 'triton'\)"),
         ({"affine": 1}, "multimax.affine=1 must be a bool"),
         ({"output_head": None}, "multimax.output_head=None must be a bool"),
         ({"orders": 2}, r"unknown multimax setting\(s\) \['orders'\]; allowed keys"),

@@ -34,6 +34,18 @@ scorers = {n: p.detach().double().sum().item() for n, p in trainer.model.named_p
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"scorers": scorers, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                "kl": [h["sparsemix_kl"] for h in trainer.state.log_history if "loss" in h]}, f)
-if torch.distributed.is_initialized():  # a clean teardown: gloo's threads abort a process that exits without one
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+
+
+def _leave():
+    """After the results are written: gloo's background threads sometimes abort interpreter teardown
+    ("terminate called without an active exception", seen under load on 2 cores), failing a run that
+    finished. Tear the group down, then leave without running the C++ static destructors."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+_leave()

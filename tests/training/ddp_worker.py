@@ -31,6 +31,18 @@ with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"scalars": multimax_scalars(trainer.model),
                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}, f)
-if torch.distributed.is_initialized():  # a clean teardown: gloo's threads abort a process that exits without one
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+
+
+def _leave():
+    """After the results are written: gloo's background threads sometimes abort interpreter teardown
+    ("terminate called without an active exception", seen under load on 2 cores), failing a run that
+    finished. Tear the group down, then leave without running the C++ static destructors."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+_leave()
