@@ -204,8 +204,9 @@ def sync_model(model: PreTrainedModel) -> None:
 
 def _check_config_at_forward(model, args):
     """What the attention functions cannot see from inside the model, checked by the outermost one."""
-    head = output_head_of(model)
-    settings = MultiMaxSettings.from_config(model.config) if getattr(model.config, "multimax", None) else None
+    values = model.config.__dict__.get("multimax")  # what the config property returns, read directly
+    settings = MultiMaxSettings.from_dict(values) if values else None
+    head = output_head_of(model) if settings is not None and settings.output_head else None
     if settings is not None and settings.output_head and (head is None or _layer_at(head, "multimax") is None):
         raise ValueError(
             f"config.multimax['output_head'] is True but {type(model).__name__} has no MultiMax scalars on its "

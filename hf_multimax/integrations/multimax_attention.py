@@ -66,7 +66,10 @@ def multimax_attention_forward(
     if decoding:
         plan = module.__dict__.get("_hf_multimax_plan")
         if plan is not None and plan.holds(module, kwargs.get("softcap")):
-            key, value, _, _, is_causal = prepare_inputs(module, query, key, value, None, kwargs)
+            if query.shape[2] == 1:  # one new token sees every cached key, causal or not
+                is_causal = False
+            else:
+                key, value, _, _, is_causal = prepare_inputs(module, query, key, value, None, kwargs)
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             return plan.run(query, key, value, scale, is_causal).transpose(1, 2).contiguous(), None
     settings = settings_of(module, MultiMaxSettings)
