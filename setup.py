@@ -13,4 +13,5 @@ MODELING = ["hf_multimax.modeling"] + [f"hf_multimax.modeling.{name}" for name i
 setup(
     packages=find_namespace_packages(include=["hf_multimax", "hf_multimax.*"]) + MODELING,
     package_dir={"hf_multimax.modeling": "modeling"},
+    package_data={"hf_multimax.ops.multimax": ["csrc/*.cpp"]},  # the fused kernel is compiled where it runs
 )
