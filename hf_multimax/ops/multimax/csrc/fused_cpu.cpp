@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -178,7 +179,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   // costs more than the work, and a busy core would stall every call.
   const int64_t task_work = std::min(kQueryBlock, p.Q) * p.key_end(p.Q - 1) * (p.D + p.Dv);
   at::parallel_for(0, p.B * p.H * q_blocks, grain_for(task_work), [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(kQueryBlock * kKeyBlock), acc(kQueryBlock * p.Dv), m(kQueryBlock), l(kQueryBlock);
+    // Sized for this call, uninitialised (every entry is written before it is read): a decoding step
+    // needs one row of a few hundred keys, not a 64 x 512 tile.
+    const int64_t max_rows = std::min(kQueryBlock, p.Q), max_cols = std::min(kKeyBlock, std::max<int64_t>(1, p.K));
+    std::unique_ptr<float[]> tile_buf(new float[max_rows * max_cols]), acc_buf(new float[max_rows * p.Dv]);
+    float *tile = tile_buf.get(), *acc = acc_buf.get();
+    std::vector<float> m(max_rows), l(max_rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / p.H, h = bh % p.H, r0 = (task % q_blocks) * kQueryBlock;
       const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
@@ -188,17 +194,17 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
       const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
       const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
-      std::fill(acc.begin(), acc.begin() + rows * p.Dv, 0.f);
+      std::fill(acc, acc + rows * p.Dv, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t c_end = p.key_end(r1 - 1);
       for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
         const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
         if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-        gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, tile.data(), n);
+        gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, tile, n);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = r0 + i;
-          float* row = tile.data() + i * n;
+          float* row = tile + i * n;
           const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
           const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
           const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
@@ -210,12 +216,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           const float corr = std::exp(m[i] - mx);  // 0 when m was -inf
           l[i] = l[i] * corr + exp_row(row, n, mx);
           if (corr != 1.f) {
-            float* a = acc.data() + i * p.Dv;
+            float* a = acc + i * p.Dv;
             for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
           }
           m[i] = mx;
         }
-        gemm(false, false, rows, p.Dv, n, 1.f, tile.data(), n, vb + c0 * p.Dv, p.Dv, 1.f, acc.data(), p.Dv);
+        gemm(false, false, rows, p.Dv, n, 1.f, tile, n, vb + c0 * p.Dv, p.Dv, 1.f, acc, p.Dv);
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = op + (bh * p.Q + r0 + i) * p.Dv;
@@ -312,7 +318,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   const int64_t group = p.H / p.Hkv;
 
   at::parallel_for(0, p.B * p.H, grain_for(3 * p.Q * p.key_end(p.Q - 1) * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
-    std::vector<float> s_tile(kQueryBlock * kKeyBlock), dp_tile(kQueryBlock * kKeyBlock);
+    const int64_t max_rows = std::min(kQueryBlock, p.Q), max_cols = std::min(kKeyBlock, std::max<int64_t>(1, p.K));
+    std::vector<float> s_tile(max_rows * max_cols), dp_tile(max_rows * max_cols);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
       const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
