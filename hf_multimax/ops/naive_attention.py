@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["check_qkv", "naive_attention"]
+__all__ = ["check_qkv", "naive_attention", "post_mask", "score_shaped"]
 
 
 def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
@@ -22,6 +22,24 @@ def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tu
             f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads}, {value.shape[1]})"
         )
     return n_heads, n_kv_heads
+
+
+def score_shaped(t: torch.Tensor, B: int, H: int, Q: int, K: int) -> torch.Tensor:
+    """A mask or bias broadcast to `[B, H, Q, K]` without copying (zero strides), keys contiguous:
+    how the fused kernels read it, row by row."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    t = t.expand(B, H, Q, K)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def post_mask(mask: torch.Tensor, B: int, H: int, Q: int, K: int) -> torch.Tensor:
+    """A boolean keep mask as what the fused kernels add to the modulated scores: 0 keeps, -inf
+    hides (added after the modulator, so it never passes through it)."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}; pass additive masks as bias")
+    additive = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return score_shaped(additive, B, H, Q, K)
 
 
 def naive_attention(

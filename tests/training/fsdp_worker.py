@@ -58,17 +58,6 @@ if rank == 0:
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump({"losses": losses, "sharded": sharded}, f)
 
+from worker_exit import leave  # noqa: E402  (this folder is the script's)
 
-def _leave():
-    """After the results are written: gloo's background threads sometimes abort interpreter teardown
-    ("terminate called without an active exception", seen under load on 2 cores), failing a run that
-    finished. Tear the group down, then leave without running the C++ static destructors."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-_leave()
+leave()

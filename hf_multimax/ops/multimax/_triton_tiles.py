@@ -4,6 +4,15 @@ calls among its module's globals, and only this module imports Triton)."""
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def load_scalars(TH, AF, h, sth, sah):
+    """Head h's MultiMax scalars (theta row `h * sth`, 0 when shared) and affine as (1 + a, c)."""
+    row, arow = TH + h * sth, AF + h * sah
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
+            tl.load(row + 6), tl.load(row + 7), 1.0 + tl.load(arow), tl.load(arow + 1))
+
+
 @triton.jit
 def modulate(s, t1, t2, t3, t4, b1, d1, b2, d2, aa, ac):
     x = aa * s + ac
@@ -12,6 +21,7 @@ def modulate(s, t1, t2, t3, t4, b1, d1, b2, d2, aa, ac):
     lo2 = tl.maximum(b2 - x, 0.0)
     hi2 = tl.maximum(x - d2, 0.0)
     return x, lo1, hi1, lo2, hi2, x + t1 * lo1 + t2 * hi1 + t3 * lo2 * lo2 + t4 * hi2 * hi2
+
 
 @triton.jit
 def scores(q, k, scale, bias_ptrs, softcap, rows, cols, q_len, k_len, offset, post_ptrs,
@@ -33,6 +43,7 @@ def scores(q, k, scale, bias_ptrs, softcap, rows, cols, q_len, k_len, offset, po
         keep = keep & (post == 0.0)
     return u, th, keep
 
+
 @triton.jit
 def forward_kernel(Q, K, V, TH, AF, BIAS, POST, OUT, LSE,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
@@ -49,9 +60,7 @@ def forward_kernel(Q, K, V, TH, AF, BIAS, POST, OUT, LSE,
     dmask = dims < head_dim
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :],
                 mask=(rows[:, None] < q_len) & dmask[None, :], other=0.0).to(tl.float32)
-    t1, t2, t3, t4 = tl.load(TH + h * sth), tl.load(TH + 1 + h * sth), tl.load(TH + 2 + h * sth), tl.load(TH + 3 + h * sth)
-    b1, d1, b2, d2 = tl.load(TH + 4 + h * sth), tl.load(TH + 5 + h * sth), tl.load(TH + 6 + h * sth), tl.load(TH + 7 + h * sth)
-    aa, ac = 1.0 + tl.load(AF + h * sah), tl.load(AF + 1 + h * sah)
+    t1, t2, t3, t4, b1, d1, b2, d2, aa, ac = load_scalars(TH, AF, h, sth, sah)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -82,6 +91,7 @@ def forward_kernel(Q, K, V, TH, AF, BIAS, POST, OUT, LSE,
              mask=(rows[:, None] < q_len) & dmask[None, :])
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh * q_len + rows, lse, mask=rows < q_len)
+
 
 @triton.jit
 def tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len, offset, bias_ptrs, post_ptrs,
@@ -114,6 +124,7 @@ def tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len
         dx = dx * (1.0 - th * th)
     return p, dx * scale, g
 
+
 @triton.jit
 def dkdv_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DK, DV, DS,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
@@ -131,9 +142,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DK, DV, DS,
     kv_mask = (cols[:, None] < k_len) & dmask[None, :]
     k = tl.load(K + b * skb + kvh * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
     v = tl.load(V + b * svb + kvh * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-    t1, t2, t3, t4 = tl.load(TH + h * sth), tl.load(TH + 1 + h * sth), tl.load(TH + 2 + h * sth), tl.load(TH + 3 + h * sth)
-    b1, d1, b2, d2 = tl.load(TH + 4 + h * sth), tl.load(TH + 5 + h * sth), tl.load(TH + 6 + h * sth), tl.load(TH + 7 + h * sth)
-    aa, ac = 1.0 + tl.load(AF + h * sah), tl.load(AF + 1 + h * sah)
+    t1, t2, t3, t4, b1, d1, b2, d2, aa, ac = load_scalars(TH, AF, h, sth, sah)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     gs = tl.zeros([16], tl.float32)
@@ -158,6 +167,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DK, DV, DS,
     tl.store(DV + b * skgb + h * skgh + cols[:, None] * skgn + dims[None, :], dv, mask=kv_mask)
     tl.store(DS + (bh * tl.num_programs(0) + pid_n) * 16 + tl.arange(0, 16), gs)
 
+
 @triton.jit
 def dq_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DQ,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
@@ -177,9 +187,7 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DQ,
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dims[None, :], mask=qmask, other=0.0).to(tl.float32)
     lse = tl.load(LSE + bh * q_len + rows, mask=rows < q_len, other=float("inf"))
     delta = tl.load(DELTA + bh * q_len + rows, mask=rows < q_len, other=0.0)
-    t1, t2, t3, t4 = tl.load(TH + h * sth), tl.load(TH + 1 + h * sth), tl.load(TH + 2 + h * sth), tl.load(TH + 3 + h * sth)
-    b1, d1, b2, d2 = tl.load(TH + 4 + h * sth), tl.load(TH + 5 + h * sth), tl.load(TH + 6 + h * sth), tl.load(TH + 7 + h * sth)
-    aa, ac = 1.0 + tl.load(AF + h * sah), tl.load(AF + 1 + h * sah)
+    t1, t2, t3, t4, b1, d1, b2, d2, aa, ac = load_scalars(TH, AF, h, sth, sah)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = k_len
     if CAUSAL:

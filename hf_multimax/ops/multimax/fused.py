@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..naive_attention import check_qkv
+from ..naive_attention import check_qkv, post_mask, score_shaped
 from .naive import check_theta
 
 __all__ = ["fused_is_available", "fused_multimax_attention", "load_fused_extension", "prepare_fused_inference"]
@@ -187,12 +187,9 @@ def fused_multimax_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}; pass additive masks as bias")
-        # Added to the modulated scores: 0 keeps, -inf hides (vectorised like the rest of the tile).
-        mask = _full(torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")), B, H, Q, K)
+        mask = post_mask(mask, B, H, Q, K)
     if bias is not None:
-        bias = _full(bias.float(), B, H, Q, K)
+        bias = score_shaped(bias.float(), B, H, Q, K)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap={softcap!r} must be positive or None")
     theta_h, affine_h = _columns(theta, affine)
@@ -205,14 +202,6 @@ def fused_multimax_attention(
     else:
         out, _ = load_fused_extension().forward(*args)
     return out.to(value.dtype), None
-
-
-def _full(t, B, H, Q, K):
-    """Broadcast to `[B, H, Q, K]` without copying; keys made contiguous (the kernel reads rows)."""
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    t = t.expand(B, H, Q, K)
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def prepare_fused_inference(theta: torch.Tensor, affine: torch.Tensor | None, softcap: float | None):

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..naive_attention import check_qkv
+from ..naive_attention import check_qkv, post_mask, score_shaped
 from .naive import check_theta
 
 __all__ = ["triton_is_available", "triton_multimax_attention"]
@@ -139,13 +139,9 @@ def triton_multimax_attention(
     scale = D ** -0.5 if scale is None else scale
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap={softcap!r} must be positive or None")
-    post = None
-    if mask is not None:
-        # 0 keeps, -inf hides, added after the modulator; broadcast with zero strides.
-        post = torch.zeros(mask.shape, device=query.device).masked_fill_(~mask.bool(), float("-inf"))
-        post = _full(post, B, H, Q, K)
+    post = None if mask is None else post_mask(mask, B, H, Q, K)
     if bias is not None:
-        bias = _full(bias.float(), B, H, Q, K)
+        bias = score_shaped(bias.float(), B, H, Q, K)
     theta_h = theta.float().reshape(8, -1).t().contiguous()  # [1 or H, 8]
     affine_h = (torch.zeros(1, 2, device=query.device) if affine is None
                 else affine.float().reshape(2, -1).t().contiguous())
@@ -154,9 +150,3 @@ def triton_multimax_attention(
                                 float(softcap or 0.0), affine is not None)
     return out.to(value.dtype), None
 
-
-def _full(t, B, H, Q, K):
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    t = t.expand(B, H, Q, K)
-    return t if t.stride(-1) == 1 else t.contiguous()
