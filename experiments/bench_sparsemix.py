@@ -22,7 +22,7 @@ __all__ = ["MAX_LEN", "QUICK", "TARGETS", "bench_sparsemix", "summary"]
 
 H, D = 8, 64
 # Where each variant stops being run: eager keeps every gathered tile for its backward.
-MAX_LEN = {"sdpa": 16384, "blocked": 16384, "eager": 8192, "flex": 16384}
+MAX_LEN = {"sdpa": 16384, "blocked": 16384, "fused": 16384, "eager": 8192, "flex": 16384}
 # The targets at L=16384, drawn on the chart: measure -> [(ratio, label)].
 TARGETS = {"forward_s": [(6.0, "target: 6x at 16k")], "forward_backward_s": [(4.0, "target: 4x at 16k")],
            "peak_mib": [(1.0, "target: <= SDPA")]}
@@ -70,9 +70,10 @@ def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size:
     scorer = make_scorer(settings)
 
     def time_variant(variant, length):
-        # CPU flex has no backward.
+        # CPU flex and the fused kernel have no backward.
         return time_forward_backward(lambda *x: run(variant, *x, scorer, settings),
-                                     lambda grad: make_inputs(length, grad), repeats, backward=variant != "flex")
+                                     lambda grad: make_inputs(length, grad), repeats,
+                                     backward=variant not in ("flex", "fused"))
 
     rows = {n: {"length": n} for n in lengths}
     sweep(rows, [(n, v) for n in lengths for v in variants if n <= MAX_LEN[v]], time_variant, "timing")

@@ -13,6 +13,7 @@ from hf_multimax.ops.sparsemix import (
     candidate_blocks,
     dense_block_mass,
     flex_sparsemix_attention,
+    fused_sparsemix_attention,
     naive_sparsemix_attention,
     pool_blocks,
     sample_query_blocks,
@@ -230,3 +231,28 @@ def test_bad_inputs_raise(kwargs, match):
         args["block_valid"] = torch.ones_like(kwargs["block_idx"], dtype=torch.bool)
     with pytest.raises(ValueError, match=match):
         naive_sparsemix_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_forward_matches_dense_reference(case, multimax, dtype):
+    """The fused C++ kernel walking the selected blocks in place (forward only)."""
+    q, k, v, mask, theta, g, idx, valid = _inputs(case, dtype, multimax)
+    with torch.no_grad():
+        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
+    ref = _dense_reference(q, k, v, mask, theta, g, idx, valid)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "output")
+
+
+def test_fused_all_blocks_kept_is_dense_and_training_is_refused():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
+    geometry = block_geometry(300, 300, BS, True)
+    idx, valid = select_blocks(torch.randn(1, 2, geometry.n_q_blocks, geometry.n_k_blocks), geometry, top_k=100)
+    with torch.no_grad():
+        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True)
+    assert_close(out, naive_attention(q, k, v, is_causal=True)[0], torch.float32, "all kept")
+    with pytest.raises(ValueError, match="no backward; use backend 'blocked'"):
+        fused_sparsemix_attention(q.requires_grad_(), k, v, idx, valid, block_size=BS, is_causal=True)

@@ -5,11 +5,14 @@ gradients (including MultiMax scalars when MultiMax is the normalizer).
 """
 
 from ..backends import Backend, BackendRegistry
-from ..multimax import flex_supports
+from ..backends import AttentionCall
+from ..multimax import flex_supports, fused_supports
 from ..multimax.flex import flex_is_available
+from ..multimax.fused import fused_is_available
 from .blocked import blocked_sparsemix_attention
 from .distill import dense_block_mass, sample_query_blocks, scorer_kl
 from .flex import flex_sparsemix_attention
+from .fused import fused_sparsemix_attention
 from .naive import naive_sparsemix_attention
 from .pipeline import select_sparsemix_blocks, sparsemix_attention
 from .selection import (
@@ -22,13 +25,22 @@ from .selection import (
     selection_mask,
 )
 
+def _fused_forward_supports(call: AttentionCall) -> tuple[bool, str]:
+    if call.needs_grad:
+        return False, "it has no backward (the 'blocked' backend trains)"
+    return fused_supports(call)
+
+
 BACKENDS = BackendRegistry(
     "sparsemix",
     [
         # The reference: gathers every kept tile and keeps them for autograd.
         Backend("eager", naive_sparsemix_attention, priority=10),
-        # Only the output and log-sum-exp kept, tiles recomputed in backward: the CPU path.
+        # Only the output and log-sum-exp kept, tiles recomputed in backward: the CPU training path.
         Backend("blocked", blocked_sparsemix_attention, priority=20),
+        # MultiMax's fused C++ kernel walking the selected blocks in place: CPU inference.
+        Backend("fused", fused_sparsemix_attention, priority=25, supports=_fused_forward_supports,
+                available=fused_is_available),
         # Forward and backward on GPU; on this CPU `blocked` beat compiled flex's forward.
         Backend("flex", flex_sparsemix_attention, priority=30, supports=flex_supports, available=flex_is_available,
                 preferred=lambda call: call.device == "cuda"),
@@ -43,6 +55,7 @@ __all__ = [
     "candidate_blocks",
     "dense_block_mass",
     "flex_sparsemix_attention",
+    "fused_sparsemix_attention",
     "naive_sparsemix_attention",
     "pool_blocks",
     "sample_query_blocks",

@@ -236,6 +236,75 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
+// SparseMix's exact attention over selected key blocks: the same tile code, each block of queries
+// walking the key blocks `block_idx[b, kv head, query block, :]` (where `block_valid`) instead of a
+// contiguous range. Queries sit at absolute positions i + q_offset; query block qb covers absolute
+// block qb + q_offset / bs. Forward only (training runs SparseMix's `blocked` backend).
+std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
+                                       const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& block_idx,
+                                       const at::Tensor& block_valid, int64_t bs, int64_t q_offset) {
+  auto out = at::zeros({p.B, p.H, p.Q, p.Dv}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
+  const int64_t tn = theta.size(1), an = affine.size(1);
+  const int64_t* ip = block_idx.data_ptr<int64_t>();
+  const bool* okp = block_valid.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
+  at::parallel_for(0, p.B * p.H * nQB, grain_for(bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> tile(new float[bs * bs]), acc(new float[bs * p.Dv]);
+    std::vector<float> m(bs), l(bs);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nQB, qb = task % nQB, b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
+      const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
+      const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
+      if (rows <= 0) continue;
+      const float* qb_ptr = qp + (bh * p.Q + r0) * p.D;
+      const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
+      const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
+      const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
+      const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+      std::fill(acc.get(), acc.get() + rows * p.Dv, 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t* slots = ip + (kvh * nQB + qb) * S;
+      const bool* ok = okp + (kvh * nQB + qb) * S;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!ok[s]) continue;
+        const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs), n = c1 - c0;
+        if (n <= 0 || (p.causal && c0 > r1 - 1 + p.offset) || tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
+        gemm(false, true, rows, n, p.D, p.scale, qb_ptr, p.D, kb + c0 * p.D, p.D, 0.f, tile.get(), n);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = r0 + i;
+          float* row = tile.get() + i * n;
+          const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
+          const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+          const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+          const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
+          if (mx == kNegInf) {
+            std::fill(row, row + n, 0.f);
+            continue;
+          }
+          const float corr = std::exp(m[i] - mx);
+          l[i] = l[i] * corr + exp_row(row, n, mx);
+          if (corr != 1.f) {
+            float* a = acc.get() + i * p.Dv;
+            for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
+          }
+          m[i] = mx;
+        }
+        gemm(false, false, rows, p.Dv, n, 1.f, tile.get(), n, vb + c0 * p.Dv, p.Dv, 1.f, acc.get(), p.Dv);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = op + (bh * p.Q + r0 + i) * p.Dv;
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[i * p.Dv + d] * inv;
+      }
+    }
+  });
+  return {out};
+}
+
 // Gradient of the 10 scalars (t1..t4, b1, d1, b2, d2, a, c) accumulated over one tile row.
 template <typename T>
 struct ScalarGrads {
@@ -418,9 +487,21 @@ std::vector<at::Tensor> backward_op(const at::Tensor& q, const at::Tensor& k, co
                   delta.contiguous());
 }
 
+std::vector<at::Tensor> sparse_forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& theta, const at::Tensor& affine,
+                                          const c10::optional<at::Tensor>& mask, const at::Tensor& block_idx,
+                                          const at::Tensor& block_valid, int64_t block_size, int64_t q_offset,
+                                          bool causal, double scale, bool has_affine) {
+  const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, has_affine);
+  TORCH_CHECK(block_idx.dtype() == at::kLong && block_valid.dtype() == at::kBool && block_idx.is_contiguous() &&
+              block_valid.is_contiguous(), "contiguous int64 block_idx and bool block_valid expected");
+  return sparse_forward(q, k, v, p, theta.contiguous(), affine.contiguous(), block_idx, block_valid, block_size, q_offset);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward_op, "MultiMax attention forward: (out, lse)");
+  m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out,)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
 }

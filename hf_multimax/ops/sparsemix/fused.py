@@ -1,0 +1,60 @@
+"""SparseMix's exact attention over the selected key blocks through the fused C++ CPU kernel of
+MultiMax (`ops/multimax/csrc/fused_cpu.cpp`): each block of queries walks its selected key blocks in
+place (no gather, no copies) with the same vectorised tile code, masks and normalizer (softmax, or
+MultiMax when `theta` is given). Forward only: calls that need gradients run `blocked`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..multimax.fused import _columns, load_fused_extension
+from ..naive_attention import check_qkv, post_mask
+from .layout import check_selection
+from .selection import block_geometry
+
+__all__ = ["fused_sparsemix_attention"]
+
+
+def fused_sparsemix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_valid: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    theta: torch.Tensor | None = None,
+    affine: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as `naive_sparsemix_attention` on CPU tensors without gradient.
+
+    Examples:
+        >>> from hf_multimax.ops.sparsemix import block_geometry, select_blocks
+        >>> q = k = v = torch.randn(1, 2, 200, 16)
+        >>> g = block_geometry(200, 200, 64, causal=True)
+        >>> idx, ok = select_blocks(torch.randn(1, 2, g.n_q_blocks, g.n_k_blocks), g, top_k=1)
+        >>> fused_sparsemix_attention(q, k, v, idx, ok, block_size=64, is_causal=True)[0].shape
+        torch.Size([1, 2, 200, 16])
+    """
+    if query.device.type != "cpu":
+        raise ValueError(f"the fused backend runs on CPU tensors, got {query.device}")
+    tensors = (query, key, value, theta, affine)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError("the fused SparseMix backend has no backward; use backend 'blocked' (or 'auto') to train")
+    _, n_kv_heads = check_qkv(query, key, value)
+    B, H, Q, D = query.shape
+    K = key.shape[-2]
+    geometry = block_geometry(Q, K, block_size, is_causal)
+    check_selection(block_idx, block_valid, B, n_kv_heads, geometry)
+    scale = D ** -0.5 if scale is None else scale
+    theta_c, affine_c = _columns(torch.zeros(8) if theta is None else theta, affine)
+    out, = load_fused_extension().sparse_forward(
+        query.float().contiguous(), key.float().contiguous(), value.float().contiguous(), theta_c, affine_c,
+        None if mask is None else post_mask(mask, B, H, Q, K), block_idx.contiguous(), block_valid.contiguous(),
+        block_size, geometry.q_offset, bool(is_causal), float(scale), affine is not None,
+    )
+    return out.to(value.dtype), None
