@@ -159,6 +159,35 @@ bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t 
   return true;
 }
 
+// Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n): the score tile through BLAS,
+// the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc. Shared by the dense
+// and the block-list (SparseMix) forward.
+void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t c0, int64_t n,
+                 const float* q_rows, const float* k_head, const float* v_head, const Scalars<float>& ms,
+                 const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
+  gemm(false, true, rows, n, p.D, p.scale, q_rows, p.D, k_head + c0 * p.D, p.D, 0.f, tile, n);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = r0 + i;
+    float* row = tile + i * n;
+    const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
+    const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+    const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+    const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
+    if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
+      std::fill(row, row + n, 0.f);
+      continue;
+    }
+    const float corr = std::exp(m[i] - mx);  // 0 when m was -inf
+    l[i] = l[i] * corr + exp_row(row, n, mx);
+    if (corr != 1.f) {
+      float* a = acc + i * p.Dv;
+      for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
+    }
+    m[i] = mx;
+  }
+  gemm(false, false, rows, p.Dv, n, 1.f, tile, n, v_head + c0 * p.Dv, p.Dv, 1.f, acc, p.Dv);
+}
+
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds per thread worth a fork (~10 us)
 
@@ -201,27 +230,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
         const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
         if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-        gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, tile, n);
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t r = r0 + i;
-          float* row = tile + i * n;
-          const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-          const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
-          const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
-          const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
-          if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
-            std::fill(row, row + n, 0.f);
-            continue;
-          }
-          const float corr = std::exp(m[i] - mx);  // 0 when m was -inf
-          l[i] = l[i] * corr + exp_row(row, n, mx);
-          if (corr != 1.f) {
-            float* a = acc + i * p.Dv;
-            for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
-          }
-          m[i] = mx;
-        }
-        gemm(false, false, rows, p.Dv, n, 1.f, tile, n, vb + c0 * p.Dv, p.Dv, 1.f, acc, p.Dv);
+        attend_tile(p, b, h, r0, rows, c0, n, qb, kb, vb, ms, mv, tile, acc, m.data(), l.data());
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = op + (bh * p.Q + r0 + i) * p.Dv;
@@ -273,27 +282,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
         if (!ok[s]) continue;
         const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs), n = c1 - c0;
         if (n <= 0 || (p.causal && c0 > r1 - 1 + p.offset) || tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-        gemm(false, true, rows, n, p.D, p.scale, qb_ptr, p.D, kb + c0 * p.D, p.D, 0.f, tile.get(), n);
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t r = r0 + i;
-          float* row = tile.get() + i * n;
-          const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-          const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
-          const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
-          const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
-          if (mx == kNegInf) {
-            std::fill(row, row + n, 0.f);
-            continue;
-          }
-          const float corr = std::exp(m[i] - mx);
-          l[i] = l[i] * corr + exp_row(row, n, mx);
-          if (corr != 1.f) {
-            float* a = acc.get() + i * p.Dv;
-            for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
-          }
-          m[i] = mx;
-        }
-        gemm(false, false, rows, p.Dv, n, 1.f, tile.get(), n, vb + c0 * p.Dv, p.Dv, 1.f, acc.get(), p.Dv);
+        attend_tile(p, b, h, r0, rows, c0, n, qb_ptr, kb, vb, ms, mv, tile.get(), acc.get(), m.data(), l.data());
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = op + (bh * p.Q + r0 + i) * p.Dv;
