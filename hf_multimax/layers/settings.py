@@ -56,20 +56,21 @@ class ConfigSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | "ConfigSettings" | None):
+        compiling = torch.compiler.is_compiling()
+        if not compiling and type(values) is dict:
+            # Fast path, asked by every layer for every token (first: it skips the type checks below):
+            # the same dict object, still equal to what it held when parsed, with values of the same
+            # types (True == 1, but only one is valid).
+            seen = _LAST_SEEN.get((cls, id(values)))
+            if seen is not None and seen[0] is values and seen[2] == tuple(map(type, values.values())) \
+                    and seen[1] == values:
+                return seen[3]
         if values is None:
             return cls()
         if isinstance(values, cls):
             return values
         if not isinstance(values, Mapping):
             raise ValueError(f"{cls.config_key} settings must be a dict or {cls.__name__}, got {type(values).__name__}")
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            # Fast path, asked by every layer for every token: the same dict object, still equal to
-            # what it held when parsed, with values of the same types (True == 1, but only one is valid).
-            seen = _LAST_SEEN.get((cls, id(values)))
-            if seen is not None and seen[0] is values and seen[2] == tuple(map(type, values.values())) \
-                    and seen[1] == values:
-                return seen[3]
         try:
             # The type is part of the key: True == 1 and hash alike, but only one of them is valid.
             key = tuple(sorted((k, type(v).__name__, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))

@@ -85,6 +85,12 @@ class Backend:
         return self.available()
 
 
+def _kind(call: AttentionCall) -> tuple:
+    """Everything about a call but its lengths, and the opt-out variable: what `auto`'s choice depends
+    on when no backend it asks reads the lengths."""
+    return (*call[:1], *call[3:], os.environ.get(DISABLE_ENV, ""))
+
+
 @functools.lru_cache(maxsize=16)
 def _disabled(value: str) -> frozenset[str]:
     return frozenset(n.strip() for n in value.split(",") if n.strip())
@@ -137,7 +143,7 @@ class BackendRegistry(Mapping):
                     )
             return backend
         # Availability can change with the environment variable only (a build is tried once per process).
-        kind = (*call[:1], *call[3:], os.environ.get(DISABLE_ENV, ""))  # everything but the lengths
+        kind = _kind(call)
         chosen = self._chosen.get(kind)
         if chosen is not None:
             return chosen
@@ -152,7 +158,7 @@ class BackendRegistry(Mapping):
         backend = self.resolve(requested, call)
         if requested != "auto":
             return None if backend.reads_lengths else backend
-        kind = (*call[:1], *call[3:], os.environ.get(DISABLE_ENV, ""))
+        kind = _kind(call)
         return backend if self._chosen.get(kind) is backend else None
 
     def _resolve_auto(self, call: AttentionCall) -> tuple[Backend, list[Backend]]:

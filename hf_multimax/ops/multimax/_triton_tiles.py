@@ -96,8 +96,10 @@ def forward_kernel(Q, K, V, TH, AF, BIAS, POST, OUT, LSE,
 @triton.jit
 def tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len, offset, bias_ptrs, post_ptrs,
                t1, t2, t3, t4, b1, d1, b2, d2, aa, ac,
-               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POST: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Recomputed probabilities, dS (w.r.t. q.k) and the ten scalar-gradient terms of one tile."""
+               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POST: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               SCALARS: tl.constexpr):
+    """Recomputed probabilities, dS (w.r.t. q.k) and, with SCALARS (the dK/dV kernel sums them; the dQ
+    kernel does not need them), the ten scalar-gradient terms of one tile."""
     s, th, keep = scores(q, k, scale, bias_ptrs, softcap, rows, cols, q_len, k_len, offset, post_ptrs,
                          CAUSAL, HAS_BIAS, HAS_POST, HAS_SOFTCAP)
     x, lo1, hi1, lo2, hi2, y = modulate(s, t1, t2, t3, t4, b1, d1, b2, d2, aa, ac)
@@ -109,16 +111,18 @@ def tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len
     dx = dy * (1.0 - t1 * below1 + t2 * above1 - 2.0 * t3 * lo2 + 2.0 * t4 * hi2)
     # The ten scalar gradients of this tile as one [16] vector (slots 10..15 unused).
     idx = tl.arange(0, 16)
-    g = tl.where(idx == 0, tl.sum(tl.sum(dy * lo1, 1), 0), 0.0)
-    g += tl.where(idx == 1, tl.sum(tl.sum(dy * hi1, 1), 0), 0.0)
-    g += tl.where(idx == 2, tl.sum(tl.sum(dy * lo2 * lo2, 1), 0), 0.0)
-    g += tl.where(idx == 3, tl.sum(tl.sum(dy * hi2 * hi2, 1), 0), 0.0)
-    g += tl.where(idx == 4, t1 * tl.sum(tl.sum(dy * below1, 1), 0), 0.0)
-    g += tl.where(idx == 5, -t2 * tl.sum(tl.sum(dy * above1, 1), 0), 0.0)
-    g += tl.where(idx == 6, 2.0 * t3 * tl.sum(tl.sum(dy * lo2, 1), 0), 0.0)
-    g += tl.where(idx == 7, -2.0 * t4 * tl.sum(tl.sum(dy * hi2, 1), 0), 0.0)
-    g += tl.where(idx == 8, tl.sum(tl.sum(dx * s, 1), 0), 0.0)
-    g += tl.where(idx == 9, tl.sum(tl.sum(dx, 1), 0), 0.0)
+    g = tl.zeros([16], tl.float32)
+    if SCALARS:
+        g += tl.where(idx == 0, tl.sum(tl.sum(dy * lo1, 1), 0), 0.0)
+        g += tl.where(idx == 1, tl.sum(tl.sum(dy * hi1, 1), 0), 0.0)
+        g += tl.where(idx == 2, tl.sum(tl.sum(dy * lo2 * lo2, 1), 0), 0.0)
+        g += tl.where(idx == 3, tl.sum(tl.sum(dy * hi2 * hi2, 1), 0), 0.0)
+        g += tl.where(idx == 4, t1 * tl.sum(tl.sum(dy * below1, 1), 0), 0.0)
+        g += tl.where(idx == 5, -t2 * tl.sum(tl.sum(dy * above1, 1), 0), 0.0)
+        g += tl.where(idx == 6, 2.0 * t3 * tl.sum(tl.sum(dy * lo2, 1), 0), 0.0)
+        g += tl.where(idx == 7, -2.0 * t4 * tl.sum(tl.sum(dy * hi2, 1), 0), 0.0)
+        g += tl.where(idx == 8, tl.sum(tl.sum(dx * s, 1), 0), 0.0)
+        g += tl.where(idx == 9, tl.sum(tl.sum(dx, 1), 0), 0.0)
     dx = dx * aa
     if HAS_SOFTCAP:
         dx = dx * (1.0 - th * th)
@@ -159,7 +163,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DK, DV, DS,
         p, ds, g = tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len, offset,
                               BIAS + b * sbb + h * sbh + rows[:, None] * sbm + cols[None, :],
                               POST + b * spb + h * sph + rows[:, None] * spm + cols[None, :],
-                              t1, t2, t3, t4, b1, d1, b2, d2, aa, ac, CAUSAL, HAS_BIAS, HAS_POST, HAS_SOFTCAP)
+                              t1, t2, t3, t4, b1, d1, b2, d2, aa, ac, CAUSAL, HAS_BIAS, HAS_POST, HAS_SOFTCAP, True)
         dv += tl.dot(tl.trans(p), do, input_precision="ieee")
         dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
         gs += g
@@ -197,9 +201,9 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DQ,
         kv_mask = (cols[:, None] < k_len) & dmask[None, :]
         k = tl.load(K + b * skb + kvh * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         v = tl.load(V + b * svb + kvh * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        p, ds, g = tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len, offset,
+        p, ds, _ = tile_grads(q, k, v, do, lse, delta, scale, softcap, rows, cols, q_len, k_len, offset,
                               BIAS + b * sbb + h * sbh + rows[:, None] * sbm + cols[None, :],
                               POST + b * spb + h * sph + rows[:, None] * spm + cols[None, :],
-                              t1, t2, t3, t4, b1, d1, b2, d2, aa, ac, CAUSAL, HAS_BIAS, HAS_POST, HAS_SOFTCAP)
+                              t1, t2, t3, t4, b1, d1, b2, d2, aa, ac, CAUSAL, HAS_BIAS, HAS_POST, HAS_SOFTCAP, False)
         dq += tl.dot(ds, k, input_precision="ieee")
     tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :], dq, mask=qmask)
