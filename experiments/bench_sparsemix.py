@@ -37,18 +37,20 @@ def make_inputs(length: int, requires_grad: bool, seed: int = 0) -> list[torch.T
 
 def make_scorer(settings: SparseMixSettings) -> SparseMixScorer:
     torch.manual_seed(0)
-    scorer = SparseMixScorer(H, D, settings.scorer_rank)
-    with torch.no_grad():
-        scorer.w_key.normal_(std=scorer.init_std)  # a trained-looking scorer, not the zero start
+    scorer = SparseMixScorer(settings.selector, H, H, D, settings.scorer_rank, settings.indexer_heads,
+                             settings.indexer_dim)
+    with torch.no_grad():  # a trained-looking selector, not the zero start
+        zero_start = scorer.w_key if settings.selector == "block" else scorer.w_weight
+        zero_start.normal_(std=zero_start.shape[-2] ** -0.5)
     return scorer
 
 
 def run(variant: str, q, k, v, scorer: SparseMixScorer, settings: SparseMixSettings):
     if variant == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return sparsemix_attention(q, k, v, scorer.w_query, scorer.w_key, kernel=BACKENDS[variant],
+    return sparsemix_attention(q, k, v, scorer(), kernel=BACKENDS[variant],
                                block_size=settings.block_size, top_k=settings.top_k, sink=settings.sink,
-                               local=settings.local, causal=True)
+                               local=settings.local, causal=True, selector=settings.selector)
 
 
 def memory_step(variant: str, length: int, settings: dict):
@@ -59,14 +61,15 @@ def memory_step(variant: str, length: int, settings: dict):
     return forward_backward_step(lambda *x: run(variant, *x, scorer, settings), warmup, make_inputs(length, True))
 
 
-def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size: int, top_k: int) -> dict:
+def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size: int, top_k: int,
+                    selector: str = "block") -> dict:
     """Every measurement of the module docstring for `variants` (names in `MAX_LEN`; SDPA, the
     baseline, is always measured; peak memory only for SDPA and `blocked`)."""
     unknown = sorted(set(variants) - set(MAX_LEN))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(MAX_LEN)}")
     variants = ["sdpa", *(v for v in variants if v != "sdpa")]
-    settings = SparseMixSettings(block_size=block_size, top_k=top_k)
+    settings = SparseMixSettings(block_size=block_size, top_k=top_k, selector=selector)
     scorer = make_scorer(settings)
 
     def time_variant(variant, length):

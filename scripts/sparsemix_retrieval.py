@@ -24,6 +24,7 @@ from experiments.sparsemix_retrieval import (  # noqa: E402
     QUICK,
     RetrievalExperimentArguments,
     markdown_table,
+    plot_long_context,
     run_retrieval_experiment,
 )
 
@@ -47,6 +48,8 @@ def main(argv=None):
     out = Path(script.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    if result.get("long_context"):
+        plot_long_context(result, str(out.with_suffix(".png")))
     print(markdown_table(result))
     return result
 

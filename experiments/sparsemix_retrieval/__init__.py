@@ -20,7 +20,8 @@ selected blocks (`measures.py`). `report.py` renders the result as the README's 
 
 from .experiment import QUICK, RetrievalExperimentArguments, run_retrieval_experiment, training_segment
 from .measures import evaluate_retrieval, kl_target_needle_recall, needle_block_recall
-from .report import markdown_table
+from .long_context import long_context_suite
+from .report import long_context_table, markdown_table, plot_long_context
 from .task import RetrievalDataset, RetrievalTask, init_factored_embeddings, tiny_llama_config
 
 __all__ = [
@@ -31,8 +32,11 @@ __all__ = [
     "evaluate_retrieval",
     "init_factored_embeddings",
     "kl_target_needle_recall",
+    "long_context_suite",
+    "long_context_table",
     "markdown_table",
     "needle_block_recall",
+    "plot_long_context",
     "run_retrieval_experiment",
     "tiny_llama_config",
     "training_segment",

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 from hf_multimax import freeze_all_but_scorers
 from hf_multimax.training import MultiMaxTrainer
 
+from .long_context import long_context_suite
 from .measures import evaluate_retrieval, kl_target_needle_recall, needle_block_recall
 from .task import RetrievalDataset, RetrievalTask, init_factored_embeddings, tiny_llama_config
 
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 # sparse path really runs.
 QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2", "warmup_steps": 2, "finetune_steps": 2,
          "dense_batch_tokens": 2048, "sparse_batch_size": 2, "block_size": 32, "top_k": 4, "hidden_size": 32,
-         "disable_tqdm": True}
+         "disable_tqdm": True, "long_context_lengths": "1024", "long_context_sequences": 4, "mqar_needles": 8,
+         "mqar_length": 1024, "depths": "0,1", "depth_length": 1024}
 
 
 @dataclass
@@ -47,7 +49,10 @@ class RetrievalExperimentArguments:
     sparse_batch_size: int = 4
     block_size: int = 64
     top_k: int = 8
+    selector: str = field(default="block", metadata={"help": "What ranks the key blocks: 'block' (pooled scorer) or 'token' (indexer)."})
     scorer_rank: int = 16
+    indexer_heads: int = 4
+    indexer_dim: int = 32
     kl_query_blocks: int = field(default=8, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
     kl_weight: float = 1.0
     kl_target_power: float = field(default=256.0, metadata={"help": "Sharpening of the scorer's KL target."})
@@ -58,6 +63,14 @@ class RetrievalExperimentArguments:
     n_keys: int = 32
     n_values: int = 8
     max_pairs: int = 24
+    long_context_lengths: str = field(default="4096,16384", metadata={
+        "help": "Key-value lookup evaluation lengths (comma-separated; empty: none) of the long-context suite."})
+    long_context_sequences: int = field(default=64, metadata={"help": "Held-out sequences per long-context setting."})
+    mqar_needles: int = field(default=32, metadata={"help": "Pairs (and queries) per sequence of the multi-query recall (0: skip)."})
+    mqar_length: int = 4096
+    depths: str = field(default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata={
+        "help": "Needle depths of the depth sweep (comma-separated fractions; empty: none)."})
+    depth_length: int = 4096
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's choice)."})
     disable_tqdm: bool = False
 
@@ -70,8 +83,21 @@ class RetrievalExperimentArguments:
             raise ValueError(f"curriculum={self.curriculum!r} must be comma-separated length:steps pairs")
         return stages
 
+    def long_context(self) -> dict:
+        def numbers(text, kind):
+            try:
+                return [kind(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"{text!r} must be comma-separated numbers") from None
+
+        return {"lengths": numbers(self.long_context_lengths, int), "sequences": self.long_context_sequences,
+                "mqar_length": self.mqar_length, "mqar_needles": self.mqar_needles,
+                "depths": numbers(self.depths, float), "depth_length": self.depth_length,
+                "depth_sequences": self.long_context_sequences}
+
     def sparsemix_settings(self, dense_warmup: bool) -> dict:
-        return {"block_size": self.block_size, "top_k": self.top_k, "scorer_rank": self.scorer_rank,
+        return {"block_size": self.block_size, "top_k": self.top_k, "selector": self.selector,
+                "scorer_rank": self.scorer_rank, "indexer_heads": self.indexer_heads, "indexer_dim": self.indexer_dim,
                 "kl_query_blocks": self.kl_query_blocks, "kl_weight": self.kl_weight,
                 "kl_target_power": self.kl_target_power, "dense_warmup": dense_warmup}
 
@@ -131,8 +157,10 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
     n_blocks = args.eval_length // args.block_size
     kept = min(n_blocks, args.top_k + 2)
     results["task"]["kept_blocks_per_query_block"] = f"{kept} of {n_blocks}"
+    longest = max([args.eval_length, args.mqar_length, args.depth_length, *args.long_context()["lengths"]]
+                  + [s[0] for s in stages])
     config = tiny_llama_config(task, layers=args.layers, hidden_size=args.hidden_size, heads=args.heads,
-                               max_length=max([args.eval_length] + [s[0] for s in stages]), rope_theta=args.rope_theta)
+                               max_length=longest, rope_theta=args.rope_theta)
 
     with tempfile.TemporaryDirectory(prefix="sparsemix_retrieval_") as tmp:
         # (a) dense model, length curriculum
@@ -192,6 +220,11 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
         recall["after_finetune"] = needle_block_recall(sparse, eval_set)
         logger.info("sparse (after fine-tuning) accuracy %.4f, needle recall %s", acc["sparse_after_finetune"],
                     recall["after_finetune"])
+
+        # (f) the long-context suite on the final pair (no more training)
+        results["long_context"] = _timed(times, "long_context", lambda: long_context_suite(
+            model, sparse, task, seed=args.seed, progress=lambda name: logger.info("long-context: %s", name),
+            **args.long_context()))
 
     results["accuracy"] = acc
     results["needle_block_recall"] = recall

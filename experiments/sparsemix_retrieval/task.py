@@ -113,13 +113,47 @@ class RetrievalTask:
             answer[i] = self.answer_start + values[asked][order]
         return {"input_ids": ids, "labels": labels, "query_pos": query_pos, "needle_pos": needle_pos, "answer": answer}
 
+    def generate_at_depth(self, n: int, length: int, depth: float, seed: int) -> dict[str, torch.Tensor]:
+        """`n` needle-in-a-haystack sequences: one query in the last segment, its pair (the needle) at
+        `depth` of the context (0: segment 1, right after the sink; 1: the segment before the
+        query's), and `max_pairs - 1` distractor pairs with other keys in other segments anywhere
+        before the query. Same dict as `generate`, with one query per sequence."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth={depth} must be in [0, 1]")
+        if length % self.segment:
+            raise ValueError(f"length={length} must be a multiple of segment={self.segment}")
+        n_seg = length // self.segment
+        if n_seg < 4:
+            raise ValueError(f"length={length} leaves no room for a needle and a query: use >= {4 * self.segment} tokens")
+        n_pairs = min(self.max_pairs, self.n_keys, n_seg - 2)
+        needle_seg = 1 + round(depth * (n_seg - 3))
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(self.filler_start, self.pair_start, (n, length), generator=gen)
+        ids[:, 0] = self.bos_id
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        query_pos, needle_pos, answer = (torch.empty(n, 1, dtype=torch.long) for _ in range(3))
+        others = torch.tensor([s for s in range(1, n_seg - 1) if s != needle_seg])
+        for i in range(n):
+            keys = torch.randperm(self.n_keys, generator=gen)[:n_pairs]
+            values = torch.randint(self.n_values, (n_pairs,), generator=gen)
+            pair_seg = torch.cat([torch.tensor([needle_seg]), others[torch.randperm(len(others), generator=gen)[: n_pairs - 1]]])
+            pair_pos = pair_seg * self.segment + torch.randint(self.segment, (n_pairs,), generator=gen)
+            q_pos = (n_seg - 1) * self.segment + int(torch.randint(self.segment - 1, (1,), generator=gen))
+            ids[i, pair_pos] = self.pair_id(keys, values)
+            ids[i, q_pos] = self.query_start + keys[0]
+            ids[i, q_pos + 1] = self.answer_start + values[0]
+            labels[i, q_pos + 1] = ids[i, q_pos + 1]
+            query_pos[i], needle_pos[i], answer[i] = q_pos, pair_pos[0], ids[i, q_pos + 1]
+        return {"input_ids": ids, "labels": labels, "query_pos": query_pos, "needle_pos": needle_pos, "answer": answer}
+
 
 class RetrievalDataset(torch.utils.data.Dataset):
-    """Pre-generated sequences of `RetrievalTask.generate`, served as `{input_ids, labels}` rows."""
+    """Pre-generated sequences of `RetrievalTask.generate` (or `generate_at_depth` when `depth` is
+    given), served as `{input_ids, labels}` rows."""
 
-    def __init__(self, task: RetrievalTask, n: int, length: int, seed: int):
-        self.task, self.length, self.seed = task, length, seed
-        self.data = task.generate(n, length, seed)
+    def __init__(self, task: RetrievalTask, n: int, length: int, seed: int, depth: float | None = None):
+        self.task, self.length, self.seed, self.depth = task, length, seed, depth
+        self.data = task.generate(n, length, seed) if depth is None else task.generate_at_depth(n, length, depth, seed)
 
     def __len__(self) -> int:
         return self.data["input_ids"].shape[0]

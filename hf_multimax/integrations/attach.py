@@ -136,7 +136,7 @@ def sync_model(model: PreTrainedModel) -> None:
     head = output_head_of(model)
     counts: dict[str, int] = {}
     attached: set[str] = set()
-    to_attach, to_detach = [], []
+    to_attach, to_detach, host_hooks = [], [], []
     for path, module in model.named_modules():
         if module is head or isinstance(module, MethodLayer) or hasattr(module, "original_module"):
             continue
@@ -158,6 +158,7 @@ def sync_model(model: PreTrainedModel) -> None:
                 attached.add(cls.attr)
             elif _layer_at(module, cls.attr) is not None:
                 to_detach.append((module, cls, path))
+        host_hooks.append((module, method.host_hook if method is not None and is_attention else None))
 
     root_method, root_settings, root_layers = resolve(model.config)
     head_settings = root_layers.get(MultiMaxModulator)
@@ -173,6 +174,8 @@ def sync_model(model: PreTrainedModel) -> None:
             head._multimax_hook.remove()
             del head._multimax_hook
         delattr(module, cls.attr)
+    for module, hook in host_hooks:
+        _set_host_hook(module, hook)
 
     # With target_modules a nested model (LlamaModel inside LlamaForCausalLM) may match nothing on its
     # own paths; an attention module left without its layer then raises at its first forward.
@@ -200,6 +203,18 @@ def sync_model(model: PreTrainedModel) -> None:
     elif not attached and guard is not None:
         guard.remove()
         del model._hf_multimax_guard
+
+
+def _set_host_hook(module: torch.nn.Module, hook) -> None:
+    """Register the method's forward pre-hook (with kwargs) on an attention module, or remove it."""
+    current = module.__dict__.get("_hf_multimax_host_hook")
+    if current is not None and current[0] is hook:
+        return
+    if current is not None:
+        current[1].remove()
+        del module.__dict__["_hf_multimax_host_hook"]
+    if hook is not None:
+        module.__dict__["_hf_multimax_host_hook"] = (hook, module.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def _check_config_at_forward(model, args):

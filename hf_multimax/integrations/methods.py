@@ -26,6 +26,7 @@ from .attention_utils import plugin_mask
 from .entmax_attention import entmax_attention_forward
 from .multimax_attention import multimax_attention_forward
 from .sparsemix_attention import sparsemix_attention_forward
+from .sparsemix_decoding import note_cache_keys
 
 __all__ = ["LAYER_CLASSES", "METHODS", "Method", "method_of"]
 
@@ -42,6 +43,9 @@ class Method:
         settings (`type[ConfigSettings]`, *optional*): its settings dataclass.
         backends (`BackendRegistry`, *optional*): its kernels; `"<name>:<backend>"` names one at load time.
         layers (`Callable`): settings -> the `MethodLayer` classes each attention module needs.
+        host_hook (`Callable`, *optional*): a forward pre-hook (with kwargs) on each attention module
+            the method runs in, for what the attention function is not handed (SparseMix: which
+            KV-cache keys the module held before this call's update).
     """
 
     name: str
@@ -50,6 +54,7 @@ class Method:
     settings: type[ConfigSettings] | None = None
     backends: BackendRegistry | None = None
     layers: Callable[[ConfigSettings], tuple[type[MethodLayer], ...]] = lambda settings: ()
+    host_hook: Callable | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -68,7 +73,8 @@ METHODS: dict[str, Method] = {
         Method("multimax", multimax_attention_forward, settings=MultiMaxSettings, backends=MULTIMAX_BACKENDS,
                layers=lambda s: (MultiMaxModulator,)),
         Method("sparsemix", sparsemix_attention_forward, settings=SparseMixSettings, backends=SPARSEMIX_BACKENDS,
-               layers=lambda s: (SparseMixScorer, MultiMaxModulator) if s.normalizer == "multimax" else (SparseMixScorer,)),
+               layers=lambda s: (SparseMixScorer, MultiMaxModulator) if s.normalizer == "multimax" else (SparseMixScorer,),
+               host_hook=note_cache_keys),
         # Baselines for MultiMax (need the entmax extra at call time); no learnable state.
         *(Method(n, functools.partial(entmax_attention_forward, normalizer=n)) for n in ENTMAX_NORMALIZERS),
     )

@@ -15,10 +15,21 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
-from ..ops.sparsemix import BACKENDS, block_geometry, sample_query_blocks, scorer_block_scores, scorer_kl, sparsemix_attention
+from ..ops.sparsemix import (
+    BACKENDS,
+    block_geometry,
+    indexer_keys,
+    indexer_kl,
+    pool_blocks,
+    sample_query_blocks,
+    scorer_block_scores,
+    scorer_kl,
+    sparsemix_attention,
+)
 from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_inputs, settings_of
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
+from .sparsemix_decoding import cached_key_summary
 
 __all__ = ["sparsemix_attention_forward"]
 
@@ -32,7 +43,7 @@ def _score_mod(theta, affine):
     return lambda s: naive_multimax_modulate(s, th.to(s.dtype), None if af is None else af.to(s.dtype))
 
 
-def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, mask, score_mod) -> torch.Tensor | None:
+def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, score_mod) -> torch.Tensor | None:
     # Query blocks are sampled whether or not a collector listens, so a checkpointed layer's
     # recomputation draws the same random numbers as its forward.
     blocks = sample_query_blocks(geometry, settings.kl_query_blocks, sink=settings.sink, local=settings.local,
@@ -43,11 +54,33 @@ def _add_kl_term(aux, settings, w_query, w_key, query, key, geometry, scaling, m
     # grad on even inside a reentrant checkpoint's no-grad forward, and its saved tensors stay out of
     # a non-reentrant checkpoint's recomputation (which runs after the collector is closed).
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        sampled = scorer_block_scores(query.detach(), key.detach(), w_query, w_key, geometry, scaling, q_blocks=blocks)
-        kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink, local=settings.local,
-                       mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
+        if settings.selector == "token":
+            kl = indexer_kl(query, key, weights, geometry, blocks, scale=scaling, mask=mask, score_mod=score_mod)
+        else:
+            sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, scaling, q_blocks=blocks)
+            kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink,
+                           local=settings.local, mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
         aux.add(KL_TERM, kl * settings.kl_weight)
     return kl
+
+
+def _drop_empty_cache_tail(key, value, mask):
+    """A static cache hands over its whole buffer, the rest of it hidden from every query. SparseMix
+    places the queries at the end of the keys (its block geometry), so the keys stop at the last one
+    any query sees; the view costs nothing."""
+    if bool(mask[..., -1].any()):
+        return key, value, mask
+    seen = mask.any(dim=(0, 1, 2)).nonzero()
+    last = int(seen[-1, 0]) + 1 if len(seen) else key.shape[-2]
+    if last == key.shape[-2]:
+        return key, value, mask
+    return key[..., :last, :], value[..., :last, :], mask[..., :last]
+
+
+def _summarizer(settings: SparseMixSettings, weights):
+    if settings.selector == "token":
+        return lambda keys: indexer_keys(keys, weights[1])
+    return lambda keys: pool_blocks(keys, settings.block_size)
 
 
 def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
@@ -74,9 +107,14 @@ def sparsemix_attention_forward(
     if kwargs.get("s_aux") is not None:
         raise ValueError("sparsemix does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
     settings = settings_of(module, SparseMixSettings)
-    w_query, w_key = layer_outputs(module, SparseMixScorer, settings)
+    weights = layer_outputs(module, SparseMixScorer, settings)
     causal = call_is_causal(module, kwargs)
+    cache_keys = key  # what the KV cache holds (the decoding summary is kept on it)
     key, value, mask, bias, _ = prepare_inputs(module, query, key, value, attention_mask, kwargs)
+    # The dense path takes HF's inputs as they are; the sparse path drops a static cache's empty tail.
+    dense_inputs = key, value, mask
+    if mask is not None and query.shape[-2] < key.shape[-2]:
+        key, value, mask = _drop_empty_cache_tail(key, value, mask)
     geometry = block_geometry(query.shape[-2], key.shape[-2], settings.block_size, causal)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -86,10 +124,11 @@ def sparsemix_attention_forward(
 
     kl = None
     if module.training and settings.kl_weight > 0 and long_input:
-        kl = _add_kl_term(active_aux_losses(KL_TERM), settings, w_query, w_key, query, key, geometry, scaling, mask,
+        kl = _add_kl_term(active_aux_losses(KL_TERM), settings, weights, query, key, geometry, scaling, mask,
                           _score_mod(theta, affine) if multimax else None)
 
     if not long_input or settings.dense_warmup:
+        key, value, mask = dense_inputs
         if multimax:
             out, probs = multimax_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                                     dropout=dropout, **kwargs)
@@ -108,21 +147,20 @@ def sparsemix_attention_forward(
         raise ValueError("sparsemix does not support attention soft-capping (Gemma 2); use 'multimax' or 'eager'")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True needs dense probabilities, which sparsemix never materialises on long inputs")
-    if mask is not None and query.shape[-2] < key.shape[-2] and not bool(mask[..., -1].any()):
-        # The last key is hidden from every query: the empty rest of a static cache's buffer. The block
-        # geometry places the queries at the end of the keys, so the kept blocks would be wrong.
-        raise ValueError(
-            "sparsemix does not support a static KV cache on long inputs (the cache buffer is longer than the "
-            "sequence); generate with the default dynamic cache (no cache_implementation='static')"
-        )
     if module.training and dropout > 0.0:
         raise ValueError(
             f"sparsemix does not apply attention dropout on the sparse path (got dropout={dropout}); set the model's "
             "attention dropout to 0 for training on long inputs"
         )
     backend = BACKENDS.resolve(settings.backend, attention_call(query, key, value, theta, affine))
+    summary = None
+    if not torch.is_grad_enabled():  # inference: the cache's key summary grows step by step
+        summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=settings.selector,
+                                     block_size=settings.block_size, weights=weights,
+                                     summarize=_summarizer(settings, weights))
     out = sparsemix_attention(
-        query, key, value, w_query, w_key, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
+        query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,
+        selector=settings.selector, key_summary=summary,
     )
     return _tie(out.transpose(1, 2).contiguous(), kl), None

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..ops.sparsemix import BACKENDS
+from ..ops.sparsemix import BACKENDS, SELECTORS
 from .base import MethodLayer, num_heads_of
 from .settings import ConfigSettings
 
@@ -39,7 +39,13 @@ class SparseMixSettings(ConfigSettings):
             local blocks. Default: `8`.
         sink (`bool`): always keep the first key block. Default: `True`.
         local (`bool`): always keep the query block's own key block. Default: `True`.
-        scorer_rank (`int`): rank of the scorer's learned query/key projections. Default: `16`.
+        selector (`str`): what ranks the key blocks: `"block"`, the block scorer (pooled queries and
+            keys, cheap), or `"token"`, the token-level indexer (DeepSeek V3.2's lightning indexer on
+            every query/key token, its distribution summed per key block and max-pooled over the
+            query block's rows; finds single needle tokens that pooling averages away). Default: `"block"`.
+        scorer_rank (`int`): rank of the block scorer's learned query/key projections. Default: `16`.
+        indexer_heads (`int`): heads of the token indexer. Default: `4`.
+        indexer_dim (`int`): size of each token-indexer head. Default: `32`.
         kl_weight (`float`): weight of the scorer's KL term added to the training loss. Default: `1.0`.
         kl_query_blocks (`int`): query blocks per layer and forward whose dense attention is the KL
             target. Default: `2`.
@@ -63,7 +69,10 @@ class SparseMixSettings(ConfigSettings):
     top_k: int = 8
     sink: bool = True
     local: bool = True
+    selector: str = "block"
     scorer_rank: int = 16
+    indexer_heads: int = 4
+    indexer_dim: int = 32
     kl_weight: float = 1.0
     kl_query_blocks: int = 2
     kl_target_power: float = 256.0
@@ -76,6 +85,10 @@ class SparseMixSettings(ConfigSettings):
         _positive_int("block_size", self.block_size)
         _positive_int("top_k", self.top_k, 0)
         _positive_int("scorer_rank", self.scorer_rank)
+        _positive_int("indexer_heads", self.indexer_heads)
+        _positive_int("indexer_dim", self.indexer_dim)
+        if self.selector not in SELECTORS:
+            raise ValueError(f"sparsemix.selector={self.selector!r} is not supported; allowed values: {SELECTORS}")
         _positive_int("kl_query_blocks", self.kl_query_blocks)
         for name in ("sink", "local", "dense_warmup"):
             if not isinstance(getattr(self, name), bool):
@@ -113,60 +126,92 @@ def kv_heads_and_dim(module: nn.Module) -> tuple[int, int]:
 
 
 class SparseMixScorer(MethodLayer):
-    """The learned block scorer of one attention layer: rank-r projections of mean+max pooled query
-    and key blocks, one per key/value head (see `ops.sparsemix.scorer_block_scores`).
+    """The learned selector of one attention layer, of the kind `sparsemix.selector` names.
 
-    `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
-    starts random so that the KL term's gradient reaches `w_key` from the first step.
+    - `"block"`: rank-r projections of mean+max pooled query and key blocks, one per key/value head
+      (see `ops.sparsemix.scorer_block_scores`): `w_query`, `w_key`, each `[Hkv, 2 * D, rank]`.
+      `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
+      starts random so that the KL term's gradient reaches `w_key` from the first step.
+    - `"token"`: the token-level indexer (`ops.sparsemix.indexer_block_scores`), one per layer:
+      `w_query [H * D, n * d]`, `w_key [Hkv * D, d]`, `w_weight [H * D, n]`. `w_weight` starts at
+      zero (no preference: an untrained indexer must be warmed up), the projections random, so the
+      KL term's gradient reaches every weight after the first step (LoRA's zero-B idea).
 
     Args:
-        num_kv_heads (`int`): key/value heads of the attention module.
+        selector (`str`): `"block"` or `"token"`.
+        num_heads, num_kv_heads (`int`): query and key/value heads of the attention module.
         head_dim (`int`): query/key head dimension.
-        rank (`int`): projection rank.
+        rank (`int`): block scorer projection rank.
+        indexer_heads, indexer_dim (`int`): token indexer heads and their size.
     """
 
     attr = "sparsemix"
     title = "SparseMix scorer"
     settings_cls = SparseMixSettings
 
-    def __init__(self, num_kv_heads: int, head_dim: int, rank: int):
+    def __init__(self, selector: str, num_heads: int, num_kv_heads: int, head_dim: int, rank: int,
+                 indexer_heads: int, indexer_dim: int):
         super().__init__()
-        self.num_kv_heads, self.head_dim, self.rank = num_kv_heads, head_dim, rank
+        self.selector, self.num_heads, self.num_kv_heads, self.head_dim = selector, num_heads, num_kv_heads, head_dim
+        self.rank, self.indexer_heads, self.indexer_dim = rank, indexer_heads, indexer_dim
         # Created in fp32 (from_pretrained(dtype=...) keeps them so): scores are ranked, small errors
         # reorder blocks. model.to(dtype) casts them like any parameter.
-        self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
-        self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=torch.float32))
+        f32 = torch.float32
+        if selector == "block":
+            self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=f32))
+            self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=f32))
+        else:
+            self.w_query = nn.Parameter(torch.empty(num_heads * head_dim, indexer_heads * indexer_dim, dtype=f32))
+            self.w_key = nn.Parameter(torch.empty(num_kv_heads * head_dim, indexer_dim, dtype=f32))
+            self.w_weight = nn.Parameter(torch.empty(num_heads * head_dim, indexer_heads, dtype=f32))
         self.reset_parameters()
 
     @property
     def structure(self) -> tuple:
-        return self.num_kv_heads, self.head_dim, self.rank
+        return (self.selector, self.num_heads, self.num_kv_heads, self.head_dim, self.rank, self.indexer_heads,
+                self.indexer_dim)
 
     @classmethod
     def structure_for(cls, settings: SparseMixSettings, host: nn.Module) -> tuple:
-        return (*kv_heads_and_dim(host), settings.scorer_rank)
+        kv_heads, head_dim = kv_heads_and_dim(host)
+        heads = num_heads_of(host) or kv_heads
+        if settings.selector == "block":  # the block scorer has no indexer, and is the same for any
+            return ("block", heads, kv_heads, head_dim, settings.scorer_rank, 0, 0)
+        return ("token", heads, kv_heads, head_dim, 0, settings.indexer_heads, settings.indexer_dim)
 
     @property
     def init_std(self) -> float:
-        return (2 * self.head_dim) ** -0.5
+        return self.w_query.shape[-2] ** -0.5
 
     def reset_parameters(self, init=nn.init) -> None:
         if self.w_query.is_meta:
             return
-        init.normal_(self.w_query, std=self.init_std)
-        init.zeros_(self.w_key)
+        if self.selector == "block":
+            init.normal_(self.w_query, std=self.init_std)
+            init.zeros_(self.w_key)
+        else:
+            init.normal_(self.w_query, std=self.w_query.shape[0] ** -0.5)
+            init.normal_(self.w_key, std=self.w_key.shape[0] ** -0.5)
+            init.zeros_(self.w_weight)
 
     def is_identity(self) -> bool:
-        # w_key = 0 is the parameter-free mean-pooled gate; w_query alone changes nothing.
-        return not bool(self.w_key.detach().any())
+        # block: w_key = 0 is the parameter-free mean-pooled gate; token: w_weight = 0 ranks nothing.
+        zero_when_untrained = self.w_key if self.selector == "block" else self.w_weight
+        return not bool(zero_when_untrained.detach().any())
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(w_query, w_key)`. Attention functions call the module rather than read its parameters,
-        so wrappers (PEFT `modules_to_save`, FSDP, ZeRO-3) hand them the live ones."""
-        return self.w_query, self.w_key
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        """The weights the selector's ops take: `(w_query, w_key)` or `(w_query, w_key, w_weight)`.
+        Attention functions call the module rather than read its parameters, so wrappers (PEFT
+        `modules_to_save`, FSDP, ZeRO-3) hand them the live ones."""
+        if self.selector == "block":
+            return self.w_query, self.w_key
+        return self.w_query, self.w_key, self.w_weight
 
     def extra_repr(self) -> str:
-        return f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
+        if self.selector == "block":
+            return f"block scorer: kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
+        return (f"token indexer: heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"indexer_heads={self.indexer_heads}, indexer_dim={self.indexer_dim}")
 
 
 def freeze_all_but_scorers(model: nn.Module) -> int:

@@ -1,6 +1,6 @@
 """Generation with every cache transformers offers: MultiMax at identity gives SDPA's greedy tokens
-and logits with static and dynamic caches on every backend; SparseMix runs short inputs with a
-static cache and refuses it on the sparse path. Masks SDPA would refuse are refused."""
+and logits with static and dynamic caches on every backend; SparseMix's short inputs match SDPA with a
+static cache (its sparse decoding: tests/integrations/test_sparsemix_decoding.py). Masks SDPA would refuse are refused."""
 
 import copy
 
@@ -46,14 +46,10 @@ def test_multimax_generate_matches_sdpa(backend, cache, monkeypatch):
         assert_close(a, b, what=f"{backend} {cache} logits")
 
 
-def test_sparsemix_static_cache_short_inputs_match_and_long_ones_are_refused():
+def test_sparsemix_static_cache_short_inputs_match_sdpa():
     model, ref = pair("sparsemix", sparsemix={"block_size": 8, "top_k": 2})
     short = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))
     assert torch.equal(generate(model, short, "static").sequences, generate(ref, short, "static").sequences)
-    long = torch.randint(0, 100, (1, 80), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="static KV cache"):
-        generate(model, long, "static")
-    generate(model, long, "dynamic")  # the sparse path with the default cache
 
 
 def test_sparsemix_dense_path_returns_attention_probabilities():

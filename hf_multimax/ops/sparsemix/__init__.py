@@ -14,7 +14,8 @@ from .distill import dense_block_mass, sample_query_blocks, scorer_kl
 from .flex import flex_sparsemix_attention
 from .fused import fused_sparsemix_attention
 from .naive import naive_sparsemix_attention
-from .pipeline import select_sparsemix_blocks, sparsemix_attention
+from .indexer import indexer_block_scores, indexer_keys, indexer_kl
+from .pipeline import SELECTORS, select_sparsemix_blocks, sparsemix_attention
 from .selection import (
     BlockGeometry,
     block_geometry,
@@ -49,6 +50,7 @@ BACKENDS = BackendRegistry(
 
 __all__ = [
     "BACKENDS",
+    "SELECTORS",
     "BlockGeometry",
     "block_geometry",
     "blocked_sparsemix_attention",
@@ -56,6 +58,9 @@ __all__ = [
     "dense_block_mass",
     "flex_sparsemix_attention",
     "fused_sparsemix_attention",
+    "indexer_block_scores",
+    "indexer_keys",
+    "indexer_kl",
     "naive_sparsemix_attention",
     "pool_blocks",
     "sample_query_blocks",

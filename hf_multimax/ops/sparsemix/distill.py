@@ -10,7 +10,7 @@ import torch
 from ..naive_attention import naive_attention
 from .selection import BlockGeometry, candidate_blocks
 
-__all__ = ["dense_block_mass", "sample_query_blocks", "scorer_kl"]
+__all__ = ["dense_block_mass", "dense_rows", "sample_query_blocks", "scorer_kl"]
 
 
 def sample_query_blocks(geometry: BlockGeometry, n: int, *, sink: bool, local: bool, device=None) -> torch.Tensor:
@@ -18,6 +18,32 @@ def sample_query_blocks(geometry: BlockGeometry, n: int, *, sink: bool, local: b
     allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=device)
     eligible = (allowed & ~forced).any(dim=-1).nonzero()[:, 0]
     return eligible[torch.randperm(len(eligible), device=device)[:n]]
+
+
+def dense_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    geometry: BlockGeometry,
+    q_block: int,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Dense attention probabilities `[B, H, rows, K]` of the real query rows of query block `q_block`
+    (relative index), causal as the geometry says, under `mask` and `score_mod`."""
+    bs = geometry.block_size
+    r0 = max(0, q_block * bs - geometry.front_pad)
+    r1 = min(geometry.q_len, (q_block + 1) * bs - geometry.front_pad)
+    rows = query[:, :, r0:r1]
+    keep = None
+    if geometry.causal:
+        q_pos = torch.arange(r0, r1, device=query.device)[:, None] + geometry.q_offset
+        keep = torch.arange(geometry.k_len, device=query.device)[None, :] <= q_pos
+    if mask is not None:
+        rows_mask = mask[:, :, r0:r1] if mask.shape[-2] > 1 else mask
+        keep = rows_mask if keep is None else rows_mask & keep
+    return naive_attention(rows, key, key, score_mod=score_mod, scale=scale, mask=keep)[1]
 
 
 def dense_block_mass(
@@ -35,21 +61,11 @@ def dense_block_mass(
     over the query heads of each key/value head, then pooled over the block's queries: `[B, Hkv,
     n_k_blocks]`. `pool="max"` (SeerAttention's max-pooled target; the default) keeps a block that
     one query needs; `pool="mean"` sums to 1 and lets the block's other queries outvote it."""
-    bs = geometry.block_size
-    r0 = max(0, q_block * bs - geometry.front_pad)
-    r1 = min(geometry.q_len, (q_block + 1) * bs - geometry.front_pad)
-    rows = query[:, :, r0:r1]
-    keep = None
-    if geometry.causal:
-        q_pos = torch.arange(r0, r1, device=query.device)[:, None] + geometry.q_offset
-        keep = torch.arange(geometry.k_len, device=query.device)[None, :] <= q_pos
-    if mask is not None:
-        rows_mask = mask[:, :, r0:r1] if mask.shape[-2] > 1 else mask
-        keep = rows_mask if keep is None else rows_mask & keep
-    _, probs = naive_attention(rows, key, key, score_mod=score_mod, scale=scale, mask=keep)
-    pad = geometry.n_k_blocks * bs - geometry.k_len
     if pool not in ("max", "mean"):
         raise ValueError(f"pool={pool!r} is not supported; allowed values: ('max', 'mean')")
+    probs = dense_rows(query, key, geometry, q_block, scale=scale, mask=mask, score_mod=score_mod)
+    bs = geometry.block_size
+    pad = geometry.n_k_blocks * bs - geometry.k_len
     mass = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (geometry.n_k_blocks, bs)).sum(-1)
     B, H, n_rows = mass.shape[:3]
     n_kv = key.shape[1]

@@ -9,17 +9,20 @@ from typing import Callable
 
 import torch
 
+from .indexer import indexer_block_scores
 from .selection import BlockGeometry, block_geometry, scorer_block_scores, select_blocks
 
-__all__ = ["select_sparsemix_blocks", "sparsemix_attention"]
+__all__ = ["SELECTORS", "select_sparsemix_blocks", "sparsemix_attention"]
+
+# What ranks the key blocks: the block scorer (pooled queries and keys) or the token-level indexer.
+SELECTORS = ("block", "token")
 
 
 @torch.no_grad()
 def select_sparsemix_blocks(
     query: torch.Tensor,
     key: torch.Tensor,
-    w_query: torch.Tensor,
-    w_key: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
     *,
     block_size: int,
     top_k: int,
@@ -27,16 +30,25 @@ def select_sparsemix_blocks(
     local: bool = True,
     causal: bool = True,
     scale: float | None = None,
+    selector: str = "block",
+    mask: torch.Tensor | None = None,
+    key_summary: torch.Tensor | None = None,
 ) -> tuple[BlockGeometry, torch.Tensor, torch.Tensor]:
     """The key blocks each query block keeps (the selection is not differentiable: no graph).
 
     Args:
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
-        w_query, w_key (`torch.Tensor`): the scorer projections `[Hkv, 2 * D, rank]`.
+        weights (`tuple`): what the layer's `SparseMixScorer` returns: `(w_query, w_key)` of the block
+            scorer (`[Hkv, 2 * D, rank]` each) or `(w_query, w_key, w_weight)` of the token indexer.
         block_size, top_k, sink, local: as in `SparseMixSettings`.
         causal (`bool`): no future blocks. Default: `True`.
         scale (`float`, *optional*): the attention scale. Default: `D ** -0.5`.
+        selector (`str`): one of `SELECTORS`, the kind of `weights`. Default: `"block"`.
+        mask (`torch.Tensor`, *optional*): boolean keep mask; the token indexer ranks unmasked keys only.
+        key_summary (`torch.Tensor`, *optional*): what the selector reads of the keys, when already
+            known (a KV cache's, kept up to date while decoding): `pool_blocks(key, block_size)` for
+            `"block"`, `indexer_keys(key, w_key)` for `"token"`.
 
     Returns:
         `(geometry, block_idx [B, Hkv, n_q_blocks, S], block_valid [B, Hkv, n_q_blocks, S])`.
@@ -44,7 +56,13 @@ def select_sparsemix_blocks(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal)
-    scores = scorer_block_scores(query, key, w_query, w_key, geometry, scale)
+    if selector == "block":
+        scores = scorer_block_scores(query, key, *weights, geometry, scale, pooled_keys=key_summary)
+    elif selector == "token":
+        scores = indexer_block_scores(query, key, weights, geometry, mask=mask, keys=key_summary)
+        scores = scores.expand(-1, key.shape[1], -1, -1)
+    else:
+        raise ValueError(f"selector={selector!r} is not supported; allowed values: {SELECTORS}")
     block_idx, block_valid = select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local)
     return geometry, block_idx, block_valid
 
@@ -53,8 +71,7 @@ def sparsemix_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    w_query: torch.Tensor,
-    w_key: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
     *,
     kernel: Callable,
     block_size: int,
@@ -66,6 +83,8 @@ def sparsemix_attention(
     mask: torch.Tensor | None = None,
     theta: torch.Tensor | None = None,
     affine: torch.Tensor | None = None,
+    selector: str = "block",
+    key_summary: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scorer, selection and `kernel` (one of `BACKENDS`) in one call: `out [B, H, Q, Dv]`.
 
@@ -73,14 +92,14 @@ def sparsemix_attention(
         >>> from hf_multimax.ops.sparsemix import BACKENDS
         >>> q = k = v = torch.randn(1, 2, 300, 16)
         >>> w = torch.randn(2, 32, 4)
-        >>> sparsemix_attention(q, k, v, w, w, kernel=BACKENDS["blocked"], block_size=64, top_k=1).shape
+        >>> sparsemix_attention(q, k, v, (w, w), kernel=BACKENDS["blocked"], block_size=64, top_k=1).shape
         torch.Size([1, 2, 300, 16])
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
     _, block_idx, block_valid = select_sparsemix_blocks(
-        query, key, w_query, w_key, block_size=block_size, top_k=top_k, sink=sink, local=local, causal=causal,
-        scale=scale,
+        query, key, weights, block_size=block_size, top_k=top_k, sink=sink, local=local, causal=causal,
+        scale=scale, selector=selector, mask=mask, key_summary=key_summary,
     )
     out, _ = kernel(query, key, value, block_idx, block_valid, block_size=block_size, scale=scale, mask=mask,
                     is_causal=causal, theta=theta, affine=affine)

@@ -91,6 +91,7 @@ def scorer_block_scores(
     geometry: BlockGeometry,
     scale: float,
     q_blocks: torch.Tensor | None = None,
+    pooled_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
@@ -110,6 +111,7 @@ def scorer_block_scores(
         scale (`float`): the attention scale.
         q_blocks (`torch.Tensor`, *optional*): relative indices of the query blocks to score.
             Default: all.
+        pooled_keys (`torch.Tensor`, *optional*): `pool_blocks(key, block_size)`, when already known.
 
     Returns:
         `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
@@ -120,7 +122,7 @@ def scorer_block_scores(
     pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
     if q_blocks is not None:
         pq = pq.index_select(2, q_blocks)
-    pk = pool_blocks(key, geometry.block_size)  # [B, Hkv, nKB, 2D]
+    pk = pool_blocks(key, geometry.block_size) if pooled_keys is None else pooled_keys  # [B, Hkv, nKB, 2D]
     gate = torch.matmul(pq[..., :D], pk[..., :D].transpose(-1, -2)) * scale
     low_q = torch.einsum("bhad,hdr->bhar", pq, w_query.float())
     low_k = torch.einsum("bhjd,hdr->bhjr", pk, w_key.float())

@@ -1,0 +1,91 @@
+"""SparseMix decoding: the selector's summary of a KV cache's keys (pooled key blocks for the block
+scorer, indexer keys for the token indexer) grows by the new tokens at each step instead of being
+recomputed over every cached key, which would cost as much as dense attention reading the cache.
+
+A summary is kept as an attribute of the key tensor it was computed from (a dynamic cache's keys
+after its update, or a static cache's buffer), so it goes away with that tensor. The method's
+forward pre-hook (`note_cache_keys`, registered on each SparseMix attention module) notes the
+summary of the key tensor the module's cache layer holds before this call's update. The attention
+call extends it only when all of these hold:
+
+- the tensor has not changed since the summary was made (same version counter: a static cache's
+  `reset()` and in-place edits modify it; a crop, beam reordering and a new cache replace it, and
+  the new tensor has no summary);
+- this call's keys are the summarised tokens plus this call's queries (what the cache appended);
+- the summary was made by the same selector, block size and weights (same tensors, same versions).
+
+Anything else (no cache, a model whose attention modules have no `layer_idx`, gradients on)
+recomputes the summary from all keys, which is what a call without a cache does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+__all__ = ["cached_key_summary", "note_cache_keys"]
+
+_NOTED = "_hf_multimax_cache_keys"  # module.__dict__ entry, set by the pre-hook for one call
+_SUMMARY = "_hf_multimax_key_summary"  # attribute of a cached key tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Summary:
+    version: int  # the key tensor's version counter after the call that made it
+    tokens: int  # real keys summarised
+    made_by: tuple  # selector, block size, (id, version) of the weights it read
+    data: torch.Tensor
+
+
+def note_cache_keys(module: torch.nn.Module, args, kwargs) -> None:
+    """Forward pre-hook: which key tensor the module's cache layer holds before this call's update."""
+    module.__dict__.pop(_NOTED, None)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers, idx = getattr(cache, "layers", None), getattr(module, "layer_idx", None)
+    if not isinstance(layers, (list, tuple)) or not isinstance(idx, int) or not 0 <= idx < len(layers):
+        return
+    keys = getattr(layers[idx], "keys", None)
+    summary = getattr(keys, _SUMMARY, None) if isinstance(keys, torch.Tensor) else None
+    # The summary, not the tensor: a dynamic cache drops its old keys in the update. Checked now,
+    # before the update: the tensor has not changed since the summary was made.
+    if summary is not None and summary.version == keys._version:
+        module.__dict__[_NOTED] = summary
+
+
+def _made_by(selector: str, block_size: int, weights: tuple[torch.Tensor, ...]) -> tuple:
+    return (selector, block_size, *((id(w), w._version) for w in weights))
+
+
+def cached_key_summary(
+    module: torch.nn.Module,
+    cache_keys: torch.Tensor,
+    key: torch.Tensor,
+    q_len: int,
+    *,
+    selector: str,
+    block_size: int,
+    weights: tuple[torch.Tensor, ...],
+    summarize: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The selector's summary of `key` (the real keys of this call, `[B, Hkv, K, D]`), extended from
+    the noted cache tensor's summary when that is valid (module docstring), else computed whole; kept
+    on `cache_keys` (the tensor the attention function was handed) for the next step.
+
+    `summarize(keys)` summarises a run of keys: per token for the indexer, per block for the block
+    scorer (runs then start on a block boundary).
+    """
+    made_by = _made_by(selector, block_size, weights)
+    old = module.__dict__.pop(_NOTED, None)
+    if old is not None and not (old.made_by == made_by and old.tokens + q_len == key.shape[-2]):
+        old = None
+    if old is None:
+        data = summarize(key)
+    elif selector == "token":
+        data = torch.cat([old.data, summarize(key[..., old.tokens :, :])], dim=1)
+    else:  # pooled blocks: the old last block may have been partial, so it is pooled again
+        kept = old.tokens // block_size
+        data = torch.cat([old.data[:, :, :kept], summarize(key[..., kept * block_size :, :])], dim=2)
+    setattr(cache_keys, _SUMMARY, _Summary(cache_keys._version, key.shape[-2], made_by, data))
+    return data

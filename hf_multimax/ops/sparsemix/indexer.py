@@ -1,0 +1,179 @@
+"""SparseMix's token-level indexer: per-token key scores aggregated to the blocks the kernels gather.
+Pure tensor maths.
+
+The indexer is DeepSeek V3.2's lightning indexer (DSA) computed from the attention call's own inputs
+(every query head's post-RoPE query side by side, every key/value head's key side by side):
+
+    I(t, s) = sum_j w_j(t) * ReLU(q_j(t) . k(s)),   q_j(t) = x_q(t) W_q[j],  k(s) = x_k(s) W_k,  w(t) = x_q(t) W_w
+
+with `n` small heads of size `d`, one indexer per layer (shared by its key/value heads, as in DSA).
+Where DSA keeps each query's top-k tokens, SparseMix keeps blocks: the indexer's distribution
+`p_t = softmax_s I(t, s)` over the keys query `t` attends is summed per key block and max-pooled over
+the block's queries, which estimates the block scorer's KL target (the max-pooled dense attention
+mass). A single query that needs a far block pulls it in, however the block's other queries look;
+a query whose attention rests on the sink and its own block (most filler tokens) puts little mass
+anywhere else, so it does not outvote it. (Normalising over the free blocks only was tried first:
+it blew such queries' leftover mass up to a full distribution, and needle recall fell to 0.61.)
+
+Training (`indexer_kl`): KL from the dense attention of sampled query rows (averaged over heads,
+as DSA's L1-normalised head sum) to `p_t`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .distill import dense_rows
+from .selection import BlockGeometry
+
+__all__ = ["indexer_block_scores", "indexer_features", "indexer_keys", "indexer_kl", "indexer_logits"]
+
+
+def indexer_keys(key: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
+    """The indexer's key of every token: `[B, Hkv, K, D]` -> `[B, K, d]` (fp32). Per token, so a
+    KV cache's summary grows by appending (see `integrations.sparsemix_decoding`)."""
+    B, Hkv, K, D = key.shape
+    if w_key.shape[0] != Hkv * D:
+        raise ValueError(f"indexer w_key {tuple(w_key.shape)} does not fit {Hkv} key/value heads of size {D}")
+    return key.transpose(1, 2).reshape(B, K, Hkv * D).float() @ w_key.float()
+
+
+def indexer_features(query, key, w_query, w_key, w_weight, keys: torch.Tensor | None = None):
+    """The indexer's per-token queries, weights and keys (fp32).
+
+    Args:
+        query (`torch.Tensor`): `[B, H, Q, D]`.
+        key (`torch.Tensor`): `[B, Hkv, K, D]`.
+        w_query (`torch.Tensor`): `[H * D, n * d]`.
+        w_key (`torch.Tensor`): `[Hkv * D, d]`.
+        w_weight (`torch.Tensor`): `[H * D, n]`.
+        keys (`torch.Tensor`, *optional*): `indexer_keys(key, w_key)`, when already known.
+
+    Returns:
+        `(q [B, Q, n, d], w [B, Q, n], k [B, K, d])`, scaled so that I(t, s) starts O(1).
+    """
+    B, H, Q, D = query.shape
+    n, d = w_weight.shape[-1], w_key.shape[-1]
+    if w_query.shape != (H * D, n * d) or w_weight.shape[0] != H * D:
+        raise ValueError(
+            f"indexer weights {tuple(w_query.shape)}, {tuple(w_weight.shape)} do not fit {H} query heads of size {D} "
+            f"and {n} indexer heads of size {d}"
+        )
+    xq = query.transpose(1, 2).reshape(B, Q, H * D).float()
+    q = (xq @ w_query.float()).view(B, Q, n, d) * d**-0.5
+    w = (xq @ w_weight.float()) * n**-0.5
+    return q, w, indexer_keys(key, w_key) if keys is None else keys
+
+
+def indexer_logits(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`I(t, s)` for rows `q [B, R, n, d]`, `w [B, R, n]` and keys `k [B, K, d]`: `[B, R, K]`."""
+    B, R, n, d = q.shape
+    K = k.shape[1]
+    s = torch.matmul(q.reshape(B, R * n, d), k.transpose(1, 2)).relu()  # [B, R*n, K]
+    return torch.matmul(w.reshape(B * R, 1, n), s.view(B * R, n, K)).view(B, R, K)
+
+
+def _allowed_keys(geometry: BlockGeometry, rows: torch.Tensor, k_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Which of the first `k_len` keys each query row (relative index) attends: `[1 or B, R, k_len]`
+    (causal: keys up to the row's position; `mask` `[B, 1 or H, Q or 1, K]`: a key hidden from
+    every head is left out)."""
+    keys = torch.arange(k_len, device=rows.device)
+    keep = (keys[None, :] <= (rows + geometry.q_offset)[:, None]) if geometry.causal else keys[None, :] >= 0
+    keep = keep[None].expand(1, len(rows), k_len)
+    if mask is not None:
+        m = mask.any(1)
+        m = m[:, rows] if m.shape[1] > 1 else m.expand(-1, len(rows), -1)
+        keep = keep & m[..., :k_len]
+    return keep
+
+
+def _log_softmax_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the kept entries; -inf elsewhere and on rows that keep nothing."""
+    x = logits.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    return x - lse.clamp_min(torch.finfo(x.dtype).min)  # empty row: -inf - min = -inf, not NaN
+
+
+def indexer_block_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    geometry: BlockGeometry,
+    *,
+    mask: torch.Tensor | None = None,
+    row_budget: int = 1 << 22,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block scores from the indexer: `score[a, j] = max_{t in a} log sum_{s in j} p_t(s)`.
+
+    Args:
+        query, key (`torch.Tensor`): `[B, H, Q, D]`, `[B, Hkv, K, D]`.
+        weights (`tuple`): `(w_query, w_key, w_weight)` of `indexer_features`.
+        geometry (`BlockGeometry`): from `block_geometry`.
+        mask (`torch.Tensor`, *optional*): boolean keep mask `[B, 1 or H, Q, K]`.
+        row_budget (`int`): indexer scores held at once (query blocks are processed in chunks).
+        keys (`torch.Tensor`, *optional*): `indexer_keys(key, weights[1])`, when already known.
+
+    Returns:
+        `[B, 1, n_q_blocks, n_k_blocks]` fp32 (broadcast over key/value heads by `select_blocks`);
+        -inf where a block holds no key the block's queries attend. `select_blocks` ranks the free
+        blocks only (not the sink, the local block or the future).
+    """
+    q, w, k = indexer_features(query, key, *weights, keys=keys)
+    B, Q, n = w.shape
+    g, bs = geometry, geometry.block_size
+    scores = torch.full((B, g.n_q_blocks, g.n_k_blocks), float("-inf"), device=query.device)
+    step = max(1, row_budget // max(1, B * bs * n * g.k_len))
+    for c0 in range(0, g.n_q_blocks, step):
+        c1 = min(g.n_q_blocks, c0 + step)
+        r0, r1 = max(0, c0 * bs - g.front_pad), min(Q, c1 * bs - g.front_pad)
+        # Causal: no query of the chunk attends past the chunk's last block.
+        k_len = min(g.k_len, (c1 + g.q_block0) * bs) if g.causal else g.k_len
+        rows = torch.arange(r0, r1, device=query.device)
+        keep = _allowed_keys(g, rows, k_len, mask)
+        logp = _log_softmax_over(indexer_logits(q[:, r0:r1], w[:, r0:r1], k[:, :k_len]), keep)
+        nkb = -(-k_len // bs)
+        logp = torch.nn.functional.pad(logp, (0, nkb * bs - k_len), value=float("-inf"))
+        mass = torch.logsumexp(logp.view(B, r1 - r0, nkb, bs), dim=-1)  # [B, R, nkb]
+        # Rows -> their query blocks; max over each block's rows.
+        blocks = (rows + g.front_pad) // bs - c0
+        pooled = torch.full((B, c1 - c0, nkb), float("-inf"), device=query.device)
+        pooled.scatter_reduce_(1, blocks[None, :, None].expand(B, -1, nkb), mass, reduce="amax")
+        scores[:, c0:c1, :nkb] = pooled
+    return scores[:, None]
+
+
+def indexer_kl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    geometry: BlockGeometry,
+    q_blocks: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mean over batch and the rows of the sampled query blocks of KL(target || p_t) over the keys
+    the row attends. The target is the detached dense attention of the row (`score_mod`: the MultiMax
+    modulator), averaged over the query heads; fully masked rows are left out. Gradients reach the
+    indexer weights only (query and key are detached).
+    """
+    query, key = query.detach(), key.detach()
+    q, w, k = indexer_features(query, key, *weights)
+    bs, terms = geometry.block_size, []
+    for a in q_blocks.tolist():
+        r0, r1 = max(0, a * bs - geometry.front_pad), min(geometry.q_len, (a + 1) * bs - geometry.front_pad)
+        rows = torch.arange(r0, r1, device=query.device)
+        keep = _allowed_keys(geometry, rows, geometry.k_len, mask)
+        with torch.no_grad():
+            target = dense_rows(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod).mean(1)  # [B, R, K]
+            has_mass = target.sum(-1) > 0  # fully masked rows have none
+        logp = _log_softmax_over(indexer_logits(q[:, r0:r1], w[:, r0:r1], k), keep)
+        kl = torch.xlogy(target, target) - torch.where(target > 0, target * logp, torch.zeros_like(logp))
+        terms.append((kl.sum(-1) * has_mass).sum() / has_mass.sum().clamp_min(1))
+    if not terms:
+        return sum(p.sum() for p in weights) * 0.0
+    return torch.stack(terms).mean()

@@ -1,0 +1,142 @@
+"""SparseMix decoding with a KV cache: the selector's key summary grows step by step
+(`integrations/sparsemix_decoding.py`). Every result is compared with the same model recomputing the
+summary from all keys at each step (its pre-hook removed), for both selectors, dynamic and static
+caches, and after whatever replaces or modifies the cached keys (crop, beam reordering, a reused
+static cache, a weight edit)."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import hf_multimax  # noqa: F401
+from hf_multimax.integrations.attach import _set_host_hook
+from hf_multimax.integrations.sparsemix_decoding import _SUMMARY
+from tests.conftest import assert_close
+
+CONFIG = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=512)
+SETTINGS = {"block_size": 8, "top_k": 2}
+
+
+def models(selector):
+    """(model, reference): the same weights, a trained-looking selector; the reference never reuses a
+    summary (no pre-hook), so it recomputes the selection from all keys at every step."""
+    torch.manual_seed(0)
+    config = copy.deepcopy(CONFIG)
+    config.sparsemix = {**SETTINGS, "selector": selector}
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            scorer = layer.self_attn.sparsemix
+            (scorer.w_key if selector == "block" else scorer.w_weight).normal_()
+    ref = copy.deepcopy(model)
+    for layer in ref.model.layers:
+        _set_host_hook(layer.self_attn, None)
+    return model, ref
+
+
+def generate(model, ids, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def assert_same(got, want, what):
+    assert torch.equal(got.sequences, want.sequences), what
+    for a, b in zip(got.logits, want.logits):
+        assert_close(a, b, what=what)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+IDS = torch.randint(0, 100, (2, 61), generator=gen(1))  # 8 blocks of 8: sparse
+OTHER = torch.randint(0, 100, (2, 61), generator=gen(2))
+
+
+@pytest.mark.parametrize("selector", ["block", "token"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_with_the_growing_summary_matches_recomputing_it(selector, cache):
+    model, ref = models(selector)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    got = generate(model, IDS, **extra)
+    assert_same(got, generate(ref, IDS, **extra), f"{selector} {cache}")
+
+
+@pytest.mark.parametrize("selector", ["block", "token"])
+def test_summary_is_kept_on_the_cache_and_extended(selector):
+    model, _ = models(selector)
+    cache = tf.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(IDS, cache=cache, use_cache=True)
+        first = getattr(cache.layers[0].keys, _SUMMARY)
+        assert first.tokens == IDS.shape[1]
+        model(IDS[:, :1], cache=cache, use_cache=True)
+    second = getattr(cache.layers[0].keys, _SUMMARY)
+    assert second.tokens == IDS.shape[1] + 1
+    # Extended, not recomputed: the first tokens' summary is the very same values.
+    rows = first.data.shape[1] if selector == "token" else first.data.shape[2] - 1
+    old, new = (first.data, second.data) if selector == "token" else (first.data.transpose(1, 2), second.data.transpose(1, 2))
+    assert torch.equal(new[:, :rows], old[:, :rows])
+
+
+@pytest.mark.parametrize("selector", ["block", "token"])
+def test_beam_search_reordering_and_a_reused_static_cache(selector):
+    model, ref = models(selector)
+    assert_same(generate(model, IDS, num_beams=3), generate(ref, IDS, num_beams=3), "beam search")
+    # One static cache object, two prompts: its reset zeroes the buffer in place, which must not leave
+    # the first prompt's summary in use.
+    other = torch.randint(0, 100, (2, 61), generator=torch.Generator().manual_seed(7))
+    cache = tf.StaticCache(config=model.config, max_cache_len=96)
+    ref_cache = tf.StaticCache(config=ref.config, max_cache_len=96)
+    for prompt in (IDS, other):
+        got = generate(model, prompt, cache=cache)
+        want = generate(ref, prompt, cache=ref_cache)
+        assert_same(got, want, "reused static cache")
+        cache.reset()
+        ref_cache.reset()
+
+
+@pytest.mark.parametrize("selector", ["block", "token"])
+def test_crop_and_a_weight_edit_between_steps(selector):
+    model, ref = models(selector)
+    caches = {m: tf.DynamicCache(config=m.config) for m in (model, ref)}
+    outs = {}
+    with torch.no_grad():
+        for m, cache in caches.items():
+            m(IDS, cache=cache, use_cache=True)
+            cache.crop(-11)  # 61 -> 50 tokens: a crop replaces the keys: the summary of 61 tokens no longer fits
+            first = m(IDS[:, 50:53], cache=cache, use_cache=True).logits
+            for layer in m.model.layers:  # an in-place edit of the selector's weights
+                layer.self_attn.sparsemix.w_key.mul_(-1.0)
+            outs[m] = (first, m(IDS[:, 53:54], cache=cache, use_cache=True).logits)
+    for a, b in zip(outs[model], outs[ref]):
+        assert_close(a, b, what="after crop / weight edit")
+
+
+@pytest.mark.parametrize("selector", ["block", "token"])
+def test_an_in_place_edit_of_the_cache_and_a_cropped_static_cache(selector):
+    """What keeps the key tensor but changes what it holds: an in-place edit (its version counter
+    moves) and a static cache cropped without touching its buffer (the keys no longer extend the
+    summarised ones)."""
+    model, ref = models(selector)
+    outs = {}
+    with torch.no_grad():
+        for m in (model, ref):
+            cache = tf.DynamicCache(config=m.config)
+            m(IDS, cache=cache, use_cache=True)
+            for layer in cache.layers:  # blocks 2-4 (not the sink, not the local block) replaced
+                layer.keys[:, :, 16:40].copy_(torch.randn(layer.keys[:, :, 16:40].shape, generator=gen(3)) * 5)
+            edited = m(IDS[:, :1], cache=cache, use_cache=True).logits
+            static = tf.StaticCache(config=m.config, max_cache_len=96)
+            m(IDS, cache=static, use_cache=True)
+            static.crop(-25)  # 61 -> 36 tokens; the buffer keeps its rows 36..60
+            cropped = [m(OTHER[:, 36:39], cache=static, use_cache=True).logits]
+            for t in range(39, 52):  # until blocks 4 and 5 (rows 32..47) are candidates, not local
+                cropped.append(m(OTHER[:, t : t + 1], cache=static, use_cache=True).logits)
+            outs[m] = edited, *cropped
+    for a, b in zip(outs[model], outs[ref]):
+        assert_close(a, b, what="in-place edit / cropped static cache")
