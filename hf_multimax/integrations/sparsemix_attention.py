@@ -18,9 +18,9 @@ from ..ops.naive_attention import naive_attention
 from ..ops.sparsemix import (
     BACKENDS,
     block_geometry,
+    block_key_features,
     indexer_keys,
     indexer_kl,
-    pool_blocks,
     sample_query_blocks,
     scorer_block_scores,
     scorer_kl,
@@ -67,20 +67,21 @@ def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, sc
 def _drop_empty_cache_tail(key, value, mask):
     """A static cache hands over its whole buffer, the rest of it hidden from every query. SparseMix
     places the queries at the end of the keys (its block geometry), so the keys stop at the last one
-    any query sees; the view costs nothing."""
-    if bool(mask[..., -1].any()):
-        return key, value, mask
-    seen = mask.any(dim=(0, 1, 2)).nonzero()
-    last = int(seen[-1, 0]) + 1 if len(seen) else key.shape[-2]
-    if last == key.shape[-2]:
-        return key, value, mask
-    return key[..., :last, :], value[..., :last, :], mask[..., :last]
+    any query sees (views: no copy). A mask that then hides nothing (one unpadded sequence decoding)
+    is dropped, which is what it says for queries at the end of the keys."""
+    if not bool(mask[..., -1].any()):
+        seen = mask.any(dim=(0, 1, 2)).nonzero()
+        last = int(seen[-1, 0]) + 1 if len(seen) else key.shape[-2]
+        key, value, mask = key[..., :last, :], value[..., :last, :], mask[..., :last]
+    if mask.shape[-2] == 1 and bool(mask.all()):
+        mask = None
+    return key, value, mask
 
 
 def _summarizer(settings: SparseMixSettings, weights):
     if settings.selector == "token":
         return lambda keys: indexer_keys(keys, weights[1])
-    return lambda keys: pool_blocks(keys, settings.block_size)
+    return lambda keys: block_key_features(keys, weights[1], settings.block_size)
 
 
 def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:

@@ -83,7 +83,7 @@ def cached_key_summary(
     if old is None:
         data = summarize(key)
     elif selector == "token":
-        data = torch.cat([old.data, summarize(key[..., old.tokens :, :])], dim=1)
+        data = torch.cat([old.data, summarize(key[..., old.tokens :, :])], dim=2)
     else:  # pooled blocks: the old last block may have been partial, so it is pooled again
         kept = old.tokens // block_size
         data = torch.cat([old.data[:, :, :kept], summarize(key[..., kept * block_size :, :])], dim=2)

@@ -132,8 +132,9 @@ class SparseMixScorer(MethodLayer):
       (see `ops.sparsemix.scorer_block_scores`): `w_query`, `w_key`, each `[Hkv, 2 * D, rank]`.
       `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
       starts random so that the KL term's gradient reaches `w_key` from the first step.
-    - `"token"`: the token-level indexer (`ops.sparsemix.indexer_block_scores`), one per layer:
-      `w_query [H * D, n * d]`, `w_key [Hkv * D, d]`, `w_weight [H * D, n]`. `w_weight` starts at
+    - `"token"`: the token-level indexer (`ops.sparsemix.indexer_block_scores`), one per key/value
+      head: `w_query [Hkv, G * D, n * d]`, `w_key [Hkv, D, d]`, `w_weight [Hkv, G * D, n]` (G query
+      heads per key/value head). `w_weight` starts at
       zero (no preference: an untrained indexer must be warmed up), the projections random, so the
       KL term's gradient reaches every weight after the first step (LoRA's zero-B idea).
 
@@ -161,9 +162,10 @@ class SparseMixScorer(MethodLayer):
             self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=f32))
             self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=f32))
         else:
-            self.w_query = nn.Parameter(torch.empty(num_heads * head_dim, indexer_heads * indexer_dim, dtype=f32))
-            self.w_key = nn.Parameter(torch.empty(num_kv_heads * head_dim, indexer_dim, dtype=f32))
-            self.w_weight = nn.Parameter(torch.empty(num_heads * head_dim, indexer_heads, dtype=f32))
+            group = num_heads // num_kv_heads * head_dim  # the query heads of a key/value head, side by side
+            self.w_query = nn.Parameter(torch.empty(num_kv_heads, group, indexer_heads * indexer_dim, dtype=f32))
+            self.w_key = nn.Parameter(torch.empty(num_kv_heads, head_dim, indexer_dim, dtype=f32))
+            self.w_weight = nn.Parameter(torch.empty(num_kv_heads, group, indexer_heads, dtype=f32))
         self.reset_parameters()
 
     @property
@@ -190,8 +192,8 @@ class SparseMixScorer(MethodLayer):
             init.normal_(self.w_query, std=self.init_std)
             init.zeros_(self.w_key)
         else:
-            init.normal_(self.w_query, std=self.w_query.shape[0] ** -0.5)
-            init.normal_(self.w_key, std=self.w_key.shape[0] ** -0.5)
+            init.normal_(self.w_query, std=self.w_query.shape[1] ** -0.5)
+            init.normal_(self.w_key, std=self.w_key.shape[1] ** -0.5)
             init.zeros_(self.w_weight)
 
     def is_identity(self) -> bool:

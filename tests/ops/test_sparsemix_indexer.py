@@ -25,8 +25,9 @@ def _inputs(case, seed=0):
     _, B, H, Hkv, Q, K, causal, padded = case
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(B, H, Q, D, generator=g), torch.randn(B, Hkv, K, D, generator=g)
-    weights = (torch.randn(H * D, N * DI, generator=g), torch.randn(Hkv * D, DI, generator=g),
-               torch.randn(H * D, N, generator=g))
+    G = H // Hkv
+    weights = (torch.randn(Hkv, G * D, N * DI, generator=g), torch.randn(Hkv, D, DI, generator=g),
+               torch.randn(Hkv, G * D, N, generator=g))
     mask = None
     if padded:  # row 1: the last 20 keys are padding
         mask = torch.ones(B, 1, Q, K, dtype=torch.bool)
@@ -37,32 +38,34 @@ def _inputs(case, seed=0):
 
 
 def _reference_scores(q, k, weights, mask, g):
-    """score[a, j] = max over the rows t of block a of log sum_{s in j} softmax_s(I(t, s)) over the
-    keys row t attends, with I(t, s) = sum_j w_j(t) ReLU(q_j(t) . k(s)), written out in float64."""
+    """score[h, a, j] = max over the rows t of block a of log sum_{s in j} softmax_s(I_h(t, s)) over
+    the keys row t attends, with I_h(t, s) = sum_j w_j(t) ReLU(q_j(t) . k(s)) for key/value head h
+    (its group's query heads side by side), written out in float64."""
     wq, wk, ww = (w.double() for w in weights)
     B, H, Q, _ = q.shape
-    K = k.shape[2]
-    xq = q.double().permute(0, 2, 1, 3).reshape(B, Q, -1)
-    xk = k.double().permute(0, 2, 1, 3).reshape(B, K, -1)
-    qi = (xq @ wq).view(B, Q, N, DI) / DI**0.5
-    wi = (xq @ ww) / N**0.5
-    ki = xk @ wk
-    index = torch.einsum("bqn,bqns->bqs", wi, torch.einsum("bqnd,bsd->bqns", qi, ki).relu())
-    out = torch.full((B, g.n_q_blocks, g.n_k_blocks), float("-inf"), dtype=torch.float64)
-    for b in range(B):
-        for t in range(Q):
-            a = (t + g.front_pad) // BS
-            keep = torch.tensor([not g.causal or s <= t + g.q_offset for s in range(K)])
-            if mask is not None:
-                keep &= mask[b, 0, t]
-            if not keep.any():
-                continue
-            p = torch.softmax(index[b, t].masked_fill(~keep, float("-inf")), -1)
-            for j in range(g.n_k_blocks):
-                mass = p[j * BS : (j + 1) * BS].sum()
-                if mass > 0:
-                    out[b, a, j] = max(out[b, a, j], mass.log())
-    return out[:, None]
+    Hkv, K = k.shape[1], k.shape[2]
+    G = H // Hkv
+    out = torch.full((B, Hkv, g.n_q_blocks, g.n_k_blocks), float("-inf"), dtype=torch.float64)
+    for h in range(Hkv):
+        xq = q[:, h * G : (h + 1) * G].double().permute(0, 2, 1, 3).reshape(B, Q, G * D)
+        qi = (xq @ wq[h]).view(B, Q, N, DI) / DI**0.5
+        wi = (xq @ ww[h]) / N**0.5
+        ki = k[:, h].double() @ wk[h]
+        index = torch.einsum("bqn,bqns->bqs", wi, torch.einsum("bqnd,bsd->bqns", qi, ki).relu())
+        for b in range(B):
+            for t in range(Q):
+                a = (t + g.front_pad) // BS
+                keep = torch.tensor([not g.causal or s <= t + g.q_offset for s in range(K)])
+                if mask is not None:
+                    keep &= mask[b, 0, t]
+                if not keep.any():
+                    continue
+                p = torch.softmax(index[b, t].masked_fill(~keep, float("-inf")), -1)
+                for j in range(g.n_k_blocks):
+                    mass = p[j * BS : (j + 1) * BS].sum()
+                    if mass > 0:
+                        out[b, h, a, j] = max(out[b, h, a, j], mass.log())
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -88,8 +91,8 @@ def test_selection_keeps_the_block_one_query_needs():
     q, k = torch.randn(1, H, K, D, generator=g) * 0.1, torch.randn(1, H, K, D, generator=g) * 0.1
     needle, query = 37, 200  # block 2, query block 12
     k[0, :, needle] = q[0, :, query] = 3 * torch.ones(D)
-    eye = torch.eye(H * D)
-    weights = (eye[:, : N * DI] * 4, eye[:, :DI] * 4, torch.ones(H * D, N))
+    eye = torch.eye(D)
+    weights = (eye[:, :DI].repeat(H, 1, N) * 4, eye[:, :DI].repeat(H, 1, 1) * 4, torch.ones(H, D, N))
     _, idx, valid = select_sparsemix_blocks(q, k, weights, block_size=BS, top_k=1, selector="token")
     assert idx[0, :, query // BS, 2].tolist() == [needle // BS] * H and bool(valid[0, :, query // BS, 2].all())
 
@@ -108,7 +111,7 @@ def test_kl_is_zero_at_the_target_and_trains_every_weight():
     # D**-0.5 (positive inputs: ReLU changes nothing), weight 1 read from a constant coordinate.
     q1, k1 = torch.rand(1, 1, 96, D), torch.rand(1, 1, 96, D)
     q1[..., -1] = 1.0
-    exact = (torch.eye(D), torch.eye(D), torch.eye(D)[:, -1:])
+    exact = (torch.eye(D)[None], torch.eye(D)[None], torch.eye(D)[None, :, -1:])
     kl0 = indexer_kl(q1, k1, exact, g, blocks, scale=D**-0.5)
     assert kl0.abs() < 1e-5
 

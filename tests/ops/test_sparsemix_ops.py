@@ -246,6 +246,22 @@ def test_fused_forward_matches_dense_reference(case, multimax, dtype):
     assert_close(out, ref, dtype, "output")
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("decode_step", "cache_chunk")], ids=lambda c: c[0])
+def test_fused_reads_a_static_cache_buffer_in_place(case):
+    """Keys and values as a static KV cache hands them over, cut at the real length: a prefix view of
+    a longer buffer (each head's rows contiguous, heads a buffer apart), read without a copy."""
+    q, k, v, mask, theta, g, idx, valid = _inputs(case, torch.float32, True)
+    with torch.no_grad():
+        buffers = [torch.full((*t.shape[:2], t.shape[2] + 37, t.shape[3]), float("nan")) for t in (k, v)]
+        for buf, t in zip(buffers, (k, v)):
+            buf[:, :, : t.shape[2]] = t
+        k_view, v_view = (buf[:, :, : k.shape[2]] for buf in buffers)
+        assert not k_view.is_contiguous()
+        out, _ = fused_sparsemix_attention(q, k_view, v_view, idx, valid, block_size=BS, mask=mask, is_causal=g.causal,
+                                           theta=theta)
+    assert_close(out, _dense_reference(q, k, v, mask, theta, g, idx, valid), torch.float32, "strided cache")
+
+
 def test_fused_all_blocks_kept_is_dense_and_training_is_refused():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))

@@ -19,6 +19,7 @@ from .pipeline import SELECTORS, select_sparsemix_blocks, sparsemix_attention
 from .selection import (
     BlockGeometry,
     block_geometry,
+    block_key_features,
     candidate_blocks,
     pool_blocks,
     scorer_block_scores,
@@ -53,6 +54,7 @@ __all__ = [
     "SELECTORS",
     "BlockGeometry",
     "block_geometry",
+    "block_key_features",
     "blocked_sparsemix_attention",
     "candidate_blocks",
     "dense_block_mass",

@@ -16,6 +16,17 @@ from .selection import block_geometry
 __all__ = ["fused_sparsemix_attention"]
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """fp32 `[B, Hkv, K, D]` the kernel reads in place: contiguous, or a static KV cache's buffer cut at
+    its real length (each head's rows contiguous, heads a buffer apart), which copying would cost as
+    much as dense decoding reads."""
+    B, H, K, D = t.shape
+    s = t.stride()
+    if t.dtype == torch.float32 and s[3] == 1 and s[2] == D and s[1] >= K * D and s[0] == H * s[1]:
+        return t
+    return t.float().contiguous()
+
+
 def fused_sparsemix_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -53,7 +64,7 @@ def fused_sparsemix_attention(
     scale = D ** -0.5 if scale is None else scale
     theta_c, affine_c = _columns(torch.zeros(8) if theta is None else theta, affine)
     out, = load_fused_extension().sparse_forward(
-        query.float().contiguous(), key.float().contiguous(), value.float().contiguous(), theta_c, affine_c,
+        query.float().contiguous(), _rows(key), _rows(value), theta_c, affine_c,
         None if mask is None else post_mask(mask, B, H, Q, K), block_idx.contiguous(), block_valid.contiguous(),
         block_size, geometry.q_offset, bool(is_causal), float(scale), affine is not None,
     )

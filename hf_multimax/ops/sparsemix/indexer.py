@@ -6,7 +6,9 @@ The indexer is DeepSeek V3.2's lightning indexer (DSA) computed from the attenti
 
     I(t, s) = sum_j w_j(t) * ReLU(q_j(t) . k(s)),   q_j(t) = x_q(t) W_q[j],  k(s) = x_k(s) W_k,  w(t) = x_q(t) W_w
 
-with `n` small heads of size `d`, one indexer per layer (shared by its key/value heads, as in DSA).
+with `n` small heads of size `d`, one indexer per key/value head (DSA has one per layer; a selection
+shared by the heads was measured worse on the retrieval task: the dense target averages a retrieval
+head with heads that look elsewhere), reading its group's query heads side by side.
 Where DSA keeps each query's top-k tokens, SparseMix keeps blocks: the indexer's distribution
 `p_t = softmax_s I(t, s)` over the keys query `t` attends is summed per key block and max-pooled over
 the block's queries, which estimates the block scorer's KL target (the max-pooled dense attention
@@ -15,8 +17,8 @@ a query whose attention rests on the sink and its own block (most filler tokens)
 anywhere else, so it does not outvote it. (Normalising over the free blocks only was tried first:
 it blew such queries' leftover mass up to a full distribution, and needle recall fell to 0.61.)
 
-Training (`indexer_kl`): KL from the dense attention of sampled query rows (averaged over heads,
-as DSA's L1-normalised head sum) to `p_t`.
+Training (`indexer_kl`): KL from the dense attention of sampled query rows (averaged over the
+group's query heads, as DSA's L1-normalised head sum) to `p_t`.
 """
 
 from __future__ import annotations
@@ -32,51 +34,54 @@ __all__ = ["indexer_block_scores", "indexer_features", "indexer_keys", "indexer_
 
 
 def indexer_keys(key: torch.Tensor, w_key: torch.Tensor) -> torch.Tensor:
-    """The indexer's key of every token: `[B, Hkv, K, D]` -> `[B, K, d]` (fp32). Per token, so a
-    KV cache's summary grows by appending (see `integrations.sparsemix_decoding`)."""
-    B, Hkv, K, D = key.shape
-    if w_key.shape[0] != Hkv * D:
-        raise ValueError(f"indexer w_key {tuple(w_key.shape)} does not fit {Hkv} key/value heads of size {D}")
-    return key.transpose(1, 2).reshape(B, K, Hkv * D).float() @ w_key.float()
+    """The indexer's key of every token, per key/value head: `[B, Hkv, K, D]` -> `[B, Hkv, K, d]`
+    (fp32). Per token, so a KV cache's summary grows by appending (`integrations.sparsemix_decoding`)."""
+    if w_key.dim() != 3 or w_key.shape[:2] != (key.shape[1], key.shape[-1]):
+        raise ValueError(f"indexer w_key {tuple(w_key.shape)} does not fit {key.shape[1]} key/value heads of size "
+                         f"{key.shape[-1]}: [Hkv, D, d] expected")
+    return torch.matmul(key.float(), w_key.float())
 
 
 def indexer_features(query, key, w_query, w_key, w_weight, keys: torch.Tensor | None = None):
-    """The indexer's per-token queries, weights and keys (fp32).
+    """The indexer's per-token queries, weights and keys (fp32), per key/value head `g`: its queries
+    read the `G` query heads of its group side by side, its keys the head's own keys.
 
     Args:
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
-        w_query (`torch.Tensor`): `[H * D, n * d]`.
-        w_key (`torch.Tensor`): `[Hkv * D, d]`.
-        w_weight (`torch.Tensor`): `[H * D, n]`.
+        w_query (`torch.Tensor`): `[Hkv, G * D, n * d]`.
+        w_key (`torch.Tensor`): `[Hkv, D, d]`.
+        w_weight (`torch.Tensor`): `[Hkv, G * D, n]`.
         keys (`torch.Tensor`, *optional*): `indexer_keys(key, w_key)`, when already known.
 
     Returns:
-        `(q [B, Q, n, d], w [B, Q, n], k [B, K, d])`, scaled so that I(t, s) starts O(1).
+        `(q [B, Hkv, Q, n, d], w [B, Hkv, Q, n], k [B, Hkv, K, d])`, scaled so that I starts O(1).
     """
     B, H, Q, D = query.shape
-    n, d = w_weight.shape[-1], w_key.shape[-1]
-    if w_query.shape != (H * D, n * d) or w_weight.shape[0] != H * D:
+    Hkv = key.shape[1]
+    G, n, d = H // Hkv, w_weight.shape[-1], w_key.shape[-1]
+    if w_query.shape != (Hkv, G * D, n * d) or w_weight.shape != (Hkv, G * D, n):
         raise ValueError(
-            f"indexer weights {tuple(w_query.shape)}, {tuple(w_weight.shape)} do not fit {H} query heads of size {D} "
-            f"and {n} indexer heads of size {d}"
+            f"indexer weights {tuple(w_query.shape)}, {tuple(w_weight.shape)} do not fit {Hkv} key/value heads of "
+            f"{G} query heads of size {D} and {n} indexer heads of size {d}"
         )
-    xq = query.transpose(1, 2).reshape(B, Q, H * D).float()
-    q = (xq @ w_query.float()).view(B, Q, n, d) * d**-0.5
-    w = (xq @ w_weight.float()) * n**-0.5
+    xq = query.float().view(B, Hkv, G, Q, D).transpose(2, 3).reshape(B, Hkv, Q, G * D)
+    q = torch.matmul(xq, w_query.float()).view(B, Hkv, Q, n, d) * d**-0.5
+    w = torch.matmul(xq, w_weight.float()) * n**-0.5
     return q, w, indexer_keys(key, w_key) if keys is None else keys
 
 
 def indexer_logits(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """`I(t, s)` for rows `q [B, R, n, d]`, `w [B, R, n]` and keys `k [B, K, d]`: `[B, R, K]`."""
-    B, R, n, d = q.shape
-    K = k.shape[1]
-    s = torch.matmul(q.reshape(B, R * n, d), k.transpose(1, 2)).relu()  # [B, R*n, K]
-    return torch.matmul(w.reshape(B * R, 1, n), s.view(B * R, n, K)).view(B, R, K)
+    """`I(t, s)` for rows `q [B, Hkv, R, n, d]`, `w [B, Hkv, R, n]` and keys `k [B, Hkv, K, d]`:
+    `[B, Hkv, R, K]`."""
+    B, Hkv, R, n, d = q.shape
+    K = k.shape[2]
+    s = torch.matmul(q.reshape(B, Hkv, R * n, d), k.transpose(-1, -2)).relu()  # [B, Hkv, R*n, K]
+    return torch.matmul(w.reshape(-1, 1, n), s.view(-1, n, K)).view(B, Hkv, R, K)
 
 
 def _allowed_keys(geometry: BlockGeometry, rows: torch.Tensor, k_len: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Which of the first `k_len` keys each query row (relative index) attends: `[1 or B, R, k_len]`
+    """Which of the first `k_len` keys each query row (relative index) attends: `[1 or B, 1, R, k_len]`
     (causal: keys up to the row's position; `mask` `[B, 1 or H, Q or 1, K]`: a key hidden from
     every head is left out)."""
     keys = torch.arange(k_len, device=rows.device)
@@ -86,7 +91,7 @@ def _allowed_keys(geometry: BlockGeometry, rows: torch.Tensor, k_len: int, mask:
         m = mask.any(1)
         m = m[:, rows] if m.shape[1] > 1 else m.expand(-1, len(rows), -1)
         keep = keep & m[..., :k_len]
-    return keep
+    return keep[:, None]
 
 
 def _log_softmax_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -117,15 +122,14 @@ def indexer_block_scores(
         keys (`torch.Tensor`, *optional*): `indexer_keys(key, weights[1])`, when already known.
 
     Returns:
-        `[B, 1, n_q_blocks, n_k_blocks]` fp32 (broadcast over key/value heads by `select_blocks`);
-        -inf where a block holds no key the block's queries attend. `select_blocks` ranks the free
-        blocks only (not the sink, the local block or the future).
+        `[B, Hkv, n_q_blocks, n_k_blocks]` fp32; -inf where a block holds no key the block's queries
+        attend. `select_blocks` ranks the free blocks only (not the sink, the local block or the future).
     """
     q, w, k = indexer_features(query, key, *weights, keys=keys)
-    B, Q, n = w.shape
+    B, Hkv, Q, n = w.shape
     g, bs = geometry, geometry.block_size
-    scores = torch.full((B, g.n_q_blocks, g.n_k_blocks), float("-inf"), device=query.device)
-    step = max(1, row_budget // max(1, B * bs * n * g.k_len))
+    scores = torch.full((B, Hkv, g.n_q_blocks, g.n_k_blocks), float("-inf"), device=query.device)
+    step = max(1, row_budget // max(1, B * Hkv * bs * n * g.k_len))
     for c0 in range(0, g.n_q_blocks, step):
         c1 = min(g.n_q_blocks, c0 + step)
         r0, r1 = max(0, c0 * bs - g.front_pad), min(Q, c1 * bs - g.front_pad)
@@ -133,16 +137,16 @@ def indexer_block_scores(
         k_len = min(g.k_len, (c1 + g.q_block0) * bs) if g.causal else g.k_len
         rows = torch.arange(r0, r1, device=query.device)
         keep = _allowed_keys(g, rows, k_len, mask)
-        logp = _log_softmax_over(indexer_logits(q[:, r0:r1], w[:, r0:r1], k[:, :k_len]), keep)
+        logp = _log_softmax_over(indexer_logits(q[:, :, r0:r1], w[:, :, r0:r1], k[:, :, :k_len]), keep)
         nkb = -(-k_len // bs)
         logp = torch.nn.functional.pad(logp, (0, nkb * bs - k_len), value=float("-inf"))
-        mass = torch.logsumexp(logp.view(B, r1 - r0, nkb, bs), dim=-1)  # [B, R, nkb]
+        mass = torch.logsumexp(logp.view(B, Hkv, r1 - r0, nkb, bs), dim=-1)  # [B, Hkv, R, nkb]
         # Rows -> their query blocks; max over each block's rows.
         blocks = (rows + g.front_pad) // bs - c0
-        pooled = torch.full((B, c1 - c0, nkb), float("-inf"), device=query.device)
-        pooled.scatter_reduce_(1, blocks[None, :, None].expand(B, -1, nkb), mass, reduce="amax")
-        scores[:, c0:c1, :nkb] = pooled
-    return scores[:, None]
+        pooled = torch.full((B, Hkv, c1 - c0, nkb), float("-inf"), device=query.device)
+        pooled.scatter_reduce_(2, blocks[None, None, :, None].expand(B, Hkv, -1, nkb), mass, reduce="amax")
+        scores[:, :, c0:c1, :nkb] = pooled
+    return scores
 
 
 def indexer_kl(
@@ -157,9 +161,10 @@ def indexer_kl(
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean over batch and the rows of the sampled query blocks of KL(target || p_t) over the keys
-    the row attends. The target is the detached dense attention of the row (`score_mod`: the MultiMax
-    modulator), averaged over the query heads; fully masked rows are left out. Gradients reach the
-    indexer weights only (query and key are detached).
+    the row attends, per key/value head. The target is the detached dense attention of the row
+    (`score_mod`: the MultiMax modulator), averaged over the query heads of the key/value head's group;
+    fully masked rows are left out. Gradients reach the indexer weights only (query and key are
+    detached).
     """
     query, key = query.detach(), key.detach()
     q, w, k = indexer_features(query, key, *weights)
@@ -169,9 +174,10 @@ def indexer_kl(
         rows = torch.arange(r0, r1, device=query.device)
         keep = _allowed_keys(geometry, rows, geometry.k_len, mask)
         with torch.no_grad():
-            target = dense_rows(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod).mean(1)  # [B, R, K]
+            probs = dense_rows(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod)  # [B, H, R, K]
+            target = probs.view(probs.shape[0], k.shape[1], -1, *probs.shape[2:]).mean(2)  # [B, Hkv, R, K]
             has_mass = target.sum(-1) > 0  # fully masked rows have none
-        logp = _log_softmax_over(indexer_logits(q[:, r0:r1], w[:, r0:r1], k), keep)
+        logp = _log_softmax_over(indexer_logits(q[:, :, r0:r1], w[:, :, r0:r1], k), keep)
         kl = torch.xlogy(target, target) - torch.where(target > 0, target * logp, torch.zeros_like(logp))
         terms.append((kl.sum(-1) * has_mass).sum() / has_mass.sum().clamp_min(1))
     if not terms:

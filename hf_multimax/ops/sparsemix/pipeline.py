@@ -47,8 +47,8 @@ def select_sparsemix_blocks(
         selector (`str`): one of `SELECTORS`, the kind of `weights`. Default: `"block"`.
         mask (`torch.Tensor`, *optional*): boolean keep mask; the token indexer ranks unmasked keys only.
         key_summary (`torch.Tensor`, *optional*): what the selector reads of the keys, when already
-            known (a KV cache's, kept up to date while decoding): `pool_blocks(key, block_size)` for
-            `"block"`, `indexer_keys(key, w_key)` for `"token"`.
+            known (a KV cache's, kept up to date while decoding): `block_key_features(key, w_key,
+            block_size)` for `"block"`, `indexer_keys(key, w_key)` for `"token"`.
 
     Returns:
         `(geometry, block_idx [B, Hkv, n_q_blocks, S], block_valid [B, Hkv, n_q_blocks, S])`.
@@ -57,10 +57,9 @@ def select_sparsemix_blocks(
         scale = query.shape[-1] ** -0.5
     geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal)
     if selector == "block":
-        scores = scorer_block_scores(query, key, *weights, geometry, scale, pooled_keys=key_summary)
+        scores = scorer_block_scores(query, key, *weights, geometry, scale, key_features=key_summary)
     elif selector == "token":
         scores = indexer_block_scores(query, key, weights, geometry, mask=mask, keys=key_summary)
-        scores = scores.expand(-1, key.shape[1], -1, -1)
     else:
         raise ValueError(f"selector={selector!r} is not supported; allowed values: {SELECTORS}")
     block_idx, block_valid = select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local)

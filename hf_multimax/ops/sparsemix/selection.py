@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "BlockGeometry",
     "block_geometry",
+    "block_key_features",
     "pool_blocks",
     "scorer_block_scores",
     "select_blocks",
@@ -91,7 +92,7 @@ def scorer_block_scores(
     geometry: BlockGeometry,
     scale: float,
     q_blocks: torch.Tensor | None = None,
-    pooled_keys: torch.Tensor | None = None,
+    key_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
@@ -111,22 +112,34 @@ def scorer_block_scores(
         scale (`float`): the attention scale.
         q_blocks (`torch.Tensor`, *optional*): relative indices of the query blocks to score.
             Default: all.
-        pooled_keys (`torch.Tensor`, *optional*): `pool_blocks(key, block_size)`, when already known.
+        key_features (`torch.Tensor`, *optional*): `block_key_features(key, w_key, block_size)`, when
+            already known.
 
     Returns:
         `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
     """
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
-    pq = pool_blocks(query, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2D]
-    pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
+    if Q == 1:  # decoding: one query is its own mean and max
+        pq = query.float().view(B, Hkv, H // Hkv, 1, D).mean(dim=2).repeat(1, 1, 1, 2)
+    else:
+        pq = pool_blocks(query, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2D]
+        pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
     if q_blocks is not None:
         pq = pq.index_select(2, q_blocks)
-    pk = pool_blocks(key, geometry.block_size) if pooled_keys is None else pooled_keys  # [B, Hkv, nKB, 2D]
-    gate = torch.matmul(pq[..., :D], pk[..., :D].transpose(-1, -2)) * scale
-    low_q = torch.einsum("bhad,hdr->bhar", pq, w_query.float())
-    low_k = torch.einsum("bhjd,hdr->bhjr", pk, w_key.float())
-    return gate + torch.matmul(low_q, low_k.transpose(-1, -2))
+    if key_features is None:
+        key_features = block_key_features(key, w_key, geometry.block_size)
+    # Both terms in one product: [scale * mean_q, pool_q Wq] . [mean_k, pool_k Wk].
+    query_features = torch.cat([pq[..., :D] * scale, torch.matmul(pq, w_query.float())], -1)
+    return torch.matmul(query_features, key_features.transpose(-1, -2))
+
+
+def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int) -> torch.Tensor:
+    """What the block scorer reads of each key block: `[B, Hkv, n_blocks, D + r]`, the block's mean
+    key beside its pooled (mean+max) key projected by `w_key [Hkv, 2D, r]`. Per block, so a KV cache's
+    features grow by appending blocks (see `integrations.sparsemix_decoding`)."""
+    pk = pool_blocks(key, block_size)  # [B, Hkv, nKB, 2D]
+    return torch.cat([pk[..., : key.shape[-1]], torch.matmul(pk, w_key.float())], -1)
 
 
 def candidate_blocks(geometry: BlockGeometry, *, sink: bool, local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,6 +81,9 @@ struct Problem {
   int64_t mask_s[3];
   const float* bias;
   int64_t bias_s[3];
+  // Elements between consecutive (batch, key/value head) rows of K and V: K * D when contiguous; a
+  // static KV cache's buffer cut at its real length has the buffer's length instead.
+  int64_t k_head, v_head;
 
   int64_t key_end(int64_t last_row) const { return causal ? std::min(K, std::max<int64_t>(0, last_row + offset + 1)) : K; }
 };
@@ -162,10 +165,30 @@ bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t 
 // Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n): the score tile through BLAS,
 // the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc. Shared by the dense
 // and the block-list (SparseMix) forward.
+// One query row (decoding): a BLAS call's fixed cost is larger than a 1 x 64 x 64 product.
+inline float dot(const float* a, const float* b, int64_t d) {
+  Vec s(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) s = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s);
+  float r = hsum(s);
+  for (; i < d; ++i) r += a[i] * b[i];
+  return r;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t d) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) at::vec::fmadd(Vec(alpha), Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < d; ++i) y[i] += alpha * x[i];
+}
+
 void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t c0, int64_t n,
                  const float* q_rows, const float* k_head, const float* v_head, const Scalars<float>& ms,
                  const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
-  gemm(false, true, rows, n, p.D, p.scale, q_rows, p.D, k_head + c0 * p.D, p.D, 0.f, tile, n);
+  if (rows == 1) {
+    for (int64_t j = 0; j < n; ++j) tile[j] = p.scale * dot(q_rows, k_head + (c0 + j) * p.D, p.D);
+  } else {
+    gemm(false, true, rows, n, p.D, p.scale, q_rows, p.D, k_head + c0 * p.D, p.D, 0.f, tile, n);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = r0 + i;
     float* row = tile + i * n;
@@ -185,7 +208,13 @@ void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t row
     }
     m[i] = mx;
   }
-  gemm(false, false, rows, p.Dv, n, 1.f, tile, n, v_head + c0 * p.Dv, p.Dv, 1.f, acc, p.Dv);
+  if (rows == 1) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (tile[j] != 0.f) axpy(tile[j], v_head + (c0 + j) * p.Dv, acc, p.Dv);
+    }
+  } else {
+    gemm(false, false, rows, p.Dv, n, 1.f, tile, n, v_head + c0 * p.Dv, p.Dv, 1.f, acc, p.Dv);
+  }
 }
 
 constexpr int64_t kQueryBlock = 64;
@@ -219,7 +248,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
       const int64_t kvh = b * p.Hkv + h / group;
       const float* qb = qp + (bh * p.Q + r0) * p.D;
-      const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
+      const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
       const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
       const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
@@ -269,7 +298,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
       const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
       if (rows <= 0) continue;
       const float* qb_ptr = qp + (bh * p.Q + r0) * p.D;
-      const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
+      const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
       const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
       const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
@@ -380,7 +409,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     std::vector<float> s_tile(max_rows * max_cols), dp_tile(max_rows * max_cols);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
-      const float *kb = kp + kvh * p.K * p.D, *vb = vp + kvh * p.K * p.Dv;
+      const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
       const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
       const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
@@ -429,13 +458,23 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return {dq, dk, dv, dscalars};
 }
 
+// [B, Hkv, K, D] with contiguous rows and heads at one stride (a contiguous tensor, or a prefix of one
+// along K).
+bool rows_contiguous(const at::Tensor& t) {
+  return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) >= t.size(2) * t.size(3) &&
+         t.stride(0) == t.size(1) * t.stride(1);
+}
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
                      const c10::optional<at::Tensor>& bias, bool causal, double scale, double softcap, bool has_affine) {
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "fp32 q, k, v expected");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous q, k, v expected");
+  TORCH_CHECK(q.is_contiguous() && rows_contiguous(k) && rows_contiguous(v),
+              "contiguous q, and k, v whose (batch, head) rows are contiguous, expected");
   Problem p{};
   p.B = q.size(0); p.H = q.size(1); p.Q = q.size(2); p.D = q.size(3);
   p.Hkv = k.size(1); p.K = k.size(2); p.Dv = v.size(3);
+  p.k_head = k.stride(1);
+  p.v_head = v.stride(1);
   TORCH_CHECK(p.H % p.Hkv == 0, "query heads must be a multiple of key/value heads");
   p.causal = causal;
   p.offset = p.K - p.Q;

@@ -1,0 +1,133 @@
+"""SparseMix decoding against dense SDPA at long context, measured in the same run.
+
+A 2-layer Llama (hidden 512, 8 heads of 64, MLP 1024, vocabulary 1000), random weights, the SparseMix
+models with the same weights and a trained-looking selector (block 64, top-8). For each cache
+(`dynamic`, transformers' default, and `static`) and each model: the prompt (`context` random
+tokens) is prefilled once (timed once), then greedy `generate` continues from a copy of that cache
+for `new_tokens` tokens, every one a decoding step; the models are alternated repeat by repeat and
+the median is reported as decoding tokens/s, with its ratio to dense SDPA on the same cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from .harness import machine
+
+__all__ = ["QUICK", "bench_sparsemix_decode", "decode_summary"]
+
+VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_token": "token"}
+CACHES = ("dynamic", "static")
+QUICK = {"context": 512, "new_tokens": 4, "repeats": 1, "block_size": 16, "top_k": 2}
+
+
+def make_models(block_size: int, top_k: int, layers: int = 2) -> dict:
+    import hf_multimax  # noqa: F401  (registers attn_implementation="sparsemix")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1 << 16)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    models = {"sdpa": dense}
+    for name, selector in VARIANTS.items():
+        if selector is None:
+            continue
+        sparse_config = copy.deepcopy(config)
+        sparse_config.sparsemix = {"block_size": block_size, "top_k": top_k, "selector": selector}
+        model = AutoModelForCausalLM.from_config(sparse_config, attn_implementation="sparsemix").eval()
+        model.load_state_dict(dense.state_dict(), strict=False)
+        with torch.no_grad():  # trained-looking: away from the zero start
+            for layer in model.model.layers:
+                scorer = layer.self_attn.sparsemix
+                zero_start = scorer.w_key if selector == "block" else scorer.w_weight
+                zero_start.normal_(std=zero_start.shape[-2] ** -0.5)
+        models[name] = model
+    return models
+
+
+def _new_cache(model, cache: str, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if cache == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_size: int = 64, top_k: int = 8) -> dict:
+    """Every measurement of the module docstring."""
+    models = make_models(block_size, top_k)
+    prompt = torch.randint(0, 1000, (1, context + 1), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for cache in CACHES:
+        prefilled, prefill_s = {}, {}
+        for name, model in models.items():
+            c = _new_cache(model, cache, context + new_tokens + 1)
+            t0 = time.perf_counter()
+            model(prompt[:, :context], cache=c, use_cache=True)
+            prefill_s[name] = time.perf_counter() - t0
+            prefilled[name] = c
+
+        def decode(name):
+            model, c = models[name], copy.deepcopy(prefilled[name])
+            t0 = time.perf_counter()
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=c, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+            seconds = time.perf_counter() - t0
+            assert out.shape[1] == prompt.shape[1] + new_tokens
+            return seconds
+
+        for name in models:  # warm-up
+            decode(name)
+        times = {name: [] for name in models}
+        for _ in range(repeats):
+            for name in models:
+                times[name].append(decode(name))
+        for name in models:
+            median = statistics.median(times[name])
+            rows.append({"cache": cache, "model": name, "prefill_s": round(prefill_s[name], 3),
+                         "decode_s": round(median, 4), "tokens_per_s": round(new_tokens / median, 2),
+                         "times_s": [round(t, 4) for t in times[name]]})
+        dense = next(r for r in rows if r["cache"] == cache and r["model"] == "sdpa")
+        for r in rows:
+            if r["cache"] == cache:
+                r["speedup_vs_sdpa"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
+    return {"machine": machine(), "threads": torch.get_num_threads(), "context": context, "new_tokens": new_tokens,
+            "repeats": repeats, "model": "Llama, 2 layers, hidden 512, 8 heads of 64, MLP 1024",
+            "sparsemix": {"block_size": block_size, "top_k": top_k}, "rows": rows}
+
+
+def decode_summary(results: dict) -> str:
+    lines = [f"decoding at {results['context']} tokens of context, {results['new_tokens']} new tokens, "
+             f"{results['threads']} thread(s), median of {results['repeats']}", "",
+             "| cache | model | prefill s | decode tokens/s | / SDPA |", "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['cache']} | {r['model']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup_vs_sdpa']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_decode(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(VARIANTS)
+    for i, cache in enumerate(CACHES):
+        rows = {r["model"]: r for r in results["rows"] if r["cache"] == cache}
+        ax.bar([j + 0.4 * i for j in range(len(names))], [rows[n]["tokens_per_s"] for n in names], width=0.4,
+               label=f"{cache} cache")
+    ax.set_xticks([j + 0.2 for j in range(len(names))], names)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"decoding at {results['context']} context, {results['threads']} thread(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
