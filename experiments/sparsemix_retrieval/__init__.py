@@ -18,13 +18,14 @@ parameter. After (c), (d) and (e): sparse accuracy and the recall of the needle 
 selected blocks (`measures.py`). `report.py` renders the result as the README's table.
 """
 
-from .experiment import QUICK, RetrievalExperimentArguments, run_retrieval_experiment, training_segment
+from .experiment import DIRECTION, QUICK, RetrievalExperimentArguments, run_retrieval_experiment, training_segment
 from .measures import evaluate_retrieval, kl_target_needle_recall, needle_block_recall
 from .long_context import long_context_suite
 from .report import long_context_table, markdown_table, plot_long_context
 from .task import RetrievalDataset, RetrievalTask, init_factored_embeddings, tiny_llama_config
 
 __all__ = [
+    "DIRECTION",
     "QUICK",
     "RetrievalDataset",
     "RetrievalExperimentArguments",

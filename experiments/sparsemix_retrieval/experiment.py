@@ -19,7 +19,7 @@ from .long_context import long_context_suite
 from .measures import evaluate_retrieval, kl_target_needle_recall, needle_block_recall
 from .task import RetrievalDataset, RetrievalTask, init_factored_embeddings, tiny_llama_config
 
-__all__ = ["QUICK", "RetrievalExperimentArguments", "run_retrieval_experiment", "training_segment"]
+__all__ = ["DIRECTION", "QUICK", "RetrievalExperimentArguments", "run_retrieval_experiment", "training_segment"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2",
          "disable_tqdm": True, "long_context_lengths": "1024", "long_context_sequences": 4, "mqar_needles": 8,
          "mqar_length": 1024, "depths": "0,1", "depth_length": 1024}
 
+# The CI check of the direction (`--direction`, ~1 min): a dense model that does learn the lookup
+# (L=512, block 16, top-2: 4 of 32 blocks kept), then the scorer warm-up alone. Its selector's needle
+# recall must end well above the untrained one's; no accuracy target is claimed at this size.
+DIRECTION = {"eval_length": 512, "eval_sequences": 32, "curriculum": "128:400,512:40", "dense_batch_tokens": 4096,
+             "warmup_steps": 30, "finetune_steps": 0, "sparse_batch_size": 4, "block_size": 16, "top_k": 2,
+             "hidden_size": 128, "disable_tqdm": True, "long_context_lengths": "", "mqar_needles": 0, "depths": ""}
 
 @dataclass
 class RetrievalExperimentArguments:

@@ -42,7 +42,13 @@ def markdown_table(result: dict) -> str:
     if result.get("long_context"):
         lines += ["", long_context_table(result["long_context"])]
     lines.append("")
-    if result.get("quick"):  # tiny sizes: the numbers only show the pipeline runs
+    if result.get("preset") == "direction":
+        before = min(v for k, v in recall["untrained_scorer"].items() if k.endswith("_any_head"))
+        after = min(v for k, v in recall["after_warmup"].items() if k.endswith("_any_head"))
+        lines.append(f"DIRECTION CHECK (--direction): needle-block recall (any head) {before:.3f} untrained -> {after:.3f} "
+                     f"after the warm-up ({'up' if after > before else 'NOT up'}); small model, no target claimed; "
+                     f"total wall time {result['times_s']['total']:.0f} s")
+    elif result.get("quick"):  # tiny sizes: the numbers only show the pipeline runs
         lines.append(f"SMOKE RUN (--quick): sparse/dense ratio {result['sparse_dense_ratio']:.3f} at tiny sizes, no target "
                      f"claimed; total wall time {result['times_s']['total']:.0f} s")
     else:

@@ -278,3 +278,35 @@ def test_sparse_path_refuses_what_it_cannot_do():
     model.eval()
     with pytest.raises(ValueError, match="output_attentions"):
         model(tokens(1, 100), output_attentions=True)
+
+
+def test_token_selector_trains_saves_reloads_and_is_not_switched_silently(tmp_path):
+    """selector="token": the KL term reaches every indexer weight, the indexer round-trips through
+    save_pretrained/from_pretrained with its settings, and switching a trained indexer to the block
+    scorer through set_attn_implementation is refused (it would drop trained parameters)."""
+    settings = {**SETTINGS, "selector": "token", "indexer_heads": 2, "indexer_dim": 4}
+    model = build(settings=settings).train()
+    indexer = model.model.layers[0].self_attn.sparsemix
+    # [Hkv, G * head_dim, n * d], [Hkv, head_dim, d], [Hkv, G * head_dim, n]: 2 KV heads of 2 query heads of 8
+    assert [tuple(p.shape) for p in indexer()] == [(2, 16, 8), (2, 8, 4), (2, 16, 2)]
+    assert indexer.is_identity(), "w_weight starts at zero"
+    ids = tokens(2, 100)
+    opt = torch.optim.Adam(indexer.parameters(), lr=1e-2)
+    for _ in range(2):  # after one step w_weight is no longer zero and every weight gets a gradient
+        opt.zero_grad()
+        with hf_multimax.collect_aux_losses() as aux:
+            model(ids, labels=ids)
+        aux.loss().backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in indexer.parameters())
+    assert not indexer.is_identity()
+
+    model.eval().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["sparsemix"]["selector"] == "token" and saved["sparsemix"]["indexer_dim"] == 4
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, model(ids).logits, what="reloaded token selector")
+    reloaded.config.sparsemix = {**settings, "selector": "block"}
+    with pytest.raises(ValueError, match="trained"):
+        reloaded.set_attn_implementation("sparsemix")

@@ -67,7 +67,11 @@ struct Scalars {
   // Column h of theta [8, n] and affine [2, m] (n, m: 1 for shared scalars).
   Scalars(const float* theta, int64_t n, const float* affine, int64_t m)
       : t1(theta[0 * n]), t2(theta[1 * n]), t3(theta[2 * n]), t4(theta[3 * n]), b1(theta[4 * n]), d1(theta[5 * n]),
-        b2(theta[6 * n]), d2(theta[7 * n]), scale_a(1.f + affine[0]), shift_c(affine[m]) {}
+        b2(theta[6 * n]), d2(theta[7 * n]), scale_a(1.f + affine[0]), shift_c(affine[m]),
+        identity(theta[0 * n] == 0.f && theta[1 * n] == 0.f && theta[2 * n] == 0.f && theta[3 * n] == 0.f &&
+                 affine[0] == 0.f && affine[m] == 0.f) {}
+  // The modulator changes nothing (softmax, or MultiMax at its zero start): the tile skips it.
+  bool identity;
 };
 
 // Everything about a call that is not a tensor of scores.
@@ -111,6 +115,9 @@ float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>&
   int64_t j = 0;
   Vec vmax(kNegInf);
   const int64_t vn = std::min(n, visible) - (std::min(n, visible) % Vec::size());
+  if (ms.identity && p.softcap <= 0.f && !bias_row && !mask_row) {  // plain scores: only the maximum
+    for (; j < vn; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+  }
   for (; j < vn; j += Vec::size()) {
     Vec s = capped(Vec::loadu(row + j), p, cap_v, inv_cap_v);
     if (bias_row) s = s + Vec::loadu(bias_row + j);
