@@ -55,7 +55,8 @@ def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, sc
     # a non-reentrant checkpoint's recomputation (which runs after the collector is closed).
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         if settings.selector == "token":
-            kl = indexer_kl(query, key, weights, geometry, blocks, scale=scaling, mask=mask, score_mod=score_mod)
+            kl = indexer_kl(query, key, weights, geometry, blocks, scale=scaling, sink=settings.sink,
+                            local=settings.local, mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
         else:
             sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, scaling, q_blocks=blocks)
             kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink,

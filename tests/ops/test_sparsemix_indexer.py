@@ -102,7 +102,7 @@ def test_kl_is_zero_at_the_target_and_trains_every_weight():
     q, k, weights, _, g = _inputs(case)
     weights = tuple(w.clone().requires_grad_() for w in weights)
     blocks = torch.tensor([3, 5])
-    kl = indexer_kl(q, k, weights, g, blocks, scale=D**-0.5)
+    kl = indexer_kl(q, k, weights, g, blocks, scale=D**-0.5, sink=True, local=True)
     assert kl > 0
     kl.backward()
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights)
@@ -112,7 +112,7 @@ def test_kl_is_zero_at_the_target_and_trains_every_weight():
     q1, k1 = torch.rand(1, 1, 96, D), torch.rand(1, 1, 96, D)
     q1[..., -1] = 1.0
     exact = (torch.eye(D)[None], torch.eye(D)[None], torch.eye(D)[None, :, -1:])
-    kl0 = indexer_kl(q1, k1, exact, g, blocks, scale=D**-0.5)
+    kl0 = indexer_kl(q1, k1, exact, g, blocks, scale=D**-0.5, sink=True, local=True)
     assert kl0.abs() < 1e-5
 
 
@@ -126,7 +126,7 @@ def test_kl_training_fits_the_dense_rows():
     first = None
     for _ in range(60):
         opt.zero_grad()
-        kl = indexer_kl(q, k, weights, g, blocks, scale=D**-0.5)
+        kl = indexer_kl(q, k, weights, g, blocks, scale=D**-0.5, sink=True, local=True)
         first = kl.item() if first is None else first
         kl.backward()
         opt.step()

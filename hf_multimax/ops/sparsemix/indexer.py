@@ -18,7 +18,8 @@ anywhere else, so it does not outvote it. (Normalising over the free blocks only
 it blew such queries' leftover mass up to a full distribution, and needle recall fell to 0.61.)
 
 Training (`indexer_kl`): KL from the dense attention of sampled query rows (averaged over the
-group's query heads, as DSA's L1-normalised head sum) to `p_t`.
+group's query heads, as DSA's L1-normalised head sum) to `p_t`, plus the block scorer's KL on the
+resulting block scores (the ranking is what top-k needs).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .distill import dense_rows
+from .distill import dense_rows, scorer_kl
 from .selection import BlockGeometry
 
 __all__ = ["indexer_block_scores", "indexer_features", "indexer_keys", "indexer_kl", "indexer_logits"]
@@ -132,21 +133,38 @@ def indexer_block_scores(
     step = max(1, row_budget // max(1, B * Hkv * bs * n * g.k_len))
     for c0 in range(0, g.n_q_blocks, step):
         c1 = min(g.n_q_blocks, c0 + step)
-        r0, r1 = max(0, c0 * bs - g.front_pad), min(Q, c1 * bs - g.front_pad)
-        # Causal: no query of the chunk attends past the chunk's last block.
-        k_len = min(g.k_len, (c1 + g.q_block0) * bs) if g.causal else g.k_len
-        rows = torch.arange(r0, r1, device=query.device)
-        keep = _allowed_keys(g, rows, k_len, mask)
-        logp = _log_softmax_over(indexer_logits(q[:, :, r0:r1], w[:, :, r0:r1], k[:, :, :k_len]), keep)
-        nkb = -(-k_len // bs)
-        logp = torch.nn.functional.pad(logp, (0, nkb * bs - k_len), value=float("-inf"))
-        mass = torch.logsumexp(logp.view(B, Hkv, r1 - r0, nkb, bs), dim=-1)  # [B, Hkv, R, nkb]
+        rows = _rows_of(g, c0, c1, query.device)
+        logp = _row_log_probs(q, w, k, g, rows, c1, mask)
+        mass = _block_log_mass(logp, bs)  # [B, Hkv, R, nkb]
         # Rows -> their query blocks; max over each block's rows.
         blocks = (rows + g.front_pad) // bs - c0
-        pooled = torch.full((B, Hkv, c1 - c0, nkb), float("-inf"), device=query.device)
-        pooled.scatter_reduce_(2, blocks[None, None, :, None].expand(B, Hkv, -1, nkb), mass, reduce="amax")
-        scores[:, :, c0:c1, :nkb] = pooled
+        pooled = torch.full((*mass.shape[:2], c1 - c0, mass.shape[-1]), float("-inf"), device=query.device)
+        pooled.scatter_reduce_(2, blocks[None, None, :, None].expand(B, Hkv, -1, mass.shape[-1]), mass, reduce="amax")
+        scores[:, :, c0:c1, : mass.shape[-1]] = pooled
     return scores
+
+
+def _rows_of(g: BlockGeometry, c0: int, c1: int, device) -> torch.Tensor:
+    """The real query rows (relative indices) of query blocks [c0, c1)."""
+    return torch.arange(max(0, c0 * g.block_size - g.front_pad), min(g.q_len, c1 * g.block_size - g.front_pad),
+                        device=device)
+
+
+def _row_log_probs(q, w, k, g: BlockGeometry, rows: torch.Tensor, c1: int, mask) -> torch.Tensor:
+    """log p_t over the keys of `rows` (query blocks up to `c1`): `[B, Hkv, R, k_len]`, where causal
+    calls stop at the last key block those queries see."""
+    k_len = min(g.k_len, (c1 + g.q_block0) * g.block_size) if g.causal else g.k_len
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    logits = indexer_logits(q[:, :, r0:r1], w[:, :, r0:r1], k[:, :, :k_len])
+    return _log_softmax_over(logits, _allowed_keys(g, rows, k_len, mask))
+
+
+def _block_log_mass(logp: torch.Tensor, bs: int) -> torch.Tensor:
+    """log of the probability mass per key block: `[..., K]` -> `[..., ceil(K / bs)]`."""
+    k_len = logp.shape[-1]
+    nkb = -(-k_len // bs)
+    logp = torch.nn.functional.pad(logp, (0, nkb * bs - k_len), value=float("-inf"))
+    return torch.logsumexp(logp.unflatten(-1, (nkb, bs)), dim=-1)
 
 
 def indexer_kl(
@@ -157,29 +175,41 @@ def indexer_kl(
     q_blocks: torch.Tensor,
     *,
     scale: float,
+    sink: bool,
+    local: bool,
     mask: torch.Tensor | None = None,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target_power: float = 1.0,
 ) -> torch.Tensor:
-    """Mean over batch and the rows of the sampled query blocks of KL(target || p_t) over the keys
-    the row attends, per key/value head. The target is the detached dense attention of the row
-    (`score_mod`: the MultiMax modulator), averaged over the query heads of the key/value head's group;
-    fully masked rows are left out. Gradients reach the indexer weights only (query and key are
-    detached).
+    """The indexer's training term on the sampled query blocks, per key/value head, the sum of:
+
+    - the rows' KL (DSA's): mean over the real rows of KL(target_t || p_t) over the keys row t
+      attends, the target being the row's detached dense attention (`score_mod`: the MultiMax
+      modulator) averaged over the group's query heads (fully masked rows left out);
+    - the blocks' KL (the block scorer's, `scorer_kl`): the indexer's block scores against the
+      sharpened max-pooled dense block mass, over the blocks the query block chooses among. The rows'
+      KL alone fits every row alike, and the block ranking, which top-k is about, came out worse
+      than the block scorer's (needle recall 0.75 against 0.82 on the retrieval task).
+
+    Gradients reach the indexer weights only (query and key are detached).
     """
     query, key = query.detach(), key.detach()
     q, w, k = indexer_features(query, key, *weights)
-    bs, terms = geometry.block_size, []
+    g = geometry
+    row_terms, block_scores = [], []
     for a in q_blocks.tolist():
-        r0, r1 = max(0, a * bs - geometry.front_pad), min(geometry.q_len, (a + 1) * bs - geometry.front_pad)
-        rows = torch.arange(r0, r1, device=query.device)
-        keep = _allowed_keys(geometry, rows, geometry.k_len, mask)
+        rows = _rows_of(g, a, a + 1, query.device)
+        logp = _row_log_probs(q, w, k, g, rows, a + 1, mask)  # [B, Hkv, R, k_len]
         with torch.no_grad():
-            probs = dense_rows(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod)  # [B, H, R, K]
-            target = probs.view(probs.shape[0], k.shape[1], -1, *probs.shape[2:]).mean(2)  # [B, Hkv, R, K]
+            probs = dense_rows(query, key, g, a, scale=scale, mask=mask, score_mod=score_mod)  # [B, H, R, K]
+            target = probs.view(probs.shape[0], k.shape[1], -1, *probs.shape[2:]).mean(2)[..., : logp.shape[-1]]
             has_mass = target.sum(-1) > 0  # fully masked rows have none
-        logp = _log_softmax_over(indexer_logits(q[:, :, r0:r1], w[:, :, r0:r1], k), keep)
         kl = torch.xlogy(target, target) - torch.where(target > 0, target * logp, torch.zeros_like(logp))
-        terms.append((kl.sum(-1) * has_mass).sum() / has_mass.sum().clamp_min(1))
-    if not terms:
+        row_terms.append((kl.sum(-1) * has_mass).sum() / has_mass.sum().clamp_min(1))
+        mass = _block_log_mass(logp, g.block_size).amax(2)  # [B, Hkv, nkb]
+        block_scores.append(torch.nn.functional.pad(mass, (0, g.n_k_blocks - mass.shape[-1]), value=float("-inf")))
+    if not row_terms:
         return sum(p.sum() for p in weights) * 0.0
-    return torch.stack(terms).mean()
+    blocks_kl = scorer_kl(torch.stack(block_scores, dim=2), query, key, g, q_blocks, scale=scale, sink=sink,
+                          local=local, mask=mask, score_mod=score_mod, target_power=target_power)
+    return torch.stack(row_terms).mean() + blocks_kl
