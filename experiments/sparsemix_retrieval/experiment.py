@@ -50,6 +50,9 @@ class RetrievalExperimentArguments:
     dense_lr: float = 5e-3
     warmup_steps: int = field(default=100, metadata={"help": "Scorer-only dense warm-up steps at eval_length."})
     warmup_lr: float = 1e-2
+    sparse_layout: str = field(default="halves", metadata={
+        "help": "Layout of the warm-up and fine-tuning data: 'halves' (pairs in the first half, queries in the "
+                "second, as the dense training and the lookup evaluation) or 'mixed' (both anywhere)."})
     finetune_steps: int = field(default=100, metadata={"help": "Sparse fine-tuning steps (all parameters) at eval_length."})
     finetune_lr: float = 1e-3
     sparse_batch_size: int = 4
@@ -206,7 +209,11 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
         # (d) dense warm-up: attention stays dense, only the scorers learn (from the KL term alone)
         _set_sparsemix(sparse, args.sparsemix_settings(dense_warmup=True))
         results["trainable_scorer_parameters"] = freeze_all_but_scorers(sparse)
-        warm_data = RetrievalDataset(task, args.warmup_steps * args.sparse_batch_size, args.eval_length, seed=args.seed * 1000 + 100)
+        if args.sparse_layout not in ("halves", "mixed"):
+            raise ValueError(f"sparse_layout={args.sparse_layout!r} is not supported; allowed values: ('halves', 'mixed')")
+        mixed = args.sparse_layout == "mixed"
+        warm_data = RetrievalDataset(task, args.warmup_steps * args.sparse_batch_size, args.eval_length,
+                                     seed=args.seed * 1000 + 100, mixed=mixed)
         results["scorer_warmup"] = _timed(times, "scorer_warmup", lambda: _train(
             sparse, warm_data, steps=args.warmup_steps, lr=args.warmup_lr, batch_size=args.sparse_batch_size,
             seed=args.seed, out_dir=tmp, disable_tqdm=args.disable_tqdm))
@@ -218,7 +225,8 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
         # (e) sparse fine-tuning of every parameter (the scorers keep learning from the KL term)
         for p in sparse.parameters():
             p.requires_grad_(True)
-        tune_data = RetrievalDataset(task, args.finetune_steps * args.sparse_batch_size, args.eval_length, seed=args.seed * 1000 + 200)
+        tune_data = RetrievalDataset(task, args.finetune_steps * args.sparse_batch_size, args.eval_length,
+                                     seed=args.seed * 1000 + 200, mixed=mixed)
         results["sparse_finetune"] = _timed(times, "sparse_finetune", lambda: _train(
             sparse, tune_data, steps=args.finetune_steps, lr=args.finetune_lr, batch_size=args.sparse_batch_size,
             seed=args.seed, out_dir=tmp, disable_tqdm=args.disable_tqdm))

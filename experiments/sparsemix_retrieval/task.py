@@ -72,8 +72,11 @@ class RetrievalTask:
         n_pairs = min(self.max_pairs, self.n_keys, context)
         return n_pairs, min(n_pairs, queries)
 
-    def generate(self, n: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-        """`n` sequences of `length` tokens from `seed` (same arguments, same tensors).
+    def generate(self, n: int, length: int, seed: int, mixed: bool = False) -> dict[str, torch.Tensor]:
+        """`n` sequences of `length` tokens from `seed` (same arguments, same tensors). Pairs sit in
+        the first half and queries in the second; `mixed=True` scatters both over the whole sequence
+        instead (each query still after its pair, in another segment), so needles are found at every
+        depth.
 
         Returns:
             dict with `input_ids` and `labels` `[n, length]` (labels -100 except at answers),
@@ -97,11 +100,15 @@ class RetrievalTask:
         for i in range(n):
             keys = torch.randperm(self.n_keys, generator=gen)[:n_pairs]
             values = torch.randint(self.n_values, (n_pairs,), generator=gen)
-            # Segments 1 .. first_query_seg - 1 hold pairs (segment 0 is the always-kept sink block).
-            pair_seg = 1 + torch.randperm(first_query_seg - 1, generator=gen)[:n_pairs]
-            pair_pos = pair_seg * self.segment + torch.randint(self.segment, (n_pairs,), generator=gen)
-            asked = torch.randperm(n_pairs, generator=gen)[:n_queries]
-            query_seg = first_query_seg + torch.randperm(n_seg - first_query_seg, generator=gen)[:n_queries]
+            if mixed:
+                pair_seg, asked, query_seg = self._mixed_layout(n_seg, n_pairs, n_queries, gen)
+                pair_pos = pair_seg * self.segment + torch.randint(self.segment, (n_pairs,), generator=gen)
+            else:  # (the order of the draws is the one the published results were generated with)
+                # Segments 1 .. first_query_seg - 1 hold pairs (segment 0 is the always-kept sink block).
+                pair_seg = 1 + torch.randperm(first_query_seg - 1, generator=gen)[:n_pairs]
+                pair_pos = pair_seg * self.segment + torch.randint(self.segment, (n_pairs,), generator=gen)
+                asked = torch.randperm(n_pairs, generator=gen)[:n_queries]
+                query_seg = first_query_seg + torch.randperm(n_seg - first_query_seg, generator=gen)[:n_queries]
             # The answer follows the query inside the same segment.
             q_pos = query_seg * self.segment + torch.randint(self.segment - 1, (n_queries,), generator=gen)
             ids[i, pair_pos] = self.pair_id(keys, values)
@@ -112,6 +119,16 @@ class RetrievalTask:
             query_pos[i], needle_pos[i] = q_pos[order], pair_pos[asked][order]
             answer[i] = self.answer_start + values[asked][order]
         return {"input_ids": ids, "labels": labels, "query_pos": query_pos, "needle_pos": needle_pos, "answer": answer}
+
+    @staticmethod
+    def _mixed_layout(n_seg: int, n_pairs: int, n_queries: int, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pair segments, asked pairs, their query segments) anywhere in segments 1..n_seg-1: the
+        asked pairs and their queries take random distinct segments two by two (the earlier one holds
+        the pair), the other pairs the rest."""
+        segs = 1 + torch.randperm(n_seg - 1, generator=gen)[: n_pairs + n_queries]
+        couples = segs[: 2 * n_queries].view(n_queries, 2)
+        pair_seg = torch.cat([couples.amin(1), segs[2 * n_queries :]])
+        return pair_seg, torch.arange(n_queries), couples.amax(1)
 
     def generate_at_depth(self, n: int, length: int, depth: float, seed: int) -> dict[str, torch.Tensor]:
         """`n` needle-in-a-haystack sequences: one query in the last segment, its pair (the needle) at
@@ -151,9 +168,13 @@ class RetrievalDataset(torch.utils.data.Dataset):
     """Pre-generated sequences of `RetrievalTask.generate` (or `generate_at_depth` when `depth` is
     given), served as `{input_ids, labels}` rows."""
 
-    def __init__(self, task: RetrievalTask, n: int, length: int, seed: int, depth: float | None = None):
+    def __init__(self, task: RetrievalTask, n: int, length: int, seed: int, depth: float | None = None,
+                 mixed: bool = False):
         self.task, self.length, self.seed, self.depth = task, length, seed, depth
-        self.data = task.generate(n, length, seed) if depth is None else task.generate_at_depth(n, length, depth, seed)
+        if depth is None:
+            self.data = task.generate(n, length, seed, mixed=mixed)
+        else:
+            self.data = task.generate_at_depth(n, length, depth, seed)
 
     def __len__(self) -> int:
         return self.data["input_ids"].shape[0]

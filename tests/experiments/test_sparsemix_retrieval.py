@@ -79,3 +79,20 @@ def test_direction_trained_selector_finds_needles_the_untrained_one_misses(selec
     assert after > before + 0.2, (before, after)
     printed = capsys.readouterr().out
     assert "DIRECTION CHECK (--direction)" in printed and "no target claimed" in printed and " met" not in printed
+
+
+def test_mixed_layout_and_depth_sequences_keep_the_lookup_well_posed():
+    task = RetrievalTask(segment=64)
+    for d in (task.generate(4, 4096, seed=1, mixed=True), task.generate_at_depth(4, 4096, 0.7, seed=1)):
+        ids = d["input_ids"]
+        for i in range(4):
+            q, needle, answer = d["query_pos"][i], d["needle_pos"][i], d["answer"][i]
+            assert torch.equal(d["labels"][i].ne(-100).nonzero()[:, 0], q + 1)
+            pair = ids[i, needle] - task.pair_start
+            assert torch.equal(pair // task.n_values, ids[i, q] - task.query_start)
+            assert torch.equal(pair % task.n_values + task.answer_start, answer)
+            assert (needle // 64 > 0).all() and (needle // 64 < q // 64).all(), "an earlier block, not the sink"
+    mixed = task.generate(64, 4096, seed=2, mixed=True)
+    assert (mixed["needle_pos"] >= 2048).float().mean() > 0.2, "mixed needles also sit in the second half"
+    depth = task.generate_at_depth(8, 4096, 0.7, seed=3)["needle_pos"] // 64
+    assert (depth == 1 + round(0.7 * 61)).all()
