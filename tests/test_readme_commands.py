@@ -24,6 +24,7 @@ QUICK = {
     "scripts/publish.py": ["--dry-run"],
     "scripts/bench_sparsemix.py": ["--quick", "--lengths", "512", "--memory_lengths", "512"],
     "scripts/bench_attention.py": ["--quick"],
+    "scripts/bench_sparsemix_decode.py": ["--quick"],
     "scripts/sparsemix_retrieval.py": ["--quick"],
     "scripts/train_fusion.py": ["--epochs", "2", "--warmup_noise_epochs", "1", "--num_train", "64", "--num_test", "32"],
     "scripts/compare_fusion.py": ["--epochs", "2", "--warmup_noise_epochs", "1", "--seeds", "0", "--num_train", "64",

@@ -76,6 +76,19 @@ def test_bench_sparsemix_quick(tmp_path):
     assert "| 512 |" in result.stdout
 
 
+def test_bench_sparsemix_decode_quick(tmp_path):
+    out = tmp_path / "decode.json"
+    result = run(["scripts/bench_sparsemix_decode.py", "--quick", "--output", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["quick"] and data["context"] == 512
+    rows = {(r["cache"], r["model"]): r for r in data["rows"]}
+    assert set(rows) == {(c, m) for c in ("dynamic", "static") for m in ("sdpa", "sparsemix_block", "sparsemix_token")}
+    assert all(r["tokens_per_s"] > 0 for r in rows.values()) and rows["static", "sdpa"]["speedup_vs_sdpa"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 5_000
+    assert result.stdout.strip().splitlines()[-1].startswith("SMOKE RUN (--quick)")
+
+
 def test_bench_build_time_quick(tmp_path):
     out = tmp_path / "build.json"
     result = run(["scripts/bench_build_time.py", "--quick", "--output", str(out)], tmp_path)
