@@ -183,7 +183,10 @@ class SparseMixScorer(MethodLayer):
 
     @property
     def init_std(self) -> float:
-        return self.w_query.shape[-2] ** -0.5
+        """Std of the random query projection: 1 / sqrt(its input size). From the structure, not the
+        tensor (DeepSpeed ZeRO-3 leaves partitioned parameters empty here)."""
+        fan_in = 2 * self.head_dim if self.selector == "block" else self.num_heads // self.num_kv_heads * self.head_dim
+        return fan_in**-0.5
 
     def reset_parameters(self, init=nn.init) -> None:
         if self.w_query.is_meta:
@@ -192,8 +195,8 @@ class SparseMixScorer(MethodLayer):
             init.normal_(self.w_query, std=self.init_std)
             init.zeros_(self.w_key)
         else:
-            init.normal_(self.w_query, std=self.w_query.shape[1] ** -0.5)
-            init.normal_(self.w_key, std=self.w_key.shape[1] ** -0.5)
+            init.normal_(self.w_query, std=self.init_std)
+            init.normal_(self.w_key, std=self.head_dim**-0.5)
             init.zeros_(self.w_weight)
 
     def is_identity(self) -> bool:
