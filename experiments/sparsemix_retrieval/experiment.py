@@ -34,7 +34,8 @@ QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2",
 # (L=512, block 16, top-2: 4 of 32 blocks kept), then the scorer warm-up alone. Its selector's needle
 # recall must end well above the untrained one's; no accuracy target is claimed at this size.
 DIRECTION = {"eval_length": 512, "eval_sequences": 32, "curriculum": "128:400,512:40", "dense_batch_tokens": 4096,
-             "warmup_steps": 30, "finetune_steps": 0, "sparse_batch_size": 4, "block_size": 16, "top_k": 2,
+             "warmup_steps": 30, "kl_query_blocks": 8, "finetune_steps": 0, "sparse_batch_size": 4, "block_size": 16,
+             "top_k": 2,
              "hidden_size": 128, "disable_tqdm": True, "long_context_lengths": "", "mqar_needles": 0, "depths": ""}
 
 @dataclass
@@ -48,7 +49,7 @@ class RetrievalExperimentArguments:
         "help": "Dense training stages as length:steps, comma-separated."})
     dense_batch_tokens: int = field(default=8192, metadata={"help": "Tokens per dense batch (batch = tokens // length)."})
     dense_lr: float = 5e-3
-    warmup_steps: int = field(default=100, metadata={"help": "Scorer-only dense warm-up steps at eval_length."})
+    warmup_steps: int = field(default=1000, metadata={"help": "Scorer-only dense warm-up steps at eval_length."})
     warmup_lr: float = 1e-2
     sparse_layout: str = field(default="halves", metadata={
         "help": "Layout of the warm-up and fine-tuning data: 'halves' (pairs in the first half, queries in the "
@@ -62,7 +63,7 @@ class RetrievalExperimentArguments:
     scorer_rank: int = 16
     indexer_heads: int = 4
     indexer_dim: int = 32
-    kl_query_blocks: int = field(default=8, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
+    kl_query_blocks: int = field(default=32, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
     kl_weight: float = 1.0
     kl_target_power: float = field(default=256.0, metadata={"help": "Sharpening of the scorer's KL target."})
     layers: int = 1
