@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -65,6 +67,7 @@ def as_quick_run(command: str, port: int) -> tuple[list[str], dict]:
     return argv + words + QUICK[script], env
 
 
+@pytest.mark.slow  # ~2 min: every script once; CI runs it (`pytest -m slow`)
 def test_every_readme_command_runs(tmp_path):
     from tests.training.test_ddp import free_port
 
