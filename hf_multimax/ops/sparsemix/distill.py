@@ -10,7 +10,7 @@ import torch
 from ..naive_attention import naive_attention
 from .selection import BlockGeometry, candidate_blocks
 
-__all__ = ["dense_block_mass", "dense_rows", "sample_query_blocks", "scorer_kl"]
+__all__ = ["dense_block_mass", "dense_rows", "kl_terms", "sample_query_blocks", "scorer_kl"]
 
 
 def sample_query_blocks(geometry: BlockGeometry, n: int, *, sink: bool, local: bool, device=None) -> torch.Tensor:
@@ -73,6 +73,12 @@ def dense_block_mass(
     return mass.amax(-2) if pool == "max" else mass.mean(-2)
 
 
+def kl_terms(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise `target * (log target - log_q)`, summed by the caller: 0 where the target is 0
+    (also where `log_q` is -inf, outside the candidates)."""
+    return torch.xlogy(target, target) - torch.where(target > 0, target * log_q, torch.zeros_like(log_q))
+
+
 def scorer_kl(
     scores: torch.Tensor,
     query: torch.Tensor,
@@ -108,9 +114,7 @@ def scorer_kl(
             log_t = (target_power * mass.clamp_min(1e-30).log()).masked_fill(~cand, float("-inf"))
             target = torch.softmax(log_t, dim=-1) * (mass * cand).sum(-1, keepdim=True).gt(0)
         log_s = torch.log_softmax(scores[:, :, n].float().masked_fill(~cand, float("-inf")), dim=-1)
-        # xlogy: 0 where the target is 0 (also where log_s is -inf).
-        kl = torch.xlogy(target, target) - torch.where(target > 0, target * log_s, torch.zeros_like(log_s))
-        terms.append(kl.sum(-1).mean())
+        terms.append(kl_terms(target, log_s).sum(-1).mean())
     if not terms:
         return scores.sum() * 0.0
     return torch.stack(terms).mean()

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .distill import dense_rows, scorer_kl
+from .distill import dense_rows, kl_terms, scorer_kl
 from .selection import BlockGeometry
 
 __all__ = ["indexer_block_scores", "indexer_features", "indexer_keys", "indexer_kl", "indexer_logits"]
@@ -205,8 +205,8 @@ def indexer_kl(
             probs = dense_rows(query, key, g, a, scale=scale, mask=mask, score_mod=score_mod)  # [B, H, R, K]
             target = probs.view(probs.shape[0], k.shape[1], -1, *probs.shape[2:]).mean(2)[..., : logp.shape[-1]]
             has_mass = target.sum(-1) > 0  # fully masked rows have none
-        kl = torch.xlogy(target, target) - torch.where(target > 0, target * logp, torch.zeros_like(logp))
-        row_terms.append((kl.sum(-1) * has_mass).sum() / has_mass.sum().clamp_min(1))
+        kl = kl_terms(target, logp).sum(-1)
+        row_terms.append((kl * has_mass).sum() / has_mass.sum().clamp_min(1))
         mass = _block_log_mass(logp, g.block_size).amax(2)  # [B, Hkv, nkb]
         block_scores.append(torch.nn.functional.pad(mass, (0, g.n_k_blocks - mass.shape[-1]), value=float("-inf")))
     if not row_terms:
