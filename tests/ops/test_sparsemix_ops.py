@@ -262,6 +262,26 @@ def test_fused_reads_a_static_cache_buffer_in_place(case):
     assert_close(out, _dense_reference(q, k, v, mask, theta, g, idx, valid), torch.float32, "strided cache")
 
 
+@pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
+def test_fused_gathers_long_selections_in_chunks(multimax):
+    """More kept keys than one gathered product holds (1024): the online softmax carries over the
+    chunks. GQA (two query heads per gathered K/V), a per-head padding mask that hides a whole block
+    from one head only, and odd lengths."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 1501, 8, generator=g)
+    k, v = (torch.randn(2, 2, 1501, 8, generator=g) for _ in range(2))
+    geometry = block_geometry(1501, 1501, BS, True)
+    idx, valid = select_blocks(torch.randn(2, 2, geometry.n_q_blocks, geometry.n_k_blocks, generator=g), geometry,
+                               top_k=80)
+    mask = torch.ones(2, 4, 1501, 1501, dtype=torch.bool).tril()
+    mask[1, 3, :, 16:32] = False  # block 1 hidden from head 3 of batch 1 only
+    mask[0, :, :, 1400:] = False
+    theta = torch.randn(8, 4, generator=g) * 0.3 if multimax else None
+    with torch.no_grad():
+        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=True, theta=theta)
+    assert_close(out, _dense_reference(q, k, v, mask, theta, geometry, idx, valid), torch.float32, "chunked gather")
+
+
 def test_fused_all_blocks_kept_is_dense_and_training_is_refused():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))

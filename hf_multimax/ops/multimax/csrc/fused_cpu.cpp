@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -106,6 +107,24 @@ inline T modulate(T s, const Scalars<T>& m) {
   return x + m.t1 * lo1 + m.t2 * hi1 + m.t3 * lo2 * lo2 + m.t4 * hi2 * hi2;
 }
 
+// Maximum of a row. Four running maxima: one would chain every load behind the previous maximum's
+// latency, which made this pass cost two thirds of the exponentials.
+float row_max(const float* row, int64_t n) {
+  constexpr int64_t V = Vec::size();
+  Vec m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    m0 = at::vec::maximum(m0, Vec::loadu(row + j));
+    m1 = at::vec::maximum(m1, Vec::loadu(row + j + V));
+    m2 = at::vec::maximum(m2, Vec::loadu(row + j + 2 * V));
+    m3 = at::vec::maximum(m3, Vec::loadu(row + j + 3 * V));
+  }
+  for (; j + V <= n; j += V) m0 = at::vec::maximum(m0, Vec::loadu(row + j));
+  float mx = hmax(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+  for (; j < n; ++j) mx = std::max(mx, row[j]);
+  return mx;
+}
+
 // Row i of a tile: in place, pre-softcap scores -> modulated scores y (masked keys -> -inf).
 // Returns the row maximum.
 float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>& ms, const Scalars<Vec>& mv,
@@ -116,7 +135,8 @@ float forward_row(float* row, int64_t n, const Problem& p, const Scalars<float>&
   Vec vmax(kNegInf);
   const int64_t vn = std::min(n, visible) - (std::min(n, visible) % Vec::size());
   if (ms.identity && p.softcap <= 0.f && !bias_row && !mask_row) {  // plain scores: only the maximum
-    for (; j < vn; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+    vmax = Vec(row_max(row, vn));
+    j = vn;
   }
   for (; j < vn; j += Vec::size()) {
     Vec s = capped(Vec::loadu(row + j), p, cap_v, inv_cap_v);
@@ -281,14 +301,23 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
-// SparseMix's exact attention over selected key blocks: the same tile code, each block of queries
-// walking the key blocks `block_idx[b, kv head, query block, :]` (where `block_valid`) instead of a
-// contiguous range. Queries sit at absolute positions i + q_offset; query block qb covers absolute
-// block qb + q_offset / bs. Forward only (training runs SparseMix's `blocked` backend).
+// SparseMix's exact attention over selected key blocks. One task per (batch, key/value head, block of
+// queries): the selected key blocks are copied side by side (a few hundred KB, in L2) so that each
+// query head of the group multiplies them in one score product and one P.V product, instead of two
+// 64 x 64 x 64 BLAS calls per block whose fixed cost (packing, dispatch) is as large as their work.
+// Masks and causality are applied per block (segment) of the gathered row. A one-row block of
+// queries (decoding) walks the blocks in place with the dot/axpy tile. Queries sit at absolute
+// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. Forward only
+// (training runs SparseMix's `blocked` backend).
+constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
+
 std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                        const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& block_idx,
                                        const at::Tensor& block_valid, int64_t bs, int64_t q_offset) {
-  auto out = at::zeros({p.B, p.H, p.Q, p.Dv}, q.options());
+  // Written as [B, Q, H, Dv], the layout attention functions return, and handed back as its
+  // [B, H, Q, Dv] view: the caller's transpose(1, 2).contiguous() is then free instead of another
+  // pass over the output. Every row is written (rows that see no key get zeros).
+  auto out = at::empty({p.B, p.Q, p.H, p.Dv}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
   const int64_t tn = theta.size(1), an = affine.size(1);
@@ -296,38 +325,101 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   const bool* okp = block_valid.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
-  at::parallel_for(0, p.B * p.H * nQB, grain_for(bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> tile(new float[bs * bs]), acc(new float[bs * p.Dv]);
-    std::vector<float> m(bs), l(bs);
+  const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
+  at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> tile(new float[bs * max_cols]), kbuf(new float[max_cols * p.D]),
+        vbuf(new float[max_cols * p.Dv]), acc(new float[group * bs * p.Dv]);
+    std::vector<float> m(group * bs), l(group * bs);
+    std::vector<int64_t> seg_c0(S), seg_n(S);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nQB, qb = task % nQB, b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
+      const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
       const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
       const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
       if (rows <= 0) continue;
-      const float* qb_ptr = qp + (bh * p.Q + r0) * p.D;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
-      const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
-      const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
-      const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
-      std::fill(acc.get(), acc.get() + rows * p.Dv, 0.f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
+      // The blocks some head of the group sees: valid, not past the causal frontier, not all masked.
       const int64_t* slots = ip + (kvh * nQB + qb) * S;
       const bool* ok = okp + (kvh * nQB + qb) * S;
+      int64_t n_seg = 0;
       for (int64_t s = 0; s < S; ++s) {
         if (!ok[s]) continue;
-        const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs), n = c1 - c0;
-        if (n <= 0 || (p.causal && c0 > r1 - 1 + p.offset) || tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-        attend_tile(p, b, h, r0, rows, c0, n, qb_ptr, kb, vb, ms, mv, tile.get(), acc.get(), m.data(), l.data());
+        const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs);
+        if (c1 <= c0 || (p.causal && c0 > r1 - 1 + p.offset)) continue;
+        bool seen = false;
+        for (int64_t h = h0; h < h0 + group && !seen; ++h) seen = !tile_is_masked(p, b, h, r0, r1, c0, c1);
+        if (!seen) continue;
+        seg_c0[n_seg] = c0;
+        seg_n[n_seg++] = c1 - c0;
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        float* o = op + (bh * p.Q + r0 + i) * p.Dv;
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[i * p.Dv + d] * inv;
+      std::fill(acc.get(), acc.get() + group * rows * p.Dv, 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t first = 0; first < n_seg;) {
+        // The chunk of segments [first, last) whose keys fit the gather buffers.
+        int64_t last = first, cols = 0;
+        while (last < n_seg && cols + seg_n[last] <= max_cols) cols += seg_n[last++];
+        if (rows > 1) {
+          for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
+            std::memcpy(kbuf.get() + c * p.D, kb + seg_c0[s] * p.D, seg_n[s] * p.D * sizeof(float));
+            std::memcpy(vbuf.get() + c * p.Dv, vb + seg_c0[s] * p.Dv, seg_n[s] * p.Dv * sizeof(float));
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = h0 + g, bh = b * p.H + h;
+          const float* q_rows = qp + (bh * p.Q + r0) * p.D;
+          const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
+          const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
+          const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+          float *acc_h = acc.get() + g * rows * p.Dv, *m_h = m.data() + g * rows, *l_h = l.data() + g * rows;
+          if (rows == 1) {
+            for (int64_t s = first; s < last; ++s)
+              attend_tile(p, b, h, r0, 1, seg_c0[s], seg_n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
+            continue;
+          }
+          gemm(false, true, rows, cols, p.D, p.scale, q_rows, p.D, kbuf.get(), p.D, 0.f, tile.get(), cols);
+          const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = r0 + i;
+            float* row = tile.get() + i * cols;
+            float mx = m_h[i];
+            for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
+              const int64_t c0 = seg_c0[s], n = seg_n[s];
+              const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+              if (plain) {  // plain scores: only the keys past the causal frontier change (to -inf)
+                std::fill(row + c + visible, row + c + n, kNegInf);
+                continue;
+              }
+              const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
+              const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+              mx = std::max(mx, forward_row(row + c, n, p, ms, mv, bias_row, mask_row, visible));
+            }
+            if (plain) mx = std::max(mx, row_max(row, cols));
+            if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
+              std::fill(row, row + cols, 0.f);
+              continue;
+            }
+            const float corr = std::exp(m_h[i] - mx);  // 0 when m was -inf
+            l_h[i] = l_h[i] * corr + exp_row(row, cols, mx);
+            if (corr != 1.f) {
+              float* a = acc_h + i * p.Dv;
+              for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
+            }
+            m_h[i] = mx;
+          }
+          gemm(false, false, rows, p.Dv, cols, 1.f, tile.get(), cols, vbuf.get(), p.Dv, 1.f, acc_h, p.Dv);
+        }
+        first = last;
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i = 0; i < rows; ++i) {
+          float* o = op + ((b * p.Q + r0 + i) * p.H + h0 + g) * p.Dv;
+          const float li = l[g * rows + i], inv = li > 0.f ? 1.f / li : 0.f;
+          for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[(g * rows + i) * p.Dv + d] * inv;
+        }
       }
     }
   });
-  return {out};
+  return {out.transpose(1, 2)};
 }
 
 // Gradient of the 10 scalars (t1..t4, b1, d1, b2, d2, a, c) accumulated over one tile row.
