@@ -29,6 +29,7 @@ BS = 16
 CASES = [
     ("causal_gqa", 2, 4, 2, 83, 83, True, None, 2),
     ("causal_padded", 2, 4, 4, 83, 83, True, "padded", 2),
+    ("causal_left_padded", 2, 4, 2, 83, 83, True, "left_padded", 2),
     ("bidirectional", 2, 4, 4, 70, 70, False, None, 2),
     ("bidirectional_padded", 2, 4, 2, 70, 70, False, "padded", 1),
     ("decode_step", 2, 4, 2, 1, 90, True, None, 2),
@@ -48,6 +49,9 @@ def _inputs(case, dtype, multimax):
         mask[1, :, :, K - 20 :] = False
         if causal:
             mask &= torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
+    if mask_kind == "left_padded":  # row 1 has 20 padded keys in front: its first 20 queries see no key
+        mask = torch.ones(Q, K, dtype=torch.bool).tril(K - Q).repeat(B, 1, 1, 1)
+        mask[1, :, :, :20] = False
     theta = (torch.randn(8, H, generator=g) * 0.3).requires_grad_() if multimax else None
     geometry = block_geometry(Q, K, BS, causal)
     scores = torch.randn(B, Hkv, geometry.n_q_blocks, geometry.n_k_blocks, generator=g)
@@ -79,10 +83,11 @@ def test_backend_matches_dense_reference(case, backend, multimax, dtype):
     grads = torch.autograd.grad((out.float() * grad_out).sum(), leaves)
     ref_grads = torch.autograd.grad((ref * grad_out).sum(), leaves)
     for name, got, want in zip("qkvt", grads, ref_grads):
-        # theta's gradient sums over every score: bf16 inputs round each term.
-        assert_close(got, want, dtype, f"d{name}") if name != "t" or dtype != torch.bfloat16 else (
-            torch.testing.assert_close(got, want, atol=0.2, rtol=0.05)
-        )
+        if name != "t":
+            assert_close(got, want, dtype, f"d{name}")
+        else:  # theta's gradient sums over every score: fp32 sums round at ~1e-5, bf16 inputs round each term
+            tol = dict(atol=0.2, rtol=0.05) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got, want, **tol)
 
 
 def test_fp64_gradcheck_of_blocked_backend():

@@ -307,17 +307,22 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // 64 x 64 x 64 BLAS calls per block whose fixed cost (packing, dispatch) is as large as their work.
 // Masks and causality are applied per block (segment) of the gathered row. A one-row block of
 // queries (decoding) walks the blocks in place with the dot/axpy tile. Queries sit at absolute
-// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. Forward only
-// (training runs SparseMix's `blocked` backend).
+// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. Forward only; it
+// also returns the rows' log-sum-exp, from which SparseMix's `blocked` backward recomputes the tiles.
 constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
 
 std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                        const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& block_idx,
-                                       const at::Tensor& block_valid, int64_t bs, int64_t q_offset) {
-  // Written as [B, Q, H, Dv], the layout attention functions return, and handed back as its
-  // [B, H, Q, Dv] view: the caller's transpose(1, 2).contiguous() is then free instead of another
-  // pass over the output. Every row is written (rows that see no key get zeros).
-  auto out = at::empty({p.B, p.Q, p.H, p.Dv}, q.options());
+                                       const at::Tensor& block_valid, int64_t bs, int64_t q_offset, bool heads_last) {
+  // heads_last: written as [B, Q, H, Dv], the layout attention functions return, and handed back as
+  // its [B, H, Q, Dv] view, so the caller's transpose(1, 2).contiguous() is free instead of another
+  // pass over the output; else contiguous [B, H, Q, Dv] (what a training forward saves). Every row
+  // is written (rows that see no key get zeros).
+  auto out = heads_last ? at::empty({p.B, p.Q, p.H, p.Dv}, q.options()) : at::empty({p.B, p.H, p.Q, p.Dv}, q.options());
+  // Elements between consecutive query rows, and between heads, of the output.
+  const int64_t row_step = heads_last ? p.H * p.Dv : p.Dv, head_step = heads_last ? p.Dv : p.Q * p.Dv;
+  auto lse = at::empty({p.B, p.H, p.Q}, q.options());  // what a backward recomputing the tiles needs
+  float* lp = lse.data_ptr<float>();
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
   const int64_t tn = theta.size(1), an = affine.size(1);
@@ -412,14 +417,16 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
       }
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t i = 0; i < rows; ++i) {
-          float* o = op + ((b * p.Q + r0 + i) * p.H + h0 + g) * p.Dv;
+          float* o = op + b * p.H * p.Q * p.Dv + (r0 + i) * row_step + (h0 + g) * head_step;
           const float li = l[g * rows + i], inv = li > 0.f ? 1.f / li : 0.f;
           for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[(g * rows + i) * p.Dv + d] * inv;
+          // +inf: a row that sees no key gets exactly zero recomputed probabilities.
+          lp[((b * p.H + h0 + g) * p.Q) + r0 + i] = li > 0.f ? m[g * rows + i] + std::log(li) : kInf;
         }
       }
     }
   });
-  return {out.transpose(1, 2)};
+  return {heads_last ? out.transpose(1, 2) : out, lse};
 }
 
 // Gradient of the 10 scalars (t1..t4, b1, d1, b2, d2, a, c) accumulated over one tile row.
@@ -618,17 +625,18 @@ std::vector<at::Tensor> sparse_forward_op(const at::Tensor& q, const at::Tensor&
                                           const at::Tensor& theta, const at::Tensor& affine,
                                           const c10::optional<at::Tensor>& mask, const at::Tensor& block_idx,
                                           const at::Tensor& block_valid, int64_t block_size, int64_t q_offset,
-                                          bool causal, double scale, bool has_affine) {
+                                          bool causal, double scale, bool has_affine, bool heads_last) {
   const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, has_affine);
   TORCH_CHECK(block_idx.dtype() == at::kLong && block_valid.dtype() == at::kBool && block_idx.is_contiguous() &&
               block_valid.is_contiguous(), "contiguous int64 block_idx and bool block_valid expected");
-  return sparse_forward(q, k, v, p, theta.contiguous(), affine.contiguous(), block_idx, block_valid, block_size, q_offset);
+  return sparse_forward(q, k, v, p, theta.contiguous(), affine.contiguous(), block_idx, block_valid, block_size, q_offset,
+                        heads_last);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward_op, "MultiMax attention forward: (out, lse)");
-  m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out,)");
+  m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out, lse)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
 }
