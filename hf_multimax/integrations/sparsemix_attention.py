@@ -9,23 +9,15 @@ goes to the caller's `collect_aux_losses()` block.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
-from ..ops.sparsemix import (
-    BACKENDS,
-    block_geometry,
-    block_key_features,
-    indexer_keys,
-    indexer_kl,
-    sample_query_blocks,
-    scorer_block_scores,
-    scorer_kl,
-    sparsemix_attention,
-)
+from ..ops.sparsemix import BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention
 from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_inputs, settings_of
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
@@ -54,13 +46,9 @@ def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, sc
     # grad on even inside a reentrant checkpoint's no-grad forward, and its saved tensors stay out of
     # a non-reentrant checkpoint's recomputation (which runs after the collector is closed).
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        if settings.selector == "token":
-            kl = indexer_kl(query, key, weights, geometry, blocks, scale=scaling, sink=settings.sink,
-                            local=settings.local, mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
-        else:
-            sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, scaling, q_blocks=blocks)
-            kl = scorer_kl(sampled, query, key, geometry, blocks, scale=scaling, sink=settings.sink,
-                           local=settings.local, mask=mask, score_mod=score_mod, target_power=settings.kl_target_power)
+        kl = SELECTORS[settings.selector].kl(query, key, weights, geometry, blocks, scale=scaling, sink=settings.sink,
+                                             local=settings.local, mask=mask, score_mod=score_mod,
+                                             target_power=settings.kl_target_power)
         aux.add(KL_TERM, kl * settings.kl_weight)
     return kl
 
@@ -77,12 +65,6 @@ def _drop_empty_cache_tail(key, value, mask):
     if mask.shape[-2] == 1 and bool(mask.all()):
         mask = None
     return key, value, mask
-
-
-def _summarizer(settings: SparseMixSettings, weights):
-    if settings.selector == "token":
-        return lambda keys: indexer_keys(keys, weights[1])
-    return lambda keys: block_key_features(keys, weights[1], settings.block_size)
 
 
 def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
@@ -159,7 +141,8 @@ def sparsemix_attention_forward(
     if not torch.is_grad_enabled():  # inference: the cache's key summary grows step by step
         summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=settings.selector,
                                      block_size=settings.block_size, weights=weights,
-                                     summarize=_summarizer(settings, weights))
+                                     summarize=functools.partial(SELECTORS[settings.selector].summarize,
+                                                                 w=weights, block_size=settings.block_size))
     out = sparsemix_attention(
         query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from ..ops.sparsemix import SELECTORS
+
 __all__ = ["cached_key_summary", "note_cache_keys"]
 
 _NOTED = "_hf_multimax_cache_keys"  # module.__dict__ entry, set by the pre-hook for one call
@@ -73,8 +75,8 @@ def cached_key_summary(
     the noted cache tensor's summary when that is valid (module docstring), else computed whole; kept
     on `cache_keys` (the tensor the attention function was handed) for the next step.
 
-    `summarize(keys)` summarises a run of keys: per token for the indexer, per block for the block
-    scorer (runs then start on a block boundary).
+    `summarize(keys)` summarises a run of keys: per token, or per block (the selector's
+    `summary_per_block`; runs then start on a block boundary).
     """
     made_by = _made_by(selector, block_size, weights)
     old = module.__dict__.pop(_NOTED, None)
@@ -82,10 +84,9 @@ def cached_key_summary(
         old = None
     if old is None:
         data = summarize(key)
-    elif selector == "token":
-        data = torch.cat([old.data, summarize(key[..., old.tokens :, :])], dim=2)
-    else:  # pooled blocks: the old last block may have been partial, so it is pooled again
-        kept = old.tokens // block_size
-        data = torch.cat([old.data[:, :, :kept], summarize(key[..., kept * block_size :, :])], dim=2)
+    else:  # per block, the old last block may have been partial, so it is summarised again
+        unit = block_size if SELECTORS[selector].summary_per_block else 1
+        kept = old.tokens // unit
+        data = torch.cat([old.data[:, :, :kept], summarize(key[..., kept * unit :, :])], dim=2)
     setattr(cache_keys, _SUMMARY, _Summary(cache_keys._version, key.shape[-2], made_by, data))
     return data

@@ -88,7 +88,7 @@ class SparseMixSettings(ConfigSettings):
         _positive_int("indexer_heads", self.indexer_heads)
         _positive_int("indexer_dim", self.indexer_dim)
         if self.selector not in SELECTORS:
-            raise ValueError(f"sparsemix.selector={self.selector!r} is not supported; allowed values: {SELECTORS}")
+            raise ValueError(f"sparsemix.selector={self.selector!r} is not supported; allowed values: {tuple(SELECTORS)}")
         _positive_int("kl_query_blocks", self.kl_query_blocks)
         for name in ("sink", "local", "dense_warmup"):
             if not isinstance(getattr(self, name), bool):

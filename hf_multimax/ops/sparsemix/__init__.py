@@ -15,7 +15,7 @@ from .flex import flex_sparsemix_attention
 from .fused import fused_sparsemix_attention
 from .naive import naive_sparsemix_attention
 from .indexer import indexer_block_scores, indexer_keys, indexer_kl
-from .pipeline import SELECTORS, select_sparsemix_blocks, sparsemix_attention
+from .pipeline import SELECTORS, Selector, select_sparsemix_blocks, sparsemix_attention
 from .selection import (
     BlockGeometry,
     block_geometry,
@@ -52,6 +52,7 @@ BACKENDS = BackendRegistry(
 __all__ = [
     "BACKENDS",
     "SELECTORS",
+    "Selector",
     "BlockGeometry",
     "block_geometry",
     "block_key_features",

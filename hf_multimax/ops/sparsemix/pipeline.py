@@ -5,17 +5,59 @@ experiment all call these two functions. Pure tensor maths.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 
-from .indexer import indexer_block_scores
-from .selection import BlockGeometry, block_geometry, scorer_block_scores, select_blocks
+from .distill import scorer_kl
+from .indexer import indexer_block_scores, indexer_keys, indexer_kl
+from .selection import BlockGeometry, block_geometry, block_key_features, scorer_block_scores, select_blocks
 
-__all__ = ["SELECTORS", "select_sparsemix_blocks", "sparsemix_attention"]
+__all__ = ["SELECTORS", "Selector", "select_sparsemix_blocks", "sparsemix_attention"]
 
-# What ranks the key blocks: the block scorer (pooled queries and keys) or the token-level indexer.
-SELECTORS = ("block", "token")
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """What ranks the key blocks, as the three things SparseMix asks of it, each a function of the
+    layer's selector weights (what `SparseMixScorer` returns):
+
+    - `block_scores(query, key, weights, geometry, scale, mask, key_summary)`: `[B, Hkv, nQB, nKB]`
+      block scores, top-k of which are kept;
+    - `kl(query, key, weights, geometry, q_blocks, **kl_options)`: its distillation term on the
+      sampled query blocks (`kl_options`: `scale, sink, local, mask, score_mod, target_power`);
+    - `summarize(key, weights, block_size)`: what it reads of the keys, which a KV cache keeps and
+      extends while decoding (`key_summary` above): one entry per block of keys
+      (`summary_per_block`) or per key.
+    """
+
+    block_scores: Callable[..., torch.Tensor]
+    kl: Callable[..., torch.Tensor]
+    summarize: Callable[..., torch.Tensor]
+    summary_per_block: bool
+
+
+def _block_scorer_kl(query, key, weights, geometry, q_blocks, **kl_options):
+    sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, kl_options["scale"],
+                                  q_blocks=q_blocks)
+    return scorer_kl(sampled, query, key, geometry, q_blocks, **kl_options)
+
+
+# The block scorer (pooled queries and keys) and the token-level indexer (DSA's lightning indexer).
+SELECTORS = {
+    "block": Selector(
+        block_scores=lambda q, k, w, g, scale, mask, summary: scorer_block_scores(q, k, *w, g, scale, key_features=summary),
+        kl=_block_scorer_kl,
+        summarize=lambda key, w, block_size: block_key_features(key, w[1], block_size),
+        summary_per_block=True,
+    ),
+    "token": Selector(
+        block_scores=lambda q, k, w, g, scale, mask, summary: indexer_block_scores(q, k, w, g, mask=mask, keys=summary),
+        kl=indexer_kl,
+        summarize=lambda key, w, block_size: indexer_keys(key, w[1]),
+        summary_per_block=False,
+    ),
+}
 
 
 @torch.no_grad()
@@ -56,12 +98,9 @@ def select_sparsemix_blocks(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal)
-    if selector == "block":
-        scores = scorer_block_scores(query, key, *weights, geometry, scale, key_features=key_summary)
-    elif selector == "token":
-        scores = indexer_block_scores(query, key, weights, geometry, mask=mask, keys=key_summary)
-    else:
-        raise ValueError(f"selector={selector!r} is not supported; allowed values: {SELECTORS}")
+    if selector not in SELECTORS:
+        raise ValueError(f"selector={selector!r} is not supported; allowed values: {tuple(SELECTORS)}")
+    scores = SELECTORS[selector].block_scores(query, key, weights, geometry, scale, mask, key_summary)
     block_idx, block_valid = select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local)
     return geometry, block_idx, block_valid
 
