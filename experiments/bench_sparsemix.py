@@ -75,7 +75,7 @@ def memory_step(variant: str, length: int, settings: dict):
 def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size: int, top_k: int,
                     selector: str = "block") -> dict:
     """Every measurement of the module docstring for `variants` (names in `MAX_LEN`; SDPA, the
-    baseline, is always measured; peak memory only for SDPA and `blocked`)."""
+    baseline, is always measured; peak memory for SDPA and the trainable `blocked` and `fused`)."""
     unknown = sorted(set(variants) - set(MAX_LEN))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(MAX_LEN)}")
@@ -84,14 +84,13 @@ def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size:
     modules = {v: make_module(settings, v) for v in variants}
 
     def time_variant(variant, length):
-        # CPU flex and the fused kernel have no backward.
+        # CPU flex has no backward.
         return time_forward_backward(lambda *x: run(variant, *x, modules[variant]),
-                                     lambda grad: make_inputs(length, grad), repeats,
-                                     backward=variant not in ("flex", "fused"))
+                                     lambda grad: make_inputs(length, grad), repeats, backward=variant != "flex")
 
     rows = {n: {"length": n} for n in lengths}
     sweep(rows, [(n, v) for n in lengths for v in variants if n <= MAX_LEN[v]], time_variant, "timing")
-    sweep(rows, [(n, v) for n in memory_lengths for v in variants if v in ("sdpa", "blocked")],
+    sweep(rows, [(n, v) for n in memory_lengths for v in variants if v in ("sdpa", "blocked", "fused")],
           lambda v, n: {"peak_mib": peak_memory_mib(f"{__name__}:memory_step", v, n, settings.to_dict())},
           "peak memory")
     return {
@@ -118,9 +117,12 @@ def plot(results: dict, path: str) -> None:
 
 
 def summary(results: dict) -> str:
-    """Markdown table: speed-ups over SDPA per length, and blocked's peak memory against SDPA's."""
+    """Markdown table: speed-ups over SDPA per length, and each trainable variant's peak memory
+    against SDPA's."""
     variants = results["variants"][1:]
-    lines = ["| L | " + " | ".join(f"{v} fwd | {v} fwd+bwd" for v in variants) + " | peak mem (blocked/SDPA) |"]
+    with_memory = [v for v in variants if any("peak_mib" in row.get(v, {}) for row in results["rows"])]
+    lines = ["| L | " + " | ".join(f"{v} fwd | {v} fwd+bwd" for v in variants)
+             + "".join(f" | peak mem ({v}/SDPA)" for v in with_memory) + " |"]
     for row in results["rows"]:
         sdpa = row.get("sdpa", {})
         cells = []
@@ -128,7 +130,8 @@ def summary(results: dict) -> str:
             r = row.get(v, {})
             for key in ("forward_s", "forward_backward_s"):
                 cells.append(f"{sdpa[key] / r[key]:.2f}x" if key in r and sdpa.get(key) else "-")
-        mem = row.get("blocked", {}).get("peak_mib"), sdpa.get("peak_mib")
-        cells.append(f"{mem[0]:.0f} / {mem[1]:.0f} MiB" if all(mem) else "-")
+        for v in with_memory:
+            mem = row.get(v, {}).get("peak_mib"), sdpa.get("peak_mib")
+            cells.append(f"{mem[0]:.0f} / {mem[1]:.0f} MiB" if all(mem) else "-")
         lines.append(f"| {row['length']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

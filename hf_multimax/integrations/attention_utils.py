@@ -119,7 +119,10 @@ def prepare_inputs(module, query, key, value, attention_mask, kwargs):
 
 
 def attention_call(query, key, *params, want_probs: bool = False, dropout: float = 0.0) -> AttentionCall:
-    """What the backend registry needs to know about this call (`params[0]` is the value)."""
+    """What the backend registry needs to know about this call (`params[0]` is the value, the rest the
+    modulator's learnable inputs, `None` for softmax)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, *params))
     same = len(params) == 0 or params[0] is None or params[0].shape[-1] == query.shape[-1]
-    return AttentionCall(query.device.type, query.shape[-2], key.shape[-2], needs_grad, want_probs, dropout, same)
+    modulated = any(t is not None for t in params[1:])
+    return AttentionCall(query.device.type, query.shape[-2], key.shape[-2], needs_grad, want_probs, dropout, same,
+                         modulated)

@@ -35,6 +35,8 @@ class AttentionCall(NamedTuple):
         want_probs (`bool`): the caller asked for the attention probabilities (`output_attentions`).
         dropout (`float`): attention dropout probability (0 outside training).
         same_head_dims (`bool`): query and value heads have the same size.
+        modulated (`bool`): the scores go through a learnable modulator (MultiMax's scalars) rather
+            than straight into softmax.
     """
 
     device: str
@@ -44,6 +46,7 @@ class AttentionCall(NamedTuple):
     want_probs: bool = False
     dropout: float = 0.0
     same_head_dims: bool = True
+    modulated: bool = False
 
 
 def always(call: AttentionCall) -> tuple[bool, str]:

@@ -76,17 +76,18 @@ def test_long_inputs_take_the_sparse_path_and_backends_agree():
         assert (blocked - dense(ids).logits).abs().max() > 1e-3, "the sparse path must differ from dense"
     # Same weights, the reference backend: outputs and every gradient.
     outs, grads = {}, {}
-    for backend in ("blocked", "eager"):
+    for backend in ("blocked", "fused", "eager"):
         model.set_attn_implementation(f"sparsemix:{backend}")
         model.zero_grad()
         logits = model(ids).logits
         logits.square().mean().backward()
         outs[backend] = logits.detach()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert_close(outs["blocked"], outs["eager"], what="logits")
-    assert grads["blocked"].keys() == grads["eager"].keys()
-    for name in grads["eager"]:
-        assert_close(grads["blocked"][name], grads["eager"][name], what=name)
+    for backend in ("blocked", "fused"):
+        assert_close(outs[backend], outs["eager"], what=f"{backend} logits")
+        assert grads[backend].keys() == grads["eager"].keys()
+        for name in grads["eager"]:
+            assert_close(grads[backend][name], grads["eager"][name], what=f"{backend} {name}")
 
 
 def test_multimax_normalizer_composes():
@@ -108,6 +109,12 @@ def test_multimax_normalizer_composes():
         thetas[backend] = attn.multimax.t3.grad.clone()
     assert thetas["eager"].abs() > 0
     assert_close(thetas["blocked"], thetas["eager"], what="MultiMax scalar gradient through the sparse kernels")
+    # The fused kernel's backward is softmax only: asked to train MultiMax it says so.
+    model.set_attn_implementation("sparsemix:fused")
+    with pytest.raises(ValueError, match="backend='fused' cannot run this call: its backward is softmax only"):
+        model(ids).logits.sum().backward()
+    with torch.no_grad():
+        model(ids)  # inference is fine
 
 
 def test_kl_term_is_added_to_the_loss_and_trains_only_the_scorer():

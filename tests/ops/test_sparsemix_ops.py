@@ -241,14 +241,25 @@ def test_bad_inputs_raise(kwargs, match):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_forward_matches_dense_reference(case, multimax, dtype):
-    """The fused C++ kernel walking the selected blocks in place (forward only)."""
+def test_fused_matches_dense_reference(case, multimax, dtype):
+    """The fused C++ kernel over the gathered selected blocks: outputs, and with softmax the gradients
+    of q, k and v from its own backward (MultiMax's forward only: its scalars train on `blocked`)."""
     q, k, v, mask, theta, g, idx, valid = _inputs(case, dtype, multimax)
     with torch.no_grad():
         out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
     ref = _dense_reference(q, k, v, mask, theta, g, idx, valid)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, dtype, "output")
+    if multimax:
+        return
+    out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal)
+    assert_close(out, ref, dtype, "output with autograd")
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad((out.float() * grad_out).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * grad_out).sum(), (q, k, v))
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, f"d{name}")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("decode_step", "cache_chunk")], ids=lambda c: c[0])
@@ -284,10 +295,20 @@ def test_fused_gathers_long_selections_in_chunks(multimax):
     theta = torch.randn(8, 4, generator=g) * 0.3 if multimax else None
     with torch.no_grad():
         out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=True, theta=theta)
-    assert_close(out, _dense_reference(q, k, v, mask, theta, geometry, idx, valid), torch.float32, "chunked gather")
+    ref = _dense_reference(q, k, v, mask, theta, geometry, idx, valid)
+    assert_close(out, ref, torch.float32, "chunked gather")
+    if multimax:
+        return
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, _ = fused_sparsemix_attention(*leaves, idx, valid, block_size=BS, mask=mask, is_causal=True)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad((out * grad_out).sum(), leaves)
+    ref_grads = torch.autograd.grad((_dense_reference(*leaves, mask, None, geometry, idx, valid) * grad_out).sum(), leaves)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_close(got, want, torch.float32, f"d{name}, chunked gather")
 
 
-def test_fused_all_blocks_kept_is_dense_and_training_is_refused():
+def test_fused_all_blocks_kept_is_dense_and_multimax_training_is_refused():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
     geometry = block_geometry(300, 300, BS, True)
@@ -295,5 +316,6 @@ def test_fused_all_blocks_kept_is_dense_and_training_is_refused():
     with torch.no_grad():
         out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True)
     assert_close(out, naive_attention(q, k, v, is_causal=True)[0], torch.float32, "all kept")
-    with pytest.raises(ValueError, match="no backward; use backend 'blocked'"):
-        fused_sparsemix_attention(q.requires_grad_(), k, v, idx, valid, block_size=BS, is_causal=True)
+    theta = torch.zeros(8, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="trains softmax only; train MultiMax with backend 'blocked'"):
+        fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True, theta=theta)

@@ -27,9 +27,9 @@ from .selection import (
     selection_mask,
 )
 
-def _fused_forward_supports(call: AttentionCall) -> tuple[bool, str]:
-    if call.needs_grad:
-        return False, "it has no backward (the 'blocked' backend trains)"
+def _fused_sparse_supports(call: AttentionCall) -> tuple[bool, str]:
+    if call.needs_grad and call.modulated:
+        return False, "its backward is softmax only (MultiMax's scalars train on 'blocked')"
     return fused_supports(call)
 
 
@@ -38,10 +38,12 @@ BACKENDS = BackendRegistry(
     [
         # The reference: gathers every kept tile and keeps them for autograd.
         Backend("eager", naive_sparsemix_attention, priority=10),
-        # Only the output and log-sum-exp kept, tiles recomputed in backward: the CPU training path.
+        # Only the output and log-sum-exp kept, tiles recomputed in backward (torch's flash kernels per
+        # tile with softmax): trains MultiMax, and anything on other devices.
         Backend("blocked", blocked_sparsemix_attention, priority=20),
-        # MultiMax's fused C++ kernel walking the selected blocks in place: CPU inference.
-        Backend("fused", fused_sparsemix_attention, priority=25, supports=_fused_forward_supports,
+        # MultiMax's fused C++ kernel over the gathered selected blocks: CPU inference, and softmax
+        # training (its own backward).
+        Backend("fused", fused_sparsemix_attention, priority=25, supports=_fused_sparse_supports,
                 available=fused_is_available),
         # Forward and backward on GPU; on this CPU `blocked` beat compiled flex's forward.
         Backend("flex", flex_sparsemix_attention, priority=30, supports=flex_supports, available=flex_is_available,

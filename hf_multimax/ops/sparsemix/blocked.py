@@ -2,18 +2,15 @@
 autograd Function that keeps only the output and the row log-sum-exp and recomputes each tile in
 backward (the FlashAttention recipe over gathered blocks). Extra memory is one tile, not the
 gathered keys and values of the whole sequence; key/value gradients are scattered back with
-`index_add_`. With softmax on CPU the forward is the fused C++ kernel of the `fused` backend (fp32;
-else torch's flash-attention kernel per tile) and each tile's backward torch's flash-attention
-backward; MultiMax, and other devices, run the same tiles as explicit tensor code.
+`index_add_`. With softmax on CPU each tile runs torch's fused flash-attention kernels (forward and
+backward); MultiMax, and other devices, run the same tiles as explicit tensor code.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..multimax.fused import fused_is_available
 from ..multimax.naive import naive_multimax_modulate_backward
-from .fused import fused_sparsemix_forward
 from .layout import SparseLayout
 from .naive import tile_scores
 
@@ -112,20 +109,16 @@ class _FlashBlockedSparseMix(torch.autograd.Function):
     kernel from the saved output and log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q_blocks, k_flat, v_flat, layout: SparseLayout, scale: float, computed):
+    def forward(ctx, q_blocks, k_flat, v_flat, layout: SparseLayout, scale: float):
         q_blocks, k_flat, v_flat = q_blocks.detach(), k_flat.detach(), v_flat.detach()
         B, Hkv, nQB, rows, _ = q_blocks.shape
-        if computed is not None:  # the fused kernel's output and log-sum-exp, blocked like the queries
-            out, lse = computed
-        else:
-            out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=q_blocks.dtype, device=q_blocks.device)
-            lse = torch.empty(B, Hkv, nQB, rows, dtype=torch.promote_types(q_blocks.dtype, torch.float32),
-                              device=q_blocks.device)
-            for c0, c1 in layout.chunks():
-                q, k, v, mask = _flash_tile(layout, q_blocks, k_flat, v_flat, c0, c1)
-                o, l = _flash_forward(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-                out[:, :, c0:c1] = o.view(B, Hkv, c1 - c0, rows, -1)
-                lse[:, :, c0:c1] = l.view(B, Hkv, c1 - c0, rows)
+        out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=q_blocks.dtype, device=q_blocks.device)
+        lse = torch.empty(B, Hkv, nQB, rows, dtype=torch.promote_types(q_blocks.dtype, torch.float32), device=q_blocks.device)
+        for c0, c1 in layout.chunks():
+            q, k, v, mask = _flash_tile(layout, q_blocks, k_flat, v_flat, c0, c1)
+            o, l = _flash_forward(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+            out[:, :, c0:c1] = o.view(B, Hkv, c1 - c0, rows, -1)
+            lse[:, :, c0:c1] = l.view(B, Hkv, c1 - c0, rows)
         ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse)
         ctx.layout, ctx.scale = layout, scale
         return out
@@ -152,18 +145,7 @@ class _FlashBlockedSparseMix(torch.autograd.Function):
             flat_idx = layout.flat_idx[:, :, c0:c1].reshape(-1)
             dk.index_add_(0, flat_idx, gk.reshape(-1, bs, dk.shape[-1]).to(acc))
             dv.index_add_(0, flat_idx, gv.reshape(-1, bs, dv.shape[-1]).to(acc))
-        return dq, dk.to(k_flat.dtype), dv.to(v_flat.dtype), None, None, None
-
-
-def _fused_forward(layout: SparseLayout, query, key, value, block_idx, block_valid, scale: float, mask, is_causal: bool):
-    """The softmax forward through the fused C++ kernel (gathered blocks in one product per query
-    block: ~1.4x faster than torch's flash kernel per tile at 16k), blocked like the queries for the
-    flash backward; `None` where it does not apply (not fp32, being compiled, no C++ build)."""
-    if query.dtype != torch.float32 or torch.compiler.is_compiling() or not fused_is_available()[0]:
-        return None
-    out, lse = fused_sparsemix_forward(query, key, value, block_idx, block_valid, block_size=layout.geometry.block_size,
-                                       scale=scale, mask=mask, is_causal=is_causal, heads_last=False)
-    return layout.blocked_queries(out), layout.blocked_queries(lse[..., None])[..., 0]
+        return dq, dk.to(k_flat.dtype), dv.to(v_flat.dtype), None, None
 
 
 def _use_flash(layout: SparseLayout, query, key, value) -> bool:
@@ -206,8 +188,7 @@ def blocked_sparsemix_attention(
     # theta/affine reach the Function as inputs (for their gradients) and through the layout (shaped).
     q_blocks, k_flat, v_flat = layout.blocked_queries(query), layout.flat_blocks(key), layout.flat_blocks(value)
     if _use_flash(layout, query, key, value):
-        computed = _fused_forward(layout, query, key, value, block_idx, block_valid, float(scale), mask, is_causal)
-        out = _FlashBlockedSparseMix.apply(q_blocks, k_flat, v_flat, layout, float(scale), computed)
+        out = _FlashBlockedSparseMix.apply(q_blocks, k_flat, v_flat, layout, float(scale))
     else:
         out = _BlockedSparseMix.apply(q_blocks, k_flat, v_flat, theta, affine, layout, float(scale))
     return layout.unblock_queries(out).to(value.dtype), None

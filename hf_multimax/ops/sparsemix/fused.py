@@ -1,9 +1,12 @@
 """SparseMix's exact attention over the selected key blocks through the fused C++ CPU kernel of
 MultiMax (`ops/multimax/csrc/fused_cpu.cpp`): each block of queries multiplies its selected key
 blocks, copied side by side, in one score product and one P.V product per head, with the same
-vectorised row code, masks and normalizer (softmax, or MultiMax when `theta` is given). Forward only:
-calls that need gradients run `blocked`, whose softmax forward on CPU is this kernel (it returns the
-log-sum-exp the backward needs).
+vectorised row code, masks and normalizer (softmax, or MultiMax when `theta` is given).
+
+With softmax it also trains: the forward keeps the rows' log-sum-exp and the backward recomputes
+each tile over the same gathered blocks (FlashAttention-2's recipe), adding the key/value gradients
+back into the blocks in place. MultiMax's scalars have no gradient here: MultiMax trains on
+`blocked`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from ..naive_attention import check_qkv, post_mask
 from .layout import check_selection
 from .selection import block_geometry
 
-__all__ = ["fused_sparsemix_attention", "fused_sparsemix_forward"]
+__all__ = ["fused_sparsemix_attention"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -27,6 +30,37 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.float32 and s[3] == 1 and s[2] == D and s[1] >= K * D and s[0] == H * s[1]:
         return t
     return t.float().contiguous()
+
+
+class _FusedSparseMixSoftmax(torch.autograd.Function):
+    """Softmax over the selected blocks, forward and backward in C++. The output is a `[B, H, Q, Dv]`
+    view of `[B, Q, H, Dv]` memory, the layout attention functions return."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, block_idx, block_valid, mask, block_size: int, q_offset: int, causal: bool,
+                scale: float):
+        q, k, v = query.detach().float().contiguous(), _rows(key.detach()), _rows(value.detach())
+        no_modulator = torch.zeros(8, 1), torch.zeros(2, 1)
+        out, lse = load_fused_extension().sparse_forward(
+            q, k, v, *no_modulator, mask, block_idx, block_valid, block_size, q_offset, causal, scale, False, True,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, block_valid, mask)
+        ctx.args = block_size, q_offset, causal, scale
+        ctx.dtypes = query.dtype, key.dtype, value.dtype
+        return out.to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, block_idx, block_valid, mask = ctx.saved_tensors
+        block_size, q_offset, causal, scale = ctx.args
+        grad_out = grad_out.float()
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv = load_fused_extension().sparse_backward(
+            q, k, v, mask, block_idx, block_valid, block_size, q_offset, causal, scale, out, grad_out, lse,
+        )
+        dq, dk, dv = (g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes))
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def fused_sparsemix_attention(
@@ -43,7 +77,7 @@ def fused_sparsemix_attention(
     theta: torch.Tensor | None = None,
     affine: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
-    """Same contract as `naive_sparsemix_attention` on CPU tensors without gradient.
+    """Same contract as `naive_sparsemix_attention` on CPU tensors; gradients with softmax only.
 
     Examples:
         >>> from hf_multimax.ops.sparsemix import block_geometry, select_blocks
@@ -55,43 +89,25 @@ def fused_sparsemix_attention(
     """
     if query.device.type != "cpu":
         raise ValueError(f"the fused backend runs on CPU tensors, got {query.device}")
-    tensors = (query, key, value, theta, affine)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise ValueError("the fused SparseMix backend has no backward; use backend 'blocked' (or 'auto') to train")
-    out, _ = fused_sparsemix_forward(query, key, value, block_idx, block_valid, block_size=block_size, scale=scale,
-                                     mask=mask, is_causal=is_causal, theta=theta, affine=affine)
-    return out.to(value.dtype), None
-
-
-def fused_sparsemix_forward(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    block_idx: torch.Tensor,
-    block_valid: torch.Tensor,
-    *,
-    block_size: int,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    theta: torch.Tensor | None = None,
-    affine: torch.Tensor | None = None,
-    heads_last: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's fp32 `out [B, H, Q, Dv]` and the rows' log-sum-exp `[B, H, Q]` (+inf where a row
-    sees no key), which the `blocked` backend's backward recomputes the tiles from. With
-    `heads_last` the output is a view of `[B, Q, H, Dv]` memory, the layout attention functions
-    return; else contiguous. No autograd: inputs are read as they are."""
     _, n_kv_heads = check_qkv(query, key, value)
     B, H, Q, D = query.shape
     K = key.shape[-2]
     geometry = block_geometry(Q, K, block_size, is_causal)
     check_selection(block_idx, block_valid, B, n_kv_heads, geometry)
     scale = D ** -0.5 if scale is None else scale
+    mask = None if mask is None else post_mask(mask, B, H, Q, K)
+    block_idx, block_valid = block_idx.contiguous(), block_valid.contiguous()
+    modulated = theta is not None or affine is not None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, theta, affine)):
+        if modulated:
+            raise ValueError("the fused SparseMix backend trains softmax only; train MultiMax with backend 'blocked' "
+                             "(or 'auto')")
+        out = _FusedSparseMixSoftmax.apply(query, key, value, block_idx, block_valid, mask, block_size,
+                                           geometry.q_offset, bool(is_causal), float(scale))
+        return out.to(value.dtype), None
     theta_c, affine_c = _columns(torch.zeros(8) if theta is None else theta, affine)
-    out, lse = load_fused_extension().sparse_forward(
-        query.detach().float().contiguous(), _rows(key.detach()), _rows(value.detach()), theta_c, affine_c,
-        None if mask is None else post_mask(mask, B, H, Q, K), block_idx.contiguous(), block_valid.contiguous(),
-        block_size, geometry.q_offset, bool(is_causal), float(scale), affine is not None, heads_last,
+    out, _ = load_fused_extension().sparse_forward(
+        query.float().contiguous(), _rows(key), _rows(value), theta_c, affine_c, mask, block_idx, block_valid,
+        block_size, geometry.q_offset, bool(is_causal), float(scale), affine is not None, True,
     )
-    return out, lse
+    return out.to(value.dtype), None

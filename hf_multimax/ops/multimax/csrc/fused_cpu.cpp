@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -429,6 +430,119 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   return {heads_last ? out.transpose(1, 2) : out, lse};
 }
 
+// row[0, n) <- softmax probabilities recomputed from the row's log-sum-exp: exp(score + mask - lse),
+// zero past `visible` (causal) and where masked; a row that saw no key has lse = +inf, so zeros.
+void probs_row(float* row, int64_t n, float lse, int64_t visible, const float* mask_row) {
+  const Vec l(lse);
+  int64_t j = 0;
+  for (; j + Vec::size() <= visible; j += Vec::size()) {
+    Vec x = Vec::loadu(row + j);
+    if (mask_row) x = x + Vec::loadu(mask_row + j);
+    exp_(x - l).store(row + j);
+  }
+  for (; j < visible; ++j) row[j] = std::exp(row[j] + (mask_row ? mask_row[j] : 0.f) - lse);
+  std::fill(row + j, row + n, 0.f);
+}
+
+// SparseMix's softmax backward over the same gathered blocks as `sparse_forward`, from its output
+// and log-sum-exp (FlashAttention-2's recipe): per task and head, the score and dO.V^T products,
+// dS = P * (dP - rowsum(dO * O)), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into gathered
+// buffers that are added back to the key/value head's rows under its lock (query blocks of one head
+// run in parallel and may share key blocks). out and dout may be strided views ([B, Q, H, D] memory).
+std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
+                                        const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
+                                        const at::Tensor& block_idx, const at::Tensor& block_valid, int64_t bs,
+                                        int64_t q_offset) {
+  auto dq = at::empty({p.B, p.H, p.Q, p.D}, q.options());
+  auto dk = at::zeros({p.B, p.Hkv, p.K, p.D}, q.options());
+  auto dv = at::zeros({p.B, p.Hkv, p.K, p.Dv}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *o_p = out.data_ptr<float>(), *do_p = dout.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)}, ds_[3] = {dout.stride(0), dout.stride(1), dout.stride(2)};
+  const int64_t* ip = block_idx.data_ptr<int64_t>();
+  const bool* okp = block_valid.data_ptr<bool>();
+  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
+  const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
+  std::vector<std::mutex> head_locks(p.B * p.Hkv);
+  at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * 3 * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> prob(new float[bs * max_cols]), dscore(new float[bs * max_cols]),
+        kbuf(new float[max_cols * p.D]), vbuf(new float[max_cols * p.Dv]), dkbuf(new float[max_cols * p.D]),
+        dvbuf(new float[max_cols * p.Dv]);
+    std::vector<float> delta(bs);
+    std::vector<int64_t> seg_c0(S), seg_n(S);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
+      const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
+      const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
+      if (rows <= 0) continue;
+      const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
+      const int64_t* slots = ip + (kvh * nQB + qb) * S;
+      const bool* ok = okp + (kvh * nQB + qb) * S;
+      int64_t n_seg = 0;
+      for (int64_t s = 0; s < S; ++s) {  // the blocks the forward attended (same rule)
+        if (!ok[s]) continue;
+        const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs);
+        if (c1 <= c0 || (p.causal && c0 > r1 - 1 + p.offset)) continue;
+        seg_c0[n_seg] = c0;
+        seg_n[n_seg++] = c1 - c0;
+      }
+      for (int64_t g = 0; g < group; ++g) {  // dQ of rows that attend nothing stays zero
+        float* dq_rows = dqp + ((b * p.H + h0 + g) * p.Q + r0) * p.D;
+        std::fill(dq_rows, dq_rows + rows * p.D, 0.f);
+      }
+      for (int64_t first = 0; first < n_seg;) {
+        int64_t last = first, cols = 0;
+        while (last < n_seg && cols + seg_n[last] <= max_cols) cols += seg_n[last++];
+        for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
+          std::memcpy(kbuf.get() + c * p.D, kb + seg_c0[s] * p.D, seg_n[s] * p.D * sizeof(float));
+          std::memcpy(vbuf.get() + c * p.Dv, vb + seg_c0[s] * p.Dv, seg_n[s] * p.Dv * sizeof(float));
+        }
+        std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
+        std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = h0 + g, bh = b * p.H + h;
+          const float* q_rows = qp + (bh * p.Q + r0) * p.D;
+          const float* o_rows = o_p + b * os[0] + h * os[1] + r0 * os[2];
+          const float* do_rows = do_p + b * ds_[0] + h * ds_[1] + r0 * ds_[2];
+          float* dq_rows = dqp + (bh * p.Q + r0) * p.D;
+          gemm(false, true, rows, cols, p.D, p.scale, q_rows, p.D, kbuf.get(), p.D, 0.f, prob.get(), cols);
+          gemm(false, true, rows, cols, p.Dv, 1.f, do_rows, ds_[2], vbuf.get(), p.Dv, 0.f, dscore.get(), cols);
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = r0 + i;
+            float *pr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
+            const float l = lp[bh * p.Q + r];
+            for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
+              const int64_t c0 = seg_c0[s], n = seg_n[s];
+              const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+              const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+              probs_row(pr + c, n, l, visible, mask_row);
+            }
+            const float dl = dot(do_rows + i * ds_[2], o_rows + i * os[2], p.Dv);  // rowsum(dO * O)
+            const Vec dlt(dl);
+            int64_t j = 0;
+            for (; j + Vec::size() <= cols; j += Vec::size())
+              (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - dlt)).store(dr + j);
+            for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - dl);
+          }
+          gemm(false, false, rows, p.D, cols, p.scale, dscore.get(), cols, kbuf.get(), p.D, 1.f, dq_rows, p.D);
+          gemm(true, false, cols, p.D, rows, p.scale, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
+          gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
+        }
+        {
+          std::lock_guard<std::mutex> hold(head_locks[kvh]);
+          for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
+            axpy(1.f, dkbuf.get() + c * p.D, dkp + (kvh * p.K + seg_c0[s]) * p.D, seg_n[s] * p.D);
+            axpy(1.f, dvbuf.get() + c * p.Dv, dvp + (kvh * p.K + seg_c0[s]) * p.Dv, seg_n[s] * p.Dv);
+          }
+        }
+        first = last;
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
 // Gradient of the 10 scalars (t1..t4, b1, d1, b2, d2, a, c) accumulated over one tile row.
 template <typename T>
 struct ScalarGrads {
@@ -633,10 +747,24 @@ std::vector<at::Tensor> sparse_forward_op(const at::Tensor& q, const at::Tensor&
                         heads_last);
 }
 
+std::vector<at::Tensor> sparse_backward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const c10::optional<at::Tensor>& mask, const at::Tensor& block_idx,
+                                           const at::Tensor& block_valid, int64_t block_size, int64_t q_offset,
+                                           bool causal, double scale, const at::Tensor& out, const at::Tensor& dout,
+                                           const at::Tensor& lse) {
+  const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, false);
+  TORCH_CHECK(block_idx.dtype() == at::kLong && block_valid.dtype() == at::kBool && block_idx.is_contiguous() &&
+              block_valid.is_contiguous(), "contiguous int64 block_idx and bool block_valid expected");
+  TORCH_CHECK(out.dtype() == at::kFloat && dout.dtype() == at::kFloat && out.stride(3) == 1 && dout.stride(3) == 1 &&
+              lse.dtype() == at::kFloat && lse.is_contiguous(), "fp32 out, dout with contiguous rows and contiguous lse expected");
+  return sparse_backward(q, k, v, p, out, dout, lse, block_idx, block_valid, block_size, q_offset);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward_op, "MultiMax attention forward: (out, lse)");
   m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out, lse)");
+  m.def("sparse_backward", &sparse_backward_op, "SparseMix softmax attention over selected key blocks, backward: (dq, dk, dv)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
 }
