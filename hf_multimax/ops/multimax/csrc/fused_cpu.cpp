@@ -2,7 +2,8 @@
 // block of queries walks the keys in blocks, multiplies tiles with BLAS (MKL's sgemm, which torch
 // ships), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
 // the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
-// the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars.
+// the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars. SparseMix's
+// block-sparse forward and (softmax) backward run the same row code over gathered selected blocks.
 //
 // Inputs are fp32 and contiguous (the Python side converts); the scalars arrive as [8, 1] (shared) or
 // [8, H] (per head), the affine as [2, 1] or [2, H] (zeros without affine). The maths is the one of ops/multimax/naive.py.
@@ -308,8 +309,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // 64 x 64 x 64 BLAS calls per block whose fixed cost (packing, dispatch) is as large as their work.
 // Masks and causality are applied per block (segment) of the gathered row. A one-row block of
 // queries (decoding) walks the blocks in place with the dot/axpy tile. Queries sit at absolute
-// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. Forward only; it
-// also returns the rows' log-sum-exp, from which SparseMix's `blocked` backward recomputes the tiles.
+// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. It also returns
+// the rows' log-sum-exp, from which `sparse_backward` (softmax) recomputes the tiles.
 constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
 
 std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
