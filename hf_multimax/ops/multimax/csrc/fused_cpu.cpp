@@ -93,6 +93,15 @@ struct Problem {
   int64_t k_head, v_head;
 
   int64_t key_end(int64_t last_row) const { return causal ? std::min(K, std::max<int64_t>(0, last_row + offset + 1)) : K; }
+  // How many of the n keys from c0 on query row r may see (causal frontier).
+  int64_t visible(int64_t r, int64_t c0, int64_t n) const { return std::clamp<int64_t>(causal ? r + offset + 1 - c0 : n, 0, n); }
+  // Row r of (batch b, head h) of the mask / bias from key c0 on; nullptr without one.
+  const float* mask_row(int64_t b, int64_t h, int64_t r, int64_t c0) const {
+    return mask ? mask + b * mask_s[0] + h * mask_s[1] + r * mask_s[2] + c0 : nullptr;
+  }
+  const float* bias_row(int64_t b, int64_t h, int64_t r, int64_t c0) const {
+    return bias ? bias + b * bias_s[0] + h * bias_s[1] + r * bias_s[2] + c0 : nullptr;
+  }
 };
 
 // Pre-softcap scaled score u -> score s the modulator reads (softcap, then bias).
@@ -180,11 +189,27 @@ float exp_row(float* row, int64_t n, float m) {
   return sum;
 }
 
+// One row's online-softmax step, given the maximum `mx` of its modulated scores row[0, n) and of
+// the running maximum m: row <- exp(row - mx), the running sum l and the accumulator acc[0, dv)
+// rescaled to the new maximum. A row with nothing visible yet (mx = -inf) contributes zeros.
+inline void online_softmax_row(float* row, int64_t n, float mx, float& m, float& l, float* acc, int64_t dv) {
+  if (mx == kNegInf) {
+    std::fill(row, row + n, 0.f);
+    return;
+  }
+  const float corr = std::exp(m - mx);  // 0 when m was -inf
+  l = l * corr + exp_row(row, n, mx);
+  if (corr != 1.f) {
+    for (int64_t d = 0; d < dv; ++d) acc[d] *= corr;
+  }
+  m = mx;
+}
+
 bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   if (!p.mask) return false;
   if (p.mask_s[2] == 0) r1 = r0 + 1;  // one row for all queries (a padding mask)
   for (int64_t r = r0; r < r1; ++r) {
-    const float* m = p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2];
+    const float* m = p.mask_row(b, h, r, 0);
     for (int64_t c = c0; c < c1; ++c)
       if (m[c] == 0.f) return false;
   }
@@ -221,21 +246,11 @@ void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t row
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = r0 + i;
     float* row = tile + i * n;
-    const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-    const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
-    const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+    const float* bias_row = p.bias_row(b, h, r, c0);
+    const float* mask_row = p.mask_row(b, h, r, c0);
+    const int64_t visible = p.visible(r, c0, n);
     const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
-    if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
-      std::fill(row, row + n, 0.f);
-      continue;
-    }
-    const float corr = std::exp(m[i] - mx);  // 0 when m was -inf
-    l[i] = l[i] * corr + exp_row(row, n, mx);
-    if (corr != 1.f) {
-      float* a = acc + i * p.Dv;
-      for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
-    }
-    m[i] = mx;
+    online_softmax_row(row, n, mx, m[i], l[i], acc + i * p.Dv, p.Dv);
   }
   if (rows == 1) {
     for (int64_t j = 0; j < n; ++j) {
@@ -391,27 +406,17 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
             float mx = m_h[i];
             for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
               const int64_t c0 = seg_c0[s], n = seg_n[s];
-              const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+              const int64_t visible = p.visible(r, c0, n);
               if (plain) {  // plain scores: only the keys past the causal frontier change (to -inf)
                 std::fill(row + c + visible, row + c + n, kNegInf);
                 continue;
               }
-              const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-              const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
+              const float* bias_row = p.bias_row(b, h, r, c0);
+              const float* mask_row = p.mask_row(b, h, r, c0);
               mx = std::max(mx, forward_row(row + c, n, p, ms, mv, bias_row, mask_row, visible));
             }
             if (plain) mx = std::max(mx, row_max(row, cols));
-            if (mx == kNegInf) {  // nothing visible yet in this row: contributes zeros
-              std::fill(row, row + cols, 0.f);
-              continue;
-            }
-            const float corr = std::exp(m_h[i] - mx);  // 0 when m was -inf
-            l_h[i] = l_h[i] * corr + exp_row(row, cols, mx);
-            if (corr != 1.f) {
-              float* a = acc_h + i * p.Dv;
-              for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
-            }
-            m_h[i] = mx;
+            online_softmax_row(row, cols, mx, m_h[i], l_h[i], acc_h + i * p.Dv, p.Dv);
           }
           gemm(false, false, rows, p.Dv, cols, 1.f, tile.get(), cols, vbuf.get(), p.Dv, 1.f, acc_h, p.Dv);
         }
@@ -515,8 +520,8 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
             const float l = lp[bh * p.Q + r];
             for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
               const int64_t c0 = seg_c0[s], n = seg_n[s];
-              const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
-              const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+              const float* mask_row = p.mask_row(b, h, r, c0);
+              const int64_t visible = p.visible(r, c0, n);
               probs_row(pr + c, n, l, visible, mask_row);
             }
             const float dl = dot(do_rows + i * ds_[2], o_rows + i * os[2], p.Dv);  // rowsum(dO * O)
@@ -649,9 +654,9 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
             float *s_row = s_tile.data() + i * n, *dp_row = dp_tile.data() + i * n;
-            const float* bias_row = p.bias ? p.bias + b * p.bias_s[0] + h * p.bias_s[1] + r * p.bias_s[2] + c0 : nullptr;
-            const float* mask_row = p.mask ? p.mask + b * p.mask_s[0] + h * p.mask_s[1] + r * p.mask_s[2] + c0 : nullptr;
-            const int64_t visible = std::clamp<int64_t>(p.causal ? r + p.offset + 1 - c0 : n, 0, n);
+            const float* bias_row = p.bias_row(b, h, r, c0);
+            const float* mask_row = p.mask_row(b, h, r, c0);
+            const int64_t visible = p.visible(r, c0, n);
             const float row_lse = lp[bh * p.Q + r];
             if (row_lse == kInf) {  // nothing to attend: no gradient
               std::fill(s_row, s_row + n, 0.f);
