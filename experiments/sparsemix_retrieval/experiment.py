@@ -23,6 +23,10 @@ __all__ = ["DIRECTION", "QUICK", "RetrievalExperimentArguments", "run_retrieval_
 
 logger = logging.getLogger(__name__)
 
+# The target for the L=4096 lookup: sparse accuracy at least this fraction of dense accuracy (0.95
+# when the experiment was written; runs recorded then carry that value).
+TARGET_RATIO = 0.97
+
 # The smoke run (`--quick`), small enough for a test: the lengths keep > top_k + 2 blocks so the
 # sparse path really runs.
 QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2", "warmup_steps": 2, "finetune_steps": 2,
@@ -244,7 +248,7 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
     results["accuracy"] = acc
     results["needle_block_recall"] = recall
     results["sparse_dense_ratio"] = acc["sparse_after_finetune"] / acc["dense"] if acc["dense"] > 0 else math.nan
-    results["target_ratio"] = 0.95
-    results["meets_target"] = bool(results["sparse_dense_ratio"] >= 0.95)
+    results["target_ratio"] = TARGET_RATIO
+    results["meets_target"] = bool(results["sparse_dense_ratio"] >= TARGET_RATIO)
     times["total"] = round(time.perf_counter() - t_start, 2)
     return results
