@@ -349,8 +349,10 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
   const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> tile(new float[bs * max_cols]), kbuf(new float[max_cols * p.D]),
-        vbuf(new float[max_cols * p.Dv]), acc(new float[group * bs * p.Dv]);
+    // A decoding step (one query row) walks the blocks in place: no gather buffers to allocate.
+    const int64_t gathered = p.Q > 1 ? max_cols : 0;
+    std::unique_ptr<float[]> tile(new float[bs * std::max(bs, gathered)]), kbuf(new float[gathered * p.D]),
+        vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]);
     std::vector<float> m(group * bs), l(group * bs);
     std::vector<int64_t> seg_c0(S), seg_n(S);
     for (int64_t task = begin; task < end; ++task) {
