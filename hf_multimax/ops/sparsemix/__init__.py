@@ -1,7 +1,8 @@
 """SparseMix kernels: exact attention over learned top-k key blocks. Pure tensor maths.
 
-Every backend has the signature of `naive_sparsemix_attention` and matches it in outputs and
-gradients (including MultiMax scalars when MultiMax is the normalizer).
+Every backend has the signature of `naive_sparsemix_attention` and matches it in outputs and in the
+gradients it computes (including MultiMax scalars when MultiMax is the normalizer; `fused` computes
+gradients with softmax only and refuses to train MultiMax, `flex` has no CPU backward).
 """
 
 from ..backends import Backend, BackendRegistry
