@@ -328,6 +328,47 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // the rows' log-sum-exp, from which `sparse_backward` (softmax) recomputes the tiles.
 constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
 
+// The key blocks one SparseMix task (query rows [r0, r1) of batch b, query heads h0 .. h0 + group
+// sharing one key/value head) attends: selected, valid, not past the causal frontier and not masked
+// for every head of the group. Runs of them that fit the gather buffers are copied side by side.
+struct SelectedBlocks {
+  std::vector<int64_t> c0, n;  // first key and key count of each attended block
+  int64_t count = 0;
+
+  explicit SelectedBlocks(int64_t slots) : c0(slots), n(slots) {}
+
+  void collect(const Problem& p, const int64_t* slots, const bool* ok, int64_t S, int64_t bs, int64_t b, int64_t h0,
+               int64_t group, int64_t r0, int64_t r1) {
+    count = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!ok[s]) continue;
+      const int64_t k0 = slots[s] * bs, k1 = std::min(p.K, k0 + bs);
+      if (k1 <= k0 || (p.causal && k0 > r1 - 1 + p.offset)) continue;
+      bool seen = false;
+      for (int64_t h = h0; h < h0 + group && !seen; ++h) seen = !tile_is_masked(p, b, h, r0, r1, k0, k1);
+      if (!seen) continue;
+      c0[count] = k0;
+      n[count++] = k1 - k0;
+    }
+  }
+
+  // The end of the run of blocks from `first` holding at most max_cols keys; their keys in `cols`.
+  int64_t run_end(int64_t first, int64_t max_cols, int64_t& cols) const {
+    int64_t last = first;
+    for (cols = 0; last < count && cols + n[last] <= max_cols; ++last) cols += n[last];
+    return last;
+  }
+
+  // Blocks [first, last) of one key/value head's rows copied side by side into kbuf and vbuf.
+  void gather(int64_t first, int64_t last, const float* k_rows, const float* v_rows, int64_t D, int64_t Dv, float* kbuf,
+              float* vbuf) const {
+    for (int64_t s = first, c = 0; s < last; c += n[s++]) {
+      std::memcpy(kbuf + c * D, k_rows + c0[s] * D, n[s] * D * sizeof(float));
+      std::memcpy(vbuf + c * Dv, v_rows + c0[s] * Dv, n[s] * Dv * sizeof(float));
+    }
+  }
+};
+
 std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                        const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& block_idx,
                                        const at::Tensor& block_valid, int64_t bs, int64_t q_offset, bool heads_last) {
@@ -354,40 +395,20 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
     std::unique_ptr<float[]> tile(new float[bs * std::max(bs, gathered)]), kbuf(new float[gathered * p.D]),
         vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]);
     std::vector<float> m(group * bs), l(group * bs);
-    std::vector<int64_t> seg_c0(S), seg_n(S);
+    SelectedBlocks seg(S);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
       const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
       const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
       if (rows <= 0) continue;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
-      // The blocks some head of the group sees: valid, not past the causal frontier, not all masked.
-      const int64_t* slots = ip + (kvh * nQB + qb) * S;
-      const bool* ok = okp + (kvh * nQB + qb) * S;
-      int64_t n_seg = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        if (!ok[s]) continue;
-        const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs);
-        if (c1 <= c0 || (p.causal && c0 > r1 - 1 + p.offset)) continue;
-        bool seen = false;
-        for (int64_t h = h0; h < h0 + group && !seen; ++h) seen = !tile_is_masked(p, b, h, r0, r1, c0, c1);
-        if (!seen) continue;
-        seg_c0[n_seg] = c0;
-        seg_n[n_seg++] = c1 - c0;
-      }
+      seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
       std::fill(acc.get(), acc.get() + group * rows * p.Dv, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t first = 0; first < n_seg;) {
-        // The chunk of segments [first, last) whose keys fit the gather buffers.
-        int64_t last = first, cols = 0;
-        while (last < n_seg && cols + seg_n[last] <= max_cols) cols += seg_n[last++];
-        if (rows > 1) {
-          for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
-            std::memcpy(kbuf.get() + c * p.D, kb + seg_c0[s] * p.D, seg_n[s] * p.D * sizeof(float));
-            std::memcpy(vbuf.get() + c * p.Dv, vb + seg_c0[s] * p.Dv, seg_n[s] * p.Dv * sizeof(float));
-          }
-        }
+      for (int64_t first = 0, last, cols; first < seg.count; first = last) {
+        last = seg.run_end(first, max_cols, cols);
+        if (rows > 1) seg.gather(first, last, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = h0 + g, bh = b * p.H + h;
           const float* q_rows = qp + (bh * p.Q + r0) * p.D;
@@ -397,7 +418,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
           float *acc_h = acc.get() + g * rows * p.Dv, *m_h = m.data() + g * rows, *l_h = l.data() + g * rows;
           if (rows == 1) {
             for (int64_t s = first; s < last; ++s)
-              attend_tile(p, b, h, r0, 1, seg_c0[s], seg_n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
+              attend_tile(p, b, h, r0, 1, seg.c0[s], seg.n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
             continue;
           }
           gemm(false, true, rows, cols, p.D, p.scale, q_rows, p.D, kbuf.get(), p.D, 0.f, tile.get(), cols);
@@ -406,8 +427,8 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
             const int64_t r = r0 + i;
             float* row = tile.get() + i * cols;
             float mx = m_h[i];
-            for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
-              const int64_t c0 = seg_c0[s], n = seg_n[s];
+            for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+              const int64_t c0 = seg.c0[s], n = seg.n[s];
               const int64_t visible = p.visible(r, c0, n);
               if (plain) {  // plain scores: only the keys past the causal frontier change (to -inf)
                 std::fill(row + c + visible, row + c + n, kNegInf);
@@ -422,7 +443,6 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
           }
           gemm(false, false, rows, p.Dv, cols, 1.f, tile.get(), cols, vbuf.get(), p.Dv, 1.f, acc_h, p.Dv);
         }
-        first = last;
       }
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t i = 0; i < rows; ++i) {
@@ -477,35 +497,22 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
     std::unique_ptr<float[]> prob(new float[bs * max_cols]), dscore(new float[bs * max_cols]),
         kbuf(new float[max_cols * p.D]), vbuf(new float[max_cols * p.Dv]), dkbuf(new float[max_cols * p.D]),
         dvbuf(new float[max_cols * p.Dv]);
-    std::vector<float> delta(bs);
-    std::vector<int64_t> seg_c0(S), seg_n(S);
+    SelectedBlocks seg(S);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
       const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
       const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
       if (rows <= 0) continue;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
-      const int64_t* slots = ip + (kvh * nQB + qb) * S;
-      const bool* ok = okp + (kvh * nQB + qb) * S;
-      int64_t n_seg = 0;
-      for (int64_t s = 0; s < S; ++s) {  // the blocks the forward attended (same rule)
-        if (!ok[s]) continue;
-        const int64_t c0 = slots[s] * bs, c1 = std::min(p.K, c0 + bs);
-        if (c1 <= c0 || (p.causal && c0 > r1 - 1 + p.offset)) continue;
-        seg_c0[n_seg] = c0;
-        seg_n[n_seg++] = c1 - c0;
-      }
+      // The blocks the forward attended (tiles it skipped hold zero probabilities).
+      seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
       for (int64_t g = 0; g < group; ++g) {  // dQ of rows that attend nothing stays zero
         float* dq_rows = dqp + ((b * p.H + h0 + g) * p.Q + r0) * p.D;
         std::fill(dq_rows, dq_rows + rows * p.D, 0.f);
       }
-      for (int64_t first = 0; first < n_seg;) {
-        int64_t last = first, cols = 0;
-        while (last < n_seg && cols + seg_n[last] <= max_cols) cols += seg_n[last++];
-        for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
-          std::memcpy(kbuf.get() + c * p.D, kb + seg_c0[s] * p.D, seg_n[s] * p.D * sizeof(float));
-          std::memcpy(vbuf.get() + c * p.Dv, vb + seg_c0[s] * p.Dv, seg_n[s] * p.Dv * sizeof(float));
-        }
+      for (int64_t first = 0, last, cols; first < seg.count; first = last) {
+        last = seg.run_end(first, max_cols, cols);
+        seg.gather(first, last, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());
         std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
         std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
         for (int64_t g = 0; g < group; ++g) {
@@ -520,8 +527,8 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
             const int64_t r = r0 + i;
             float *pr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
             const float l = lp[bh * p.Q + r];
-            for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
-              const int64_t c0 = seg_c0[s], n = seg_n[s];
+            for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+              const int64_t c0 = seg.c0[s], n = seg.n[s];
               const float* mask_row = p.mask_row(b, h, r, c0);
               const int64_t visible = p.visible(r, c0, n);
               probs_row(pr + c, n, l, visible, mask_row);
@@ -539,12 +546,11 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
         }
         {
           std::lock_guard<std::mutex> hold(head_locks[kvh]);
-          for (int64_t s = first, c = 0; s < last; c += seg_n[s++]) {
-            axpy(1.f, dkbuf.get() + c * p.D, dkp + (kvh * p.K + seg_c0[s]) * p.D, seg_n[s] * p.D);
-            axpy(1.f, dvbuf.get() + c * p.Dv, dvp + (kvh * p.K + seg_c0[s]) * p.Dv, seg_n[s] * p.Dv);
+          for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+            axpy(1.f, dkbuf.get() + c * p.D, dkp + (kvh * p.K + seg.c0[s]) * p.D, seg.n[s] * p.D);
+            axpy(1.f, dvbuf.get() + c * p.Dv, dvp + (kvh * p.K + seg.c0[s]) * p.Dv, seg.n[s] * p.Dv);
           }
         }
-        first = last;
       }
     }
   });
