@@ -59,8 +59,8 @@ def _drop_empty_cache_tail(key, value, mask):
     any query sees (views: no copy). A mask that then hides nothing (one unpadded sequence decoding)
     is dropped, which is what it says for queries at the end of the keys."""
     if not bool(mask[..., -1].any()):
-        seen = mask.any(dim=(0, 1, 2)).nonzero()
-        last = int(seen[-1, 0]) + 1 if len(seen) else key.shape[-2]
+        seen = mask.any(dim=(0, 1, 2)).flip(0).to(torch.uint8)
+        last = key.shape[-2] - int(seen.argmax())  # past the last key seen (all keys if none is)
         key, value, mask = key[..., :last, :], value[..., :last, :], mask[..., :last]
     if mask.shape[-2] == 1 and bool(mask.all()):
         mask = None

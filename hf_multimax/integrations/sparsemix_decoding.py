@@ -14,6 +14,10 @@ call extends it only when all of these hold:
 - this call's keys are the summarised tokens plus this call's queries (what the cache appended);
 - the summary was made by the same selector, block size and weights (same tensors, same versions).
 
+The summary is stored with room to grow (the static cache's length, or a quarter more), so a step
+writes its new entries in place instead of copying the summary; only the newest summary of a storage
+writes into it, so two caches holding the same key tensor copy before they part.
+
 Anything else (no cache, a model whose attention modules have no `layer_idx`, gradients on)
 recomputes the summary from all keys, which is what a call without a cache does.
 """
@@ -33,12 +37,26 @@ _NOTED = "_hf_multimax_cache_keys"  # module.__dict__ entry, set by the pre-hook
 _SUMMARY = "_hf_multimax_key_summary"  # attribute of a cached key tensor
 
 
+@dataclasses.dataclass
+class _Buffer:
+    """Storage of a summary with room to grow, shared by the summaries extended from one another."""
+
+    data: torch.Tensor  # [B, Hkv, room, F]
+    newest: object  # stamp of the newest summary, the only one that may write into it in place
+
+
 @dataclasses.dataclass(frozen=True)
 class _Summary:
     version: int  # the key tensor's version counter after the call that made it
     tokens: int  # real keys summarised
     made_by: tuple  # selector, block size, (id, version) of the weights it read
-    data: torch.Tensor
+    buffer: _Buffer
+    units: int  # entries: blocks or tokens
+    stamp: object = dataclasses.field(default_factory=object)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.buffer.data[:, :, : self.units]
 
 
 def note_cache_keys(module: torch.nn.Module, args, kwargs) -> None:
@@ -82,11 +100,24 @@ def cached_key_summary(
     old = module.__dict__.pop(_NOTED, None)
     if old is not None and not (old.made_by == made_by and old.tokens + q_len == key.shape[-2]):
         old = None
+    unit = block_size if SELECTORS[selector].summary_per_block else 1
+    units = -(-key.shape[-2] // unit)
     if old is None:
-        data = summarize(key)
+        buffer = _Buffer(summarize(key), None)
     else:  # per block, the old last block may have been partial, so it is summarised again
-        unit = block_size if SELECTORS[selector].summary_per_block else 1
         kept = old.tokens // unit
-        data = torch.cat([old.data[:, :, :kept], summarize(key[..., kept * unit :, :])], dim=2)
-    setattr(cache_keys, _SUMMARY, _Summary(cache_keys._version, key.shape[-2], made_by, data))
-    return data
+        new = summarize(key[..., kept * unit :, :])
+        buffer = old.buffer
+        # Written in place only by the newest summary of the buffer (another cache holding the same
+        # key tensor may have extended it already) and while there is room; else a copy with room
+        # for the cache's length (a static cache) or a quarter more.
+        if buffer.newest is not old.stamp or buffer.data.shape[2] < units:
+            room = max(units + units // 4, -(-cache_keys.shape[-2] // unit))
+            data = new.new_empty(*new.shape[:2], room, new.shape[-1])
+            data[:, :, :kept] = old.data[:, :, :kept]
+            buffer = _Buffer(data, None)
+        buffer.data[:, :, kept:units] = new
+    summary = _Summary(cache_keys._version, key.shape[-2], made_by, buffer, units)
+    buffer.newest = summary.stamp
+    setattr(cache_keys, _SUMMARY, summary)
+    return buffer.data[:, :, :units]

@@ -140,3 +140,27 @@ def test_an_in_place_edit_of_the_cache_and_a_cropped_static_cache(selector):
             outs[m] = edited, *cropped
     for a, b in zip(outs[model], outs[ref]):
         assert_close(a, b, what="in-place edit / cropped static cache")
+
+
+@pytest.mark.parametrize("selector", ["block", "token"])
+def test_two_caches_holding_the_same_keys_extend_apart(selector):
+    """The summary grows in place, in room left in its storage. Two caches holding the same key
+    tensors (so the same summary) and continuing with different tokens must not write over each
+    other's entries: only the newest summary of a storage writes in place."""
+    model, ref = models(selector)
+    outs = {}
+    with torch.no_grad():
+        for m in (model, ref):
+            first = tf.DynamicCache(config=m.config)
+            m(IDS, cache=first, use_cache=True)
+            m(IDS[:, :1], cache=first, use_cache=True)  # the summary now has room
+            second = copy.deepcopy(first)
+            for a, b in zip(first.layers, second.layers):
+                b.keys, b.values = a.keys, a.values
+            logits = []
+            for t in range(3):
+                logits.append(m(IDS[:, t + 1 : t + 2], cache=first, use_cache=True).logits)
+                logits.append(m(OTHER[:, t : t + 1], cache=second, use_cache=True).logits)
+            outs[m] = logits
+    for a, b in zip(outs[model], outs[ref]):
+        assert_close(a, b, what="two caches sharing keys")

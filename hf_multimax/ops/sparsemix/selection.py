@@ -10,6 +10,7 @@ it may see (causal: no future blocks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -64,6 +65,9 @@ def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0) -> torch.T
     The first block starts `front_pad` positions before token 0; padding rows (front and tail) are
     left out of both statistics.
     """
+    if front_pad == 0 and x.shape[2] <= block_size:  # one block (a decoding step's last block): no padding
+        x = x.float()
+        return torch.cat([x.mean(dim=2, keepdim=True), x.amax(dim=2, keepdim=True)], dim=-1)
     padded, real = _blocked_rows(x.float(), block_size, front_pad)
     real = real[..., None]
     count = real.sum(dim=1).clamp_min(1)
@@ -179,13 +183,28 @@ def select_blocks(
         option turned off).
     """
     B, Hkv, nQB, nKB = scores.shape
-    device = scores.device
-    allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=device)
-    a = torch.arange(nQB, device=device) + geometry.q_block0
+    if (nQB, nKB) != (geometry.n_q_blocks, geometry.n_k_blocks):
+        raise ValueError(f"scores must be [B, Hkv, {geometry.n_q_blocks}, {geometry.n_k_blocks}] for this geometry, "
+                         f"got {tuple(scores.shape)}")
+    hidden, fixed_idx, fixed_ok = _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
     k = min(top_k, nKB)
-    free = allowed & ~forced
-    masked = scores.masked_fill(~free, float("-inf"))
-    top_val, top_idx = masked.topk(k, dim=-1) if k > 0 else (masked[..., :0], masked[..., :0].long())
+    top_val, top_idx = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1)
+    top_ok = torch.isfinite(top_val)
+    # Empty slots point at block 0 (a valid address); they are masked out everywhere.
+    top_idx.masked_fill_(~top_ok, 0)
+    block_idx = torch.cat([fixed_idx.expand(B, Hkv, nQB, 2), top_idx], dim=-1)
+    block_valid = torch.cat([fixed_ok.expand(B, Hkv, nQB, 2), top_ok], dim=-1)
+    return block_idx, block_valid
+
+
+@functools.lru_cache(maxsize=32)
+def _slot_layout(nQB: int, nKB: int, q_block0: int, causal: bool, sink: bool, local: bool, device: torch.device):
+    """What `select_blocks` needs of the geometry alone: the blocks top-k may not pick `[nQB, nKB]`, and
+    the fixed slots (sink, local) `[nQB, 2]` with their validity. Cached (read-only tensors): while
+    decoding the geometry changes once per block, and these are a dozen small ops per call."""
+    in_blocks = BlockGeometry(nQB, nKB, 1, q_block0, causal)  # the same geometry counted in blocks
+    allowed, forced = candidate_blocks(in_blocks, sink=sink, local=local, device=device)
+    a = torch.arange(nQB, device=device) + q_block0
     sink_idx = torch.zeros(nQB, dtype=torch.long, device=device)
     local_idx = a.clamp(max=nKB - 1)
     no = torch.zeros(nQB, dtype=torch.bool, device=device)
@@ -193,12 +212,9 @@ def select_blocks(
     # When the local block is block 0 it sits in the local slot and the sink slot stays empty, so the
     # local slot always holds the query block's own block (the kernels mask its causal triangle there).
     sink_ok = forced[:, 0] & ~(local_ok & (local_idx == 0)) if sink else no
-    fixed_idx = torch.stack([sink_idx, local_idx], dim=-1).expand(B, Hkv, nQB, 2)
-    fixed_ok = torch.stack([sink_ok, local_ok], dim=-1).expand(B, Hkv, nQB, 2)
-    block_idx = torch.cat([fixed_idx, top_idx], dim=-1)
-    block_valid = torch.cat([fixed_ok, torch.isfinite(top_val)], dim=-1)
-    # Empty slots point at block 0 (a valid address); they are masked out everywhere.
-    return block_idx.masked_fill(~block_valid, 0).contiguous(), block_valid.contiguous()
+    fixed_ok = torch.stack([sink_ok, local_ok], dim=-1)
+    fixed_idx = torch.stack([sink_idx, local_idx], dim=-1).masked_fill(~fixed_ok, 0)
+    return ~(allowed & ~forced), fixed_idx, fixed_ok
 
 
 def selection_mask(block_idx: torch.Tensor, block_valid: torch.Tensor, geometry: BlockGeometry, n_heads: int) -> torch.Tensor:
