@@ -262,6 +262,13 @@ void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t row
 }
 
 constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kFloatsPerLine = 64 / sizeof(float);  // a 64-byte cache line
+
+inline void prefetch_line(const float* x) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(x, 0, 3);
+#endif
+}
 constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds per thread worth a fork (~10 us)
 
 int64_t grain_for(int64_t task_work) { return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, task_work)); }
@@ -396,7 +403,22 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
         vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]);
     std::vector<float> m(group * bs), l(group * bs);
     SelectedBlocks seg(S);
+    // A decoding step reads each selected block once, from memory. Jumping block to block, the
+    // hardware prefetcher restarts at every block and the reads wait on memory a page at a time; so
+    // the next task's blocks are requested while this task computes (the first task's at the start).
+    auto prefetch_task = [&](int64_t task) {
+      const int64_t kvh = task / nQB, *slots = ip + task * S;
+      const bool* ok = okp + task * S;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!ok[s]) continue;
+        const int64_t k0 = slots[s] * bs, k1 = std::min(p.K, k0 + bs);
+        for (int64_t i = k0 * p.D; i < k1 * p.D; i += kFloatsPerLine) prefetch_line(kp + kvh * p.k_head + i);
+        for (int64_t i = k0 * p.Dv; i < k1 * p.Dv; i += kFloatsPerLine) prefetch_line(vp + kvh * p.v_head + i);
+      }
+    };
+    if (p.Q == 1 && begin < end) prefetch_task(begin);
     for (int64_t task = begin; task < end; ++task) {
+      if (p.Q == 1 && task + 1 < end) prefetch_task(task + 1);
       const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
       const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
       const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
