@@ -53,18 +53,34 @@ def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, sc
     return kl
 
 
+_SEEN = "_hf_multimax_keys_seen"  # attribute of a mask tensor: (version, keys seen, hides nothing then)
+
+
+def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
+    """Past the last key any query sees (all keys when the last one is seen, or none is), and whether
+    the mask, cut there, hides nothing from a single query. Kept on the mask tensor: every layer of a
+    forward is handed the same mask."""
+    known = getattr(mask, _SEEN, None)
+    if known is not None and known[0] == mask._version:
+        return known[1:]
+    last = mask.shape[-1]
+    if not bool(mask[..., -1].any()):
+        seen = mask.any(dim=(0, 1, 2)).flip(0).view(torch.uint8)
+        last -= int(seen.argmax())  # the argmax is 0 when no key is seen: all keys are kept
+    hides_nothing = mask.shape[-2] == 1 and bool(mask[..., :last].all())
+    setattr(mask, _SEEN, (mask._version, last, hides_nothing))
+    return last, hides_nothing
+
+
 def _drop_empty_cache_tail(key, value, mask):
     """A static cache hands over its whole buffer, the rest of it hidden from every query. SparseMix
     places the queries at the end of the keys (its block geometry), so the keys stop at the last one
     any query sees (views: no copy). A mask that then hides nothing (one unpadded sequence decoding)
     is dropped, which is what it says for queries at the end of the keys."""
-    if not bool(mask[..., -1].any()):
-        seen = mask.any(dim=(0, 1, 2)).flip(0).to(torch.uint8)
-        last = key.shape[-2] - int(seen.argmax())  # past the last key seen (all keys if none is)
+    last, hides_nothing = _keys_seen(mask)
+    if last < key.shape[-2]:
         key, value, mask = key[..., :last, :], value[..., :last, :], mask[..., :last]
-    if mask.shape[-2] == 1 and bool(mask.all()):
-        mask = None
-    return key, value, mask
+    return key, value, None if hides_nothing else mask
 
 
 def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:

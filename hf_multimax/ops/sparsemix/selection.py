@@ -125,7 +125,8 @@ def scorer_block_scores(
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
     if Q == 1:  # decoding: one query is its own mean and max
-        pq = query.float().view(B, Hkv, H // Hkv, 1, D).mean(dim=2).repeat(1, 1, 1, 2)
+        pq = query.float() if H == Hkv else query.float().view(B, Hkv, H // Hkv, 1, D).mean(dim=2)
+        pq = torch.cat([pq, pq], dim=-1)
     else:
         pq = pool_blocks(query, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2D]
         pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
@@ -189,7 +190,7 @@ def select_blocks(
     hidden, fixed_idx, fixed_ok = _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
     k = min(top_k, nKB)
     top_val, top_idx = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1)
-    top_ok = torch.isfinite(top_val)
+    top_ok = top_val > float("-inf")  # what top-k took from the hidden blocks (or NaN scores) is not kept
     # Empty slots point at block 0 (a valid address); they are masked out everywhere.
     top_idx.masked_fill_(~top_ok, 0)
     block_idx = torch.cat([fixed_idx.expand(B, Hkv, nQB, 2), top_idx], dim=-1)
