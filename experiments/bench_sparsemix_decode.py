@@ -44,7 +44,7 @@ def make_models(block_size: int, top_k: int, layers: int = 2) -> dict:
         with torch.no_grad():  # trained-looking: away from the zero start
             for layer in model.model.layers:
                 scorer = layer.self_attn.sparsemix
-                zero_start = scorer.w_key if selector == "block" else scorer.w_weight
+                zero_start = scorer.w_key if selector != "token" else scorer.w_weight
                 zero_start.normal_(std=zero_start.shape[-2] ** -0.5)
         models[name] = model
     return models

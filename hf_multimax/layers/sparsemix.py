@@ -42,7 +42,11 @@ class SparseMixSettings(ConfigSettings):
         selector (`str`): what ranks the key blocks: `"block"`, the block scorer (pooled queries and
             keys, cheap), or `"token"`, the token-level indexer (DeepSeek V3.2's lightning indexer on
             every query/key token, its distribution summed per key block and max-pooled over the
-            query block's rows; finds single needle tokens that pooling averages away). Default: `"block"`.
+            query block's rows; finds single needle tokens that pooling averages away), or
+            `"block_norms"`, the block scorer whose learned term pools the norms of the feature pairs
+            rotary embeddings rotate (position-free: its ranking does not change with a block's
+            distance, for contexts longer than it was trained on; rotate_half RoPE layout, as in Llama,
+            Mistral, Qwen). Default: `"block"`.
         scorer_rank (`int`): rank of the block scorer's learned query/key projections. Default: `16`.
         indexer_heads (`int`): heads of the token indexer. Default: `4`.
         indexer_dim (`int`): size of each token-indexer head. Default: `32`.
@@ -125,6 +129,17 @@ def kv_heads_and_dim(module: nn.Module) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+def block_scorer_inputs(selector: str, head_dim: int) -> int:
+    """Input size of a block scorer's projections: mean+max pooled heads (`"block"`), or mean+max
+    pooled norms of the head's rotary pairs (`"block_norms"`: half as many features)."""
+    if selector == "block":
+        return 2 * head_dim
+    if head_dim % 2:
+        raise ValueError(f"sparsemix.selector='block_norms' pairs the head's features as rotary embeddings rotate "
+                         f"them and needs an even head size, got {head_dim}; use selector='block'")
+    return head_dim
+
+
 class SparseMixScorer(MethodLayer):
     """The learned selector of one attention layer, of the kind `sparsemix.selector` names.
 
@@ -132,6 +147,7 @@ class SparseMixScorer(MethodLayer):
       (see `ops.sparsemix.scorer_block_scores`): `w_query`, `w_key`, each `[Hkv, 2 * D, rank]`.
       `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
       starts random so that the KL term's gradient reaches `w_key` from the first step.
+    - `"block_norms"`: the same on mean+max pooled norms of the rotary pairs, `[Hkv, D, rank]` each.
     - `"token"`: the token-level indexer (`ops.sparsemix.indexer_block_scores`), one per key/value
       head: `w_query [Hkv, G * D, n * d]`, `w_key [Hkv, D, d]`, `w_weight [Hkv, G * D, n]` (G query
       heads per key/value head). `w_weight` starts at
@@ -139,7 +155,7 @@ class SparseMixScorer(MethodLayer):
       KL term's gradient reaches every weight after the first step (LoRA's zero-B idea).
 
     Args:
-        selector (`str`): `"block"` or `"token"`.
+        selector (`str`): `"block"`, `"block_norms"` or `"token"`.
         num_heads, num_kv_heads (`int`): query and key/value heads of the attention module.
         head_dim (`int`): query/key head dimension.
         rank (`int`): block scorer projection rank.
@@ -158,9 +174,10 @@ class SparseMixScorer(MethodLayer):
         # Created in fp32 (from_pretrained(dtype=...) keeps them so): scores are ranked, small errors
         # reorder blocks. model.to(dtype) casts them like any parameter.
         f32 = torch.float32
-        if selector == "block":
-            self.w_query = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=f32))
-            self.w_key = nn.Parameter(torch.empty(num_kv_heads, 2 * head_dim, rank, dtype=f32))
+        if selector != "token":
+            inputs = block_scorer_inputs(selector, head_dim)
+            self.w_query = nn.Parameter(torch.empty(num_kv_heads, inputs, rank, dtype=f32))
+            self.w_key = nn.Parameter(torch.empty(num_kv_heads, inputs, rank, dtype=f32))
         else:
             group = num_heads // num_kv_heads * head_dim  # the query heads of a key/value head, side by side
             self.w_query = nn.Parameter(torch.empty(num_kv_heads, group, indexer_heads * indexer_dim, dtype=f32))
@@ -177,21 +194,25 @@ class SparseMixScorer(MethodLayer):
     def structure_for(cls, settings: SparseMixSettings, host: nn.Module) -> tuple:
         kv_heads, head_dim = kv_heads_and_dim(host)
         heads = num_heads_of(host) or kv_heads
-        if settings.selector == "block":  # the block scorer has no indexer, and is the same for any
-            return ("block", heads, kv_heads, head_dim, settings.scorer_rank, 0, 0)
+        if settings.selector != "token":  # a block scorer has no indexer
+            block_scorer_inputs(settings.selector, head_dim)  # raises for an odd head size with "block_norms"
+            return (settings.selector, heads, kv_heads, head_dim, settings.scorer_rank, 0, 0)
         return ("token", heads, kv_heads, head_dim, 0, settings.indexer_heads, settings.indexer_dim)
 
     @property
     def init_std(self) -> float:
         """Std of the random query projection: 1 / sqrt(its input size). From the structure, not the
         tensor (DeepSpeed ZeRO-3 leaves partitioned parameters empty here)."""
-        fan_in = 2 * self.head_dim if self.selector == "block" else self.num_heads // self.num_kv_heads * self.head_dim
+        if self.selector != "token":
+            fan_in = block_scorer_inputs(self.selector, self.head_dim)
+        else:
+            fan_in = self.num_heads // self.num_kv_heads * self.head_dim
         return fan_in**-0.5
 
     def reset_parameters(self, init=nn.init) -> None:
         if self.w_query.is_meta:
             return
-        if self.selector == "block":
+        if self.selector != "token":
             init.normal_(self.w_query, std=self.init_std)
             init.zeros_(self.w_key)
         else:
@@ -201,20 +222,20 @@ class SparseMixScorer(MethodLayer):
 
     def is_identity(self) -> bool:
         # block: w_key = 0 is the parameter-free mean-pooled gate; token: w_weight = 0 ranks nothing.
-        zero_when_untrained = self.w_key if self.selector == "block" else self.w_weight
+        zero_when_untrained = self.w_key if self.selector != "token" else self.w_weight
         return not bool(zero_when_untrained.detach().any())
 
     def forward(self) -> tuple[torch.Tensor, ...]:
         """The weights the selector's ops take: `(w_query, w_key)` or `(w_query, w_key, w_weight)`.
         Attention functions call the module rather than read its parameters, so wrappers (PEFT
         `modules_to_save`, FSDP, ZeRO-3) hand them the live ones."""
-        if self.selector == "block":
+        if self.selector != "token":
             return self.w_query, self.w_key
         return self.w_query, self.w_key, self.w_weight
 
     def extra_repr(self) -> str:
-        if self.selector == "block":
-            return f"block scorer: kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
+        if self.selector != "token":
+            return f"{self.selector} scorer: kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
         return (f"token indexer: heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"indexer_heads={self.indexer_heads}, indexer_dim={self.indexer_dim}")
 

@@ -317,3 +317,34 @@ def test_token_selector_trains_saves_reloads_and_is_not_switched_silently(tmp_pa
     reloaded.config.sparsemix = {**settings, "selector": "block"}
     with pytest.raises(ValueError, match="trained"):
         reloaded.set_attn_implementation("sparsemix")
+
+
+def test_block_norms_selector_trains_saves_reloads_and_needs_an_even_head_size(tmp_path):
+    """selector="block_norms": `[Hkv, D, rank]` projections of the pooled rotary pair norms, trained by
+    the KL term, round-tripped through save_pretrained, not switched silently to the plain scorer; a
+    head size the rotary pairs cannot split is refused."""
+    settings = {**SETTINGS, "selector": "block_norms", "scorer_rank": 4}
+    model = build(settings=settings).train()
+    scorer = model.model.layers[0].self_attn.sparsemix
+    assert [tuple(p.shape) for p in scorer()] == [(2, 8, 4), (2, 8, 4)]  # head size 8: 4 pairs, mean+max
+    ids = tokens(2, 100)
+    opt = torch.optim.Adam(scorer.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        with hf_multimax.collect_aux_losses() as aux:
+            model(ids, labels=ids)
+        aux.loss().backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scorer.parameters())
+    assert not scorer.is_identity()
+    model.eval().save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, model(ids).logits, what="reloaded block_norms selector")
+    reloaded.config.sparsemix = {**settings, "selector": "block"}
+    with pytest.raises(ValueError, match="trained"):
+        reloaded.set_attn_implementation("sparsemix")
+    config = tf.GPT2Config(vocab_size=100, n_embd=36, n_layer=1, n_head=4, n_positions=512)  # heads of 9
+    config.sparsemix = settings
+    with pytest.raises(ValueError, match="even head size, got 9"):
+        tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")

@@ -16,6 +16,7 @@ from hf_multimax.ops.sparsemix import (
     fused_sparsemix_attention,
     naive_sparsemix_attention,
     pool_blocks,
+    rotary_pair_norms,
     sample_query_blocks,
     scorer_block_scores,
     scorer_kl,
@@ -182,6 +183,40 @@ def test_untrained_scorer_is_the_mean_pooled_gate():
     torch.testing.assert_close(scores, mean_q @ mean_k.transpose(-1, -2) * 0.5)
     subset = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, q_blocks=torch.tensor([3, 1]))
     torch.testing.assert_close(subset, scores[:, :, [3, 1]])
+
+
+def _rotate(x, positions, theta=10_000.0):
+    """Rotary embedding in transformers' rotate_half layout (dims i and i + D/2 rotate together)."""
+    half = x.shape[-1] // 2
+    angle = positions[:, None].double() * theta ** (-torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = angle.cos().float(), angle.sin().float()
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def test_block_norms_scorer_pools_rotary_pair_norms_and_ignores_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
+    geometry = block_geometry(64, 64, BS, causal=True)
+    wq, wk = torch.randn(2, 8, 3, generator=g), torch.randn(2, 8, 3, generator=g)
+    scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, features=rotary_pair_norms)
+    # Reference: the mean-pooled gate plus the learned term on mean+max pooled pair norms.
+    mean_q = q.view(1, 2, 2, 4, BS, 8).mean(dim=(2, 4))
+    mean_k = k.view(1, 2, 4, BS, 8).mean(dim=3)
+    nq = (q[..., :4] ** 2 + q[..., 4:] ** 2).sqrt().view(1, 2, 2, 4, BS, 4)
+    nk = (k[..., :4] ** 2 + k[..., 4:] ** 2).sqrt().view(1, 2, 4, BS, 4)
+    pq = torch.cat([nq.mean(dim=4), nq.amax(dim=4)], -1).mean(dim=2)
+    pk = torch.cat([nk.mean(dim=3), nk.amax(dim=3)], -1)
+    want = mean_q @ mean_k.transpose(-1, -2) * 0.5 + (pq @ wq) @ (pk @ wk).transpose(-1, -2)
+    torch.testing.assert_close(scores, want)
+    # Its learned term reads the same features wherever the tokens sit (here 5000 positions later);
+    # the plain block scorer's does not.
+    shifted = [torch.arange(64) + offset for offset in (0, 5000)]
+    for features, same in ((rotary_pair_norms, True), (None, False)):
+        w = wq if features else torch.randn(2, 16, 3, generator=g)
+        learned = [scorer_block_scores(_rotate(q, p), _rotate(k, p), w, w, geometry, scale=0.0, features=features)
+                   for p in shifted]
+        assert torch.allclose(*learned, atol=1e-4) == same
 
 
 def test_block_mass_and_kl():

@@ -12,7 +12,14 @@ import torch
 
 from .distill import scorer_kl
 from .indexer import indexer_block_scores, indexer_keys, indexer_kl
-from .selection import BlockGeometry, block_geometry, block_key_features, scorer_block_scores, select_blocks
+from .selection import (
+    BlockGeometry,
+    block_geometry,
+    block_key_features,
+    rotary_pair_norms,
+    scorer_block_scores,
+    select_blocks,
+)
 
 __all__ = ["SELECTORS", "Selector", "select_sparsemix_blocks", "sparsemix_attention"]
 
@@ -37,20 +44,30 @@ class Selector:
     summary_per_block: bool
 
 
-def _block_scorer_kl(query, key, weights, geometry, q_blocks, **kl_options):
-    sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, kl_options["scale"],
-                                  q_blocks=q_blocks)
-    return scorer_kl(sampled, query, key, geometry, q_blocks, **kl_options)
+def _block_scorer(features=None) -> Selector:
+    """The block scorer, pooling each query and key token, or `features` of it, for its learned term."""
 
+    def kl(query, key, weights, geometry, q_blocks, **kl_options):
+        sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, kl_options["scale"],
+                                      q_blocks=q_blocks, features=features)
+        return scorer_kl(sampled, query, key, geometry, q_blocks, **kl_options)
 
-# The block scorer (pooled queries and keys) and the token-level indexer (DSA's lightning indexer).
-SELECTORS = {
-    "block": Selector(
-        block_scores=lambda q, k, w, g, scale, mask, summary: scorer_block_scores(q, k, *w, g, scale, key_features=summary),
-        kl=_block_scorer_kl,
-        summarize=lambda key, w, block_size: block_key_features(key, w[1], block_size),
+    return Selector(
+        block_scores=lambda q, k, w, g, scale, mask, summary: scorer_block_scores(
+            q, k, *w, g, scale, key_features=summary, features=features),
+        kl=kl,
+        summarize=lambda key, w, block_size: block_key_features(key, w[1], block_size, features),
         summary_per_block=True,
-    ),
+    )
+
+
+# The block scorer (pooled queries and keys), the same on position-free features (the norms of the
+# pairs rotary embeddings rotate: its ranking does not change with a block's distance, so it carries
+# over to contexts longer than it was trained on), and the token-level indexer (DSA's lightning
+# indexer).
+SELECTORS = {
+    "block": _block_scorer(),
+    "block_norms": _block_scorer(rotary_pair_norms),
     "token": Selector(
         block_scores=lambda q, k, w, g, scale, mask, summary: indexer_block_scores(q, k, w, g, mask=mask, keys=summary),
         kl=indexer_kl,
@@ -82,7 +99,8 @@ def select_sparsemix_blocks(
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
         weights (`tuple`): what the layer's `SparseMixScorer` returns: `(w_query, w_key)` of the block
-            scorer (`[Hkv, 2 * D, rank]` each) or `(w_query, w_key, w_weight)` of the token indexer.
+            scorers (`[Hkv, 2 * D, rank]` each, `[Hkv, D, rank]` for `"block_norms"`) or
+            `(w_query, w_key, w_weight)` of the token indexer.
         block_size, top_k, sink, local: as in `SparseMixSettings`.
         causal (`bool`): no future blocks. Default: `True`.
         scale (`float`, *optional*): the attention scale. Default: `D ** -0.5`.
@@ -90,7 +108,7 @@ def select_sparsemix_blocks(
         mask (`torch.Tensor`, *optional*): boolean keep mask; the token indexer ranks unmasked keys only.
         key_summary (`torch.Tensor`, *optional*): what the selector reads of the keys, when already
             known (a KV cache's, kept up to date while decoding): `block_key_features(key, w_key,
-            block_size)` for `"block"`, `indexer_keys(key, w_key)` for `"token"`.
+            block_size, features)` for the block scorers, `indexer_keys(key, w_key)` for `"token"`.
 
     Returns:
         `(geometry, block_idx [B, Hkv, n_q_blocks, S], block_valid [B, Hkv, n_q_blocks, S])`.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,7 @@ __all__ = [
     "BlockGeometry",
     "block_geometry",
     "block_key_features",
+    "rotary_pair_norms",
     "pool_blocks",
     "scorer_block_scores",
     "select_blocks",
@@ -97,6 +99,7 @@ def scorer_block_scores(
     scale: float,
     q_blocks: torch.Tensor | None = None,
     key_features: torch.Tensor | None = None,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
@@ -111,40 +114,58 @@ def scorer_block_scores(
     Args:
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
-        w_query, w_key (`torch.Tensor`): `[Hkv, 2D, r]`.
+        w_query, w_key (`torch.Tensor`): `[Hkv, 2F, r]`, F = D, or the size of `features`' output.
         geometry (`BlockGeometry`): from `block_geometry`.
         scale (`float`): the attention scale.
         q_blocks (`torch.Tensor`, *optional*): relative indices of the query blocks to score.
             Default: all.
-        key_features (`torch.Tensor`, *optional*): `block_key_features(key, w_key, block_size)`, when
-            already known.
+        key_features (`torch.Tensor`, *optional*): `block_key_features(key, w_key, block_size, features)`,
+            when already known.
+        features (*optional*): what the learned term pools of each query and key token instead of
+            the token itself, e.g. `rotary_pair_norms` (the `"block_norms"` selector).
 
     Returns:
         `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
     """
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
-    if Q == 1:  # decoding: one query is its own mean and max
-        pq = query.float() if H == Hkv else query.float().view(B, Hkv, H // Hkv, 1, D).mean(dim=2)
-        pq = torch.cat([pq, pq], dim=-1)
-    else:
-        pq = pool_blocks(query, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2D]
-        pq = pq.view(B, Hkv, H // Hkv, *pq.shape[2:]).mean(dim=2)
+    pq = _pooled_queries(query, Hkv, geometry)  # [B, Hkv, nQB, 2D]
+    learned = pq if features is None else _pooled_queries(features(query), Hkv, geometry)
     if q_blocks is not None:
         pq = pq.index_select(2, q_blocks)
+        learned = pq if features is None else learned.index_select(2, q_blocks)
     if key_features is None:
-        key_features = block_key_features(key, w_key, geometry.block_size)
+        key_features = block_key_features(key, w_key, geometry.block_size, features)
     # Both terms in one product: [scale * mean_q, pool_q Wq] . [mean_k, pool_k Wk].
-    query_features = torch.cat([pq[..., :D] * scale, torch.matmul(pq, w_query.float())], -1)
+    query_features = torch.cat([pq[..., :D] * scale, torch.matmul(learned, w_query.float())], -1)
     return torch.matmul(query_features, key_features.transpose(-1, -2))
 
 
-def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int) -> torch.Tensor:
+def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry) -> torch.Tensor:
+    """Mean and max of each query block `[B, Hkv, nQB, 2F]`, averaged over the query heads of a group."""
+    B, H, Q, F = x.shape
+    if Q == 1:  # decoding: one query is its own mean and max
+        pq = x.float() if H == n_kv_heads else x.float().view(B, n_kv_heads, H // n_kv_heads, 1, F).mean(dim=2)
+        return torch.cat([pq, pq], dim=-1)
+    pq = pool_blocks(x, geometry.block_size, geometry.front_pad)  # [B, H, nQB, 2F]
+    return pq.view(B, n_kv_heads, H // n_kv_heads, *pq.shape[2:]).mean(dim=2)
+
+
+def rotary_pair_norms(x: torch.Tensor) -> torch.Tensor:
+    """`[..., D]` -> `[..., D / 2]`: the norm of each pair of features that rotary position embeddings
+    rotate together (dims i and i + D/2, transformers' `rotate_half` layout), which the rotation leaves
+    unchanged: features of a token's content that do not depend on its position."""
+    return torch.linalg.vector_norm(x.float().unflatten(-1, (2, x.shape[-1] // 2)), dim=-2)
+
+
+def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
+                       features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """What the block scorer reads of each key block: `[B, Hkv, n_blocks, D + r]`, the block's mean
-    key beside its pooled (mean+max) key projected by `w_key [Hkv, 2D, r]`. Per block, so a KV cache's
-    features grow by appending blocks (see `integrations.sparsemix_decoding`)."""
+    key beside its pooled (mean+max) key, or pooled `features(key)`, projected by `w_key`. Per block, so
+    a KV cache's features grow by appending blocks (see `integrations.sparsemix_decoding`)."""
     pk = pool_blocks(key, block_size)  # [B, Hkv, nKB, 2D]
-    return torch.cat([pk[..., : key.shape[-1]], torch.matmul(pk, w_key.float())], -1)
+    learned = pk if features is None else pool_blocks(features(key), block_size)
+    return torch.cat([pk[..., : key.shape[-1]], torch.matmul(learned, w_key.float())], -1)
 
 
 def candidate_blocks(geometry: BlockGeometry, *, sink: bool, local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
