@@ -155,7 +155,9 @@ def rotary_pair_norms(x: torch.Tensor) -> torch.Tensor:
     """`[..., D]` -> `[..., D / 2]`: the norm of each pair of features that rotary position embeddings
     rotate together (dims i and i + D/2, transformers' `rotate_half` layout), which the rotation leaves
     unchanged: features of a token's content that do not depend on its position."""
-    return torch.linalg.vector_norm(x.float().unflatten(-1, (2, x.shape[-1] // 2)), dim=-2)
+    x = x.float()
+    half = x.shape[-1] // 2
+    return torch.hypot(x[..., :half], x[..., half:])  # one pass (a norm over a strided pair axis is ~50x slower)
 
 
 def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
