@@ -20,7 +20,7 @@ from .harness import machine
 
 __all__ = ["QUICK", "bench_sparsemix_decode", "decode_summary"]
 
-VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_token": "token"}
+VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_block_norms": "block_norms", "sparsemix_token": "token"}
 CACHES = ("dynamic", "static")
 QUICK = {"context": 512, "new_tokens": 4, "repeats": 1, "block_size": 16, "top_k": 2}
 
@@ -118,13 +118,13 @@ def plot_decode(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     names = list(VARIANTS)
     for i, cache in enumerate(CACHES):
         rows = {r["model"]: r for r in results["rows"] if r["cache"] == cache}
         ax.bar([j + 0.4 * i for j in range(len(names))], [rows[n]["tokens_per_s"] for n in names], width=0.4,
                label=f"{cache} cache")
-    ax.set_xticks([j + 0.2 for j in range(len(names))], names)
+    ax.set_xticks([j + 0.2 for j in range(len(names))], names, fontsize=8)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"decoding at {results['context']} context, {results['threads']} thread(s)")
     ax.legend()
