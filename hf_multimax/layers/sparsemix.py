@@ -186,6 +186,11 @@ class SparseMixScorer(MethodLayer):
         self.reset_parameters()
 
     @property
+    def is_block_scorer(self) -> bool:
+        """A block scorer (`"block"`, `"block_norms"`: two projections) rather than the token indexer."""
+        return self.selector != "token"
+
+    @property
     def structure(self) -> tuple:
         return (self.selector, self.num_heads, self.num_kv_heads, self.head_dim, self.rank, self.indexer_heads,
                 self.indexer_dim)
@@ -203,7 +208,7 @@ class SparseMixScorer(MethodLayer):
     def init_std(self) -> float:
         """Std of the random query projection: 1 / sqrt(its input size). From the structure, not the
         tensor (DeepSpeed ZeRO-3 leaves partitioned parameters empty here)."""
-        if self.selector != "token":
+        if self.is_block_scorer:
             fan_in = block_scorer_inputs(self.selector, self.head_dim)
         else:
             fan_in = self.num_heads // self.num_kv_heads * self.head_dim
@@ -212,7 +217,7 @@ class SparseMixScorer(MethodLayer):
     def reset_parameters(self, init=nn.init) -> None:
         if self.w_query.is_meta:
             return
-        if self.selector != "token":
+        if self.is_block_scorer:
             init.normal_(self.w_query, std=self.init_std)
             init.zeros_(self.w_key)
         else:
@@ -222,19 +227,19 @@ class SparseMixScorer(MethodLayer):
 
     def is_identity(self) -> bool:
         # block: w_key = 0 is the parameter-free mean-pooled gate; token: w_weight = 0 ranks nothing.
-        zero_when_untrained = self.w_key if self.selector != "token" else self.w_weight
+        zero_when_untrained = self.w_key if self.is_block_scorer else self.w_weight
         return not bool(zero_when_untrained.detach().any())
 
     def forward(self) -> tuple[torch.Tensor, ...]:
         """The weights the selector's ops take: `(w_query, w_key)` or `(w_query, w_key, w_weight)`.
         Attention functions call the module rather than read its parameters, so wrappers (PEFT
         `modules_to_save`, FSDP, ZeRO-3) hand them the live ones."""
-        if self.selector != "token":
+        if self.is_block_scorer:
             return self.w_query, self.w_key
         return self.w_query, self.w_key, self.w_weight
 
     def extra_repr(self) -> str:
-        if self.selector != "token":
+        if self.is_block_scorer:
             return f"{self.selector} scorer: kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
         return (f"token indexer: heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"indexer_heads={self.indexer_heads}, indexer_dim={self.indexer_dim}")
