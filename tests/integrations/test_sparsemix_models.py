@@ -297,24 +297,32 @@ def test_token_selector_trains_saves_reloads_and_is_not_switched_silently(tmp_pa
     # [Hkv, G * head_dim, n * d], [Hkv, head_dim, d], [Hkv, G * head_dim, n]: 2 KV heads of 2 query heads of 8
     assert [tuple(p.shape) for p in indexer()] == [(2, 16, 8), (2, 8, 4), (2, 16, 2)]
     assert indexer.is_identity(), "w_weight starts at zero"
+    _trains_round_trips_and_is_not_switched(model, settings, tmp_path, switch_to="block")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["sparsemix"]["selector"] == "token" and saved["sparsemix"]["indexer_dim"] == 4
+
+
+def _trains_round_trips_and_is_not_switched(model, settings, tmp_path, *, switch_to):
+    """Two steps of the KL term alone reach every selector weight (after one, the zero-started one is
+    no longer zero); save_pretrained/from_pretrained gives the same logits; switching the trained
+    selector to `switch_to` through set_attn_implementation is refused (it would drop trained
+    parameters)."""
+    selector = model.model.layers[0].self_attn.sparsemix
     ids = tokens(2, 100)
-    opt = torch.optim.Adam(indexer.parameters(), lr=1e-2)
-    for _ in range(2):  # after one step w_weight is no longer zero and every weight gets a gradient
+    opt = torch.optim.Adam(selector.parameters(), lr=1e-2)
+    for _ in range(2):
         opt.zero_grad()
         with hf_multimax.collect_aux_losses() as aux:
             model(ids, labels=ids)
         aux.loss().backward()
         opt.step()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in indexer.parameters())
-    assert not indexer.is_identity()
-
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in selector.parameters())
+    assert not selector.is_identity()
     model.eval().save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["sparsemix"]["selector"] == "token" and saved["sparsemix"]["indexer_dim"] == 4
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert_close(reloaded(ids).logits, model(ids).logits, what="reloaded token selector")
-    reloaded.config.sparsemix = {**settings, "selector": "block"}
+        assert_close(reloaded(ids).logits, model(ids).logits, what=f"reloaded {settings['selector']} selector")
+    reloaded.config.sparsemix = {**settings, "selector": switch_to}
     with pytest.raises(ValueError, match="trained"):
         reloaded.set_attn_implementation("sparsemix")
 
@@ -327,23 +335,7 @@ def test_block_norms_selector_trains_saves_reloads_and_needs_an_even_head_size(t
     model = build(settings=settings).train()
     scorer = model.model.layers[0].self_attn.sparsemix
     assert [tuple(p.shape) for p in scorer()] == [(2, 8, 4), (2, 8, 4)]  # head size 8: 4 pairs, mean+max
-    ids = tokens(2, 100)
-    opt = torch.optim.Adam(scorer.parameters(), lr=1e-2)
-    for _ in range(2):
-        opt.zero_grad()
-        with hf_multimax.collect_aux_losses() as aux:
-            model(ids, labels=ids)
-        aux.loss().backward()
-        opt.step()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scorer.parameters())
-    assert not scorer.is_identity()
-    model.eval().save_pretrained(tmp_path)
-    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert_close(reloaded(ids).logits, model(ids).logits, what="reloaded block_norms selector")
-    reloaded.config.sparsemix = {**settings, "selector": "block"}
-    with pytest.raises(ValueError, match="trained"):
-        reloaded.set_attn_implementation("sparsemix")
+    _trains_round_trips_and_is_not_switched(model, settings, tmp_path, switch_to="block")
     config = tf.GPT2Config(vocab_size=100, n_embd=36, n_layer=1, n_head=4, n_positions=512)  # heads of 9
     config.sparsemix = settings
     with pytest.raises(ValueError, match="even head size, got 9"):
