@@ -43,8 +43,10 @@ def make_module(settings: SparseMixSettings, variant: str) -> torch.nn.Module:
     import hf_multimax  # noqa: F401  (registers attn_implementation="sparsemix")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    # rope_theta 1e9 as the retrieval experiment's model: "block_rotary" then reads 14 of the 32 pairs whole.
     config = LlamaConfig(vocab_size=64, hidden_size=H * D, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=H, num_key_value_heads=H, head_dim=D, max_position_embeddings=1 << 16)
+                         num_attention_heads=H, num_key_value_heads=H, head_dim=D, max_position_embeddings=1 << 16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e9})
     torch.manual_seed(0)
     if variant == "sdpa":
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").model.layers[0].self_attn.eval()

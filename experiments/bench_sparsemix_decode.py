@@ -20,7 +20,8 @@ from .harness import machine
 
 __all__ = ["QUICK", "bench_sparsemix_decode", "decode_summary"]
 
-VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_block_norms": "block_norms", "sparsemix_token": "token"}
+VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_block_norms": "block_norms",
+            "sparsemix_block_rotary": "block_rotary", "sparsemix_token": "token"}
 CACHES = ("dynamic", "static")
 QUICK = {"context": 512, "new_tokens": 4, "repeats": 1, "block_size": 16, "top_k": 2}
 
@@ -29,8 +30,10 @@ def make_models(block_size: int, top_k: int, layers: int = 2) -> dict:
     import hf_multimax  # noqa: F401  (registers attn_implementation="sparsemix")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    # rope_theta 1e9 as the retrieval experiment's model: "block_rotary" then reads 14 of the 32 pairs whole.
     config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1 << 16)
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1 << 16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e9})
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     models = {"sdpa": dense}

@@ -46,7 +46,9 @@ class SparseMixSettings(ConfigSettings):
             `"block_norms"`, the block scorer whose learned term pools the norms of the feature pairs
             rotary embeddings rotate (position-free: its ranking does not change with a block's
             distance, for contexts longer than it was trained on; rotate_half RoPE layout, as in Llama,
-            Mistral, Qwen). Default: `"block"`.
+            Mistral, Qwen), or `"block_rotary"`, the same reading also, whole, the rotary pairs that
+            turn less than an eighth of a turn over the model's `max_position_embeddings` (content
+            that norms blur, with no drift with distance; RoPE over the whole head). Default: `"block"`.
         scorer_rank (`int`): rank of the block scorer's learned query/key projections. Default: `16`.
         indexer_heads (`int`): heads of the token indexer. Default: `4`.
         indexer_dim (`int`): size of each token-indexer head. Default: `32`.
@@ -129,15 +131,52 @@ def kv_heads_and_dim(module: nn.Module) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def block_scorer_inputs(selector: str, head_dim: int) -> int:
-    """Input size of a block scorer's projections: mean+max pooled heads (`"block"`), or mean+max
-    pooled norms of the head's rotary pairs (`"block_norms"`: half as many features)."""
+def block_scorer_inputs(selector: str, head_dim: int, slow_pairs: int = 0) -> int:
+    """Input size of a block scorer's projections: mean+max pooled heads (`"block"`), mean+max pooled
+    norms of the head's rotary pairs (`"block_norms"`: half as many features), or those norms and
+    the `slow_pairs` slowest pairs whole (`"block_rotary"`)."""
     if selector == "block":
         return 2 * head_dim
     if head_dim % 2:
-        raise ValueError(f"sparsemix.selector='block_norms' pairs the head's features as rotary embeddings rotate "
+        raise ValueError(f"sparsemix.selector={selector!r} pairs the head's features as rotary embeddings rotate "
                          f"them and needs an even head size, got {head_dim}; use selector='block'")
-    return head_dim
+    return head_dim + 4 * slow_pairs
+
+
+# A rotary pair is "slow" if it turns less than an eighth of a turn over the model's whole context:
+# its direction then still compares contents the same way at any distance the model handles.
+SLOW_PAIR_TURN = math.pi / 4
+
+
+def slow_rotary_pairs(config, head_dim: int) -> int:
+    """How many of a head's rotary pairs turn less than `SLOW_PAIR_TURN` radians over the model's
+    `max_position_embeddings` positions, from the inverse frequencies of its RoPE (any transformers
+    `rope_type`). They are the last pairs of the `rotate_half` layout, whose frequencies fall from
+    the first pair to the last."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        raise ValueError(f"sparsemix.selector='block_rotary' reads the rotary frequencies of the model's RoPE, but "
+                         f"{type(config).__name__} has no single rope_parameters with a rope_theta (got {rope!r}); "
+                         "use selector='block_norms' or 'block'")
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise ValueError(f"sparsemix.selector='block_rotary' needs rotary embeddings on the whole head, got "
+                         f"partial_rotary_factor={factor}; use selector='block'")
+    rope_type = rope.get("rope_type", "default")
+    # On CPU explicitly: models are built under a meta-device context in from_pretrained.
+    if rope_type == "default":
+        inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    elif rope_type in ROPE_INIT_FUNCTIONS:
+        inv_freq = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[0].double()
+    else:
+        raise ValueError(f"sparsemix.selector='block_rotary' does not know rope_type={rope_type!r}; known: "
+                         f"{('default', *ROPE_INIT_FUNCTIONS)}; use selector='block_norms' or 'block'")
+    if inv_freq.numel() != head_dim // 2 or bool((inv_freq.diff() > 0).any()):
+        raise ValueError(f"sparsemix.selector='block_rotary' expects {head_dim // 2} rotary frequencies falling from "
+                         f"the first pair to the last, got {inv_freq.tolist()}; use selector='block'")
+    return int((inv_freq * config.max_position_embeddings < SLOW_PAIR_TURN).sum())
 
 
 class SparseMixScorer(MethodLayer):
@@ -148,6 +187,8 @@ class SparseMixScorer(MethodLayer):
       `w_key` starts at zero, so an untrained scorer is the parameter-free mean-pooled gate; `w_query`
       starts random so that the KL term's gradient reaches `w_key` from the first step.
     - `"block_norms"`: the same on mean+max pooled norms of the rotary pairs, `[Hkv, D, rank]` each.
+    - `"block_rotary"`: the same on those norms and the `slow_pairs` slowest rotary pairs whole
+      (`slow_rotary_pairs` of the model's config), `[Hkv, D + 4 * slow_pairs, rank]` each.
     - `"token"`: the token-level indexer (`ops.sparsemix.indexer_block_scores`), one per key/value
       head: `w_query [Hkv, G * D, n * d]`, `w_key [Hkv, D, d]`, `w_weight [Hkv, G * D, n]` (G query
       heads per key/value head). `w_weight` starts at
@@ -155,11 +196,12 @@ class SparseMixScorer(MethodLayer):
       KL term's gradient reaches every weight after the first step (LoRA's zero-B idea).
 
     Args:
-        selector (`str`): `"block"`, `"block_norms"` or `"token"`.
+        selector (`str`): `"block"`, `"block_norms"`, `"block_rotary"` or `"token"`.
         num_heads, num_kv_heads (`int`): query and key/value heads of the attention module.
         head_dim (`int`): query/key head dimension.
         rank (`int`): block scorer projection rank.
         indexer_heads, indexer_dim (`int`): token indexer heads and their size.
+        slow_pairs (`int`): rotary pairs `"block_rotary"` reads whole. Default: `0`.
     """
 
     attr = "sparsemix"
@@ -167,15 +209,16 @@ class SparseMixScorer(MethodLayer):
     settings_cls = SparseMixSettings
 
     def __init__(self, selector: str, num_heads: int, num_kv_heads: int, head_dim: int, rank: int,
-                 indexer_heads: int, indexer_dim: int):
+                 indexer_heads: int, indexer_dim: int, slow_pairs: int = 0):
         super().__init__()
         self.selector, self.num_heads, self.num_kv_heads, self.head_dim = selector, num_heads, num_kv_heads, head_dim
         self.rank, self.indexer_heads, self.indexer_dim = rank, indexer_heads, indexer_dim
+        self.slow_pairs = slow_pairs
         # Created in fp32 (from_pretrained(dtype=...) keeps them so): scores are ranked, small errors
         # reorder blocks. model.to(dtype) casts them like any parameter.
         f32 = torch.float32
         if selector != "token":
-            inputs = block_scorer_inputs(selector, head_dim)
+            inputs = block_scorer_inputs(selector, head_dim, slow_pairs)
             self.w_query = nn.Parameter(torch.empty(num_kv_heads, inputs, rank, dtype=f32))
             self.w_key = nn.Parameter(torch.empty(num_kv_heads, inputs, rank, dtype=f32))
         else:
@@ -187,29 +230,31 @@ class SparseMixScorer(MethodLayer):
 
     @property
     def is_block_scorer(self) -> bool:
-        """A block scorer (`"block"`, `"block_norms"`: two projections) rather than the token indexer."""
+        """A block scorer (`"block"`, `"block_norms"`, `"block_rotary"`: two projections) rather than the
+        token indexer."""
         return self.selector != "token"
 
     @property
     def structure(self) -> tuple:
         return (self.selector, self.num_heads, self.num_kv_heads, self.head_dim, self.rank, self.indexer_heads,
-                self.indexer_dim)
+                self.indexer_dim, self.slow_pairs)
 
     @classmethod
     def structure_for(cls, settings: SparseMixSettings, host: nn.Module) -> tuple:
         kv_heads, head_dim = kv_heads_and_dim(host)
         heads = num_heads_of(host) or kv_heads
         if settings.selector != "token":  # a block scorer has no indexer
-            block_scorer_inputs(settings.selector, head_dim)  # raises for an odd head size with "block_norms"
-            return (settings.selector, heads, kv_heads, head_dim, settings.scorer_rank, 0, 0)
-        return ("token", heads, kv_heads, head_dim, 0, settings.indexer_heads, settings.indexer_dim)
+            block_scorer_inputs(settings.selector, head_dim)  # raises for an odd head size with the rotary ones
+            slow = slow_rotary_pairs(getattr(host, "config", None), head_dim) if settings.selector == "block_rotary" else 0
+            return (settings.selector, heads, kv_heads, head_dim, settings.scorer_rank, 0, 0, slow)
+        return ("token", heads, kv_heads, head_dim, 0, settings.indexer_heads, settings.indexer_dim, 0)
 
     @property
     def init_std(self) -> float:
         """Std of the random query projection: 1 / sqrt(its input size). From the structure, not the
         tensor (DeepSpeed ZeRO-3 leaves partitioned parameters empty here)."""
         if self.is_block_scorer:
-            fan_in = block_scorer_inputs(self.selector, self.head_dim)
+            fan_in = block_scorer_inputs(self.selector, self.head_dim, self.slow_pairs)
         else:
             fan_in = self.num_heads // self.num_kv_heads * self.head_dim
         return fan_in**-0.5
@@ -240,7 +285,8 @@ class SparseMixScorer(MethodLayer):
 
     def extra_repr(self) -> str:
         if self.is_block_scorer:
-            return f"{self.selector} scorer: kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
+            slow = f", slow_pairs={self.slow_pairs}" if self.selector == "block_rotary" else ""
+            return f"{self.selector} scorer: kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rank={self.rank}{slow}"
         return (f"token indexer: heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"indexer_heads={self.indexer_heads}, indexer_dim={self.indexer_dim}")
 

@@ -57,7 +57,7 @@ IDS = torch.randint(0, 100, (2, 61), generator=gen(1))  # 8 blocks of 8: sparse
 OTHER = torch.randint(0, 100, (2, 61), generator=gen(2))
 
 
-@pytest.mark.parametrize("selector", ["block", "block_norms", "token"])
+@pytest.mark.parametrize("selector", ["block", "block_norms", "block_rotary", "token"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_decoding_with_the_growing_summary_matches_recomputing_it(selector, cache):
     model, ref = models(selector)

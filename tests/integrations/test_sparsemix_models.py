@@ -2,6 +2,7 @@
 ones, the KL term, dense warm-up, caching, padding, persistence."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -340,3 +341,30 @@ def test_block_norms_selector_trains_saves_reloads_and_needs_an_even_head_size(t
     config.sparsemix = settings
     with pytest.raises(ValueError, match="even head size, got 9"):
         tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
+
+
+def test_block_rotary_selector_reads_the_models_slow_rotary_pairs(tmp_path):
+    """selector="block_rotary": the pair norms and, whole, the rotary pairs that turn less than an
+    eighth of a turn over max_position_embeddings (counted from the model's own rotary frequencies,
+    for any rope_type); trained by the KL term, round-tripped, not switched silently; models without
+    RoPE on the whole head are refused."""
+    settings = {**SETTINGS, "selector": "block_rotary", "scorer_rank": 4}
+    model = build(settings=settings).train()
+    scorer = model.model.layers[0].self_attn.sparsemix
+    # Head size 8, rope_theta 1e4, 512 positions: the pairs turn 512, 51, 5.1 and 0.51 radians.
+    assert scorer.slow_pairs == 1
+    assert [tuple(p.shape) for p in scorer()] == [(2, 12, 4), (2, 12, 4)]  # (4 norms + 2 features) x mean+max
+    _trains_round_trips_and_is_not_switched(model, settings, tmp_path, switch_to="block_norms")
+    # The count follows the frequencies the model's rotary embedding uses (here Llama 3.1's scaling).
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    for rope, positions in (({"rope_type": "default", "rope_theta": 1e9}, 4096), (llama3, 512)):
+        model = build(settings=settings, rope_parameters=rope, max_position_embeddings=positions, head_dim=16)
+        inv_freq = model.model.rotary_emb.inv_freq
+        want = int((inv_freq * positions < math.pi / 4).sum())
+        assert 0 < want < 8 and model.model.layers[0].self_attn.sparsemix.slow_pairs == want, rope
+    for arch, error in (("gpt2", "no single rope_parameters"), ("phi", "partial_rotary_factor=0.5")):
+        config = ARCHS[arch][0]() if arch in ARCHS else tf.PhiConfig(**SMALL)
+        config.sparsemix = settings
+        with pytest.raises(ValueError, match=error):
+            tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")

@@ -16,6 +16,7 @@ from hf_multimax.ops.sparsemix import (
     fused_sparsemix_attention,
     naive_sparsemix_attention,
     pool_blocks,
+    rotary_norms_and_slow_pairs,
     rotary_pair_norms,
     sample_query_blocks,
     scorer_block_scores,
@@ -217,6 +218,31 @@ def test_block_norms_scorer_pools_rotary_pair_norms_and_ignores_position():
         learned = [scorer_block_scores(_rotate(q, p), _rotate(k, p), w, w, geometry, scale=0.0, features=features)
                    for p in shifted]
         assert torch.allclose(*learned, atol=1e-4) == same
+
+
+def test_block_rotary_features_keep_the_slow_pairs_whole_and_barely_move_with_position():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=g)
+    # Head size 8: 4 pair norms, then the last (slowest) n pairs of each half as they are.
+    torch.testing.assert_close(rotary_norms_and_slow_pairs(x, 4), rotary_pair_norms(x))
+    norms = (x[..., :4] ** 2 + x[..., 4:] ** 2).sqrt()
+    torch.testing.assert_close(rotary_norms_and_slow_pairs(x, 8), torch.cat([norms, x[..., 2:4], x[..., 6:8]], -1))
+    # Pair frequencies 1, 1e-3, 1e-6, 1e-9 (theta 1e12): moved 5000 positions, the slowest pair turns
+    # 5e-6 radians. With it whole the learned term is still (nearly) the same; with the next pair,
+    # which turns 5e-3 radians, too, it moves visibly; with all pairs whole (the plain scorer), a lot.
+    q, k = torch.randn(1, 2, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
+    geometry = block_geometry(64, 64, BS, causal=True)
+    shifted = [torch.arange(64) + offset for offset in (0, 5000)]
+
+    def learned_change(features, width):
+        w = torch.randn(2, 2 * width, 3, generator=g)
+        a, b = (scorer_block_scores(_rotate(q, p, 1e12), _rotate(k, p, 1e12), w, w, geometry, scale=0.0,
+                                    features=features) for p in shifted)
+        return ((a - b).abs().max() / a.abs().max()).item()
+
+    one_slow, two_slow = learned_change(rotary_norms_and_slow_pairs, 6), learned_change(rotary_norms_and_slow_pairs, 8)
+    assert one_slow < 1e-4 < two_slow
+    assert learned_change(None, 8) > 100 * two_slow
 
 
 def test_block_mass_and_kl():

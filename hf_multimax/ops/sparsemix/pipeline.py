@@ -16,6 +16,7 @@ from .selection import (
     BlockGeometry,
     block_geometry,
     block_key_features,
+    rotary_norms_and_slow_pairs,
     rotary_pair_norms,
     scorer_block_scores,
     select_blocks,
@@ -61,13 +62,14 @@ def _block_scorer(features=None) -> Selector:
     )
 
 
-# The block scorer (pooled queries and keys), the same on position-free features (the norms of the
+# The block scorer (pooled queries and keys); the same on position-free features (the norms of the
 # pairs rotary embeddings rotate: its ranking does not change with a block's distance, so it carries
-# over to contexts longer than it was trained on), and the token-level indexer (DSA's lightning
-# indexer).
+# over to contexts longer than it was trained on); the same on those norms and the pairs that turn
+# little over the model's context, kept whole; and the token-level indexer (DSA's lightning indexer).
 SELECTORS = {
     "block": _block_scorer(),
     "block_norms": _block_scorer(rotary_pair_norms),
+    "block_rotary": _block_scorer(rotary_norms_and_slow_pairs),
     "token": Selector(
         block_scores=lambda q, k, w, g, scale, mask, summary: indexer_block_scores(q, k, w, g, mask=mask, keys=summary),
         kl=indexer_kl,
@@ -99,7 +101,8 @@ def select_sparsemix_blocks(
         query (`torch.Tensor`): `[B, H, Q, D]`.
         key (`torch.Tensor`): `[B, Hkv, K, D]`.
         weights (`tuple`): what the layer's `SparseMixScorer` returns: `(w_query, w_key)` of the block
-            scorers (`[Hkv, 2 * D, rank]` each, `[Hkv, D, rank]` for `"block_norms"`) or
+            scorers (`[Hkv, 2 * D, rank]` each, `[Hkv, D, rank]` for `"block_norms"`, `[Hkv, D + 4 * n, rank]`
+            for `"block_rotary"` with n slow pairs) or
             `(w_query, w_key, w_weight)` of the token indexer.
         block_size, top_k, sink, local: as in `SparseMixSettings`.
         causal (`bool`): no future blocks. Default: `True`.

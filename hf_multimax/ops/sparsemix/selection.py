@@ -19,6 +19,7 @@ __all__ = [
     "BlockGeometry",
     "block_geometry",
     "block_key_features",
+    "rotary_norms_and_slow_pairs",
     "rotary_pair_norms",
     "pool_blocks",
     "scorer_block_scores",
@@ -122,7 +123,8 @@ def scorer_block_scores(
         key_features (`torch.Tensor`, *optional*): `block_key_features(key, w_key, block_size, features)`,
             when already known.
         features (*optional*): what the learned term pools of each query and key token instead of
-            the token itself, e.g. `rotary_pair_norms` (the `"block_norms"` selector).
+            the token itself, `features(x, F)` -> `[..., F]`: `rotary_pair_norms` (the `"block_norms"`
+            selector) or `rotary_norms_and_slow_pairs` (`"block_rotary"`).
 
     Returns:
         `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
@@ -130,7 +132,7 @@ def scorer_block_scores(
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
     pq = _pooled_queries(query, Hkv, geometry)  # [B, Hkv, nQB, 2D]
-    learned = pq if features is None else _pooled_queries(features(query), Hkv, geometry)
+    learned = pq if features is None else _pooled_queries(features(query, w_query.shape[-2] // 2), Hkv, geometry)
     if q_blocks is not None:
         pq = pq.index_select(2, q_blocks)
         learned = pq if features is None else learned.index_select(2, q_blocks)
@@ -151,13 +153,29 @@ def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry) -
     return pq.view(B, n_kv_heads, H // n_kv_heads, *pq.shape[2:]).mean(dim=2)
 
 
-def rotary_pair_norms(x: torch.Tensor) -> torch.Tensor:
+def rotary_pair_norms(x: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """`[..., D]` -> `[..., D / 2]`: the norm of each pair of features that rotary position embeddings
     rotate together (dims i and i + D/2, transformers' `rotate_half` layout), which the rotation leaves
-    unchanged: features of a token's content that do not depend on its position."""
+    unchanged: features of a token's content that do not depend on its position. (`width`, the
+    size the scorer's projection reads, is D / 2 here.)"""
     x = x.float()
     half = x.shape[-1] // 2
     return torch.hypot(x[..., :half], x[..., half:])  # one pass (a norm over a strided pair axis is ~50x slower)
+
+
+def rotary_norms_and_slow_pairs(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`[..., D]` -> `[..., width]`: `rotary_pair_norms`, then both features of the n = (width - D/2) / 2
+    slowest rotary pairs as they are. The slow pairs are the last of each half (`rotate_half` lays
+    the frequencies out from fast to slow); turning little over the whole context, they keep the
+    direction within a pair that the norms drop and that distinguishes one content from another,
+    without moving with position as the faster pairs do."""
+    x = x.float()
+    half = x.shape[-1] // 2
+    n = (width - half) // 2
+    norms = torch.hypot(x[..., :half], x[..., half:])
+    if n == 0:
+        return norms
+    return torch.cat([norms, x[..., half - n:half], x[..., 2 * half - n:]], dim=-1)
 
 
 def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
@@ -166,7 +184,7 @@ def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
     key beside its pooled (mean+max) key, or pooled `features(key)`, projected by `w_key`. Per block, so
     a KV cache's features grow by appending blocks (see `integrations.sparsemix_decoding`)."""
     pk = pool_blocks(key, block_size)  # [B, Hkv, nKB, 2D]
-    learned = pk if features is None else pool_blocks(features(key), block_size)
+    learned = pk if features is None else pool_blocks(features(key, w_key.shape[-2] // 2), block_size)
     return torch.cat([pk[..., : key.shape[-1]], torch.matmul(learned, w_key.float())], -1)
 
 
