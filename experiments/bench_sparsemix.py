@@ -55,7 +55,7 @@ def make_module(settings: SparseMixSettings, variant: str) -> torch.nn.Module:
     module = model.model.layers[0].self_attn.eval()
     scorer = module.sparsemix
     with torch.no_grad():
-        zero_start = scorer.w_key if settings.selector != "token" else scorer.w_weight
+        zero_start = scorer.w_key if scorer.is_block_scorer else scorer.w_weight
         zero_start.normal_(std=zero_start.shape[-2] ** -0.5)
     return module
 

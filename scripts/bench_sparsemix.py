@@ -26,7 +26,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["sdpa", "blocked", "eager", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the dense baseline)")
     parser.add_argument("--block_size", type=int, default=64, help="SparseMix block size")
     parser.add_argument("--top_k", type=int, default=8, help="key blocks kept per query block besides sink and local")
-    parser.add_argument("--selector", default="block", choices=list(SELECTORS), help="what ranks the key blocks (SparseMixSettings.selector)")
+    parser.add_argument("--selector", default="auto", choices=["auto", *SELECTORS], help="what ranks the key blocks (SparseMixSettings.selector; auto: block_rotary on the benchmark's Llama)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     parser.add_argument("--output", default="outputs/bench_sparsemix.json", help="JSON path (the PNG goes beside it)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

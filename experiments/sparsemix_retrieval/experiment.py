@@ -63,7 +63,7 @@ class RetrievalExperimentArguments:
     sparse_batch_size: int = 4
     block_size: int = 64
     top_k: int = 8
-    selector: str = field(default="block", metadata={"help": "What ranks the key blocks: 'block' (pooled scorer), 'block_norms' (pooled position-free rotary pair norms), 'block_rotary' (those norms and the slow rotary pairs whole) or 'token' (indexer)."})
+    selector: str = field(default="auto", metadata={"help": "What ranks the key blocks: 'auto' (block_rotary on this RoPE model), 'block' (pooled scorer), 'block_norms' (pooled position-free rotary pair norms), 'block_rotary' (those norms and the slow rotary pairs whole) or 'token' (indexer)."})
     scorer_rank: int = 16
     indexer_heads: int = 4
     indexer_dim: int = 32

@@ -35,7 +35,7 @@ def _score_mod(theta, affine):
     return lambda s: naive_multimax_modulate(s, th.to(s.dtype), None if af is None else af.to(s.dtype))
 
 
-def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, score_mod) -> torch.Tensor | None:
+def _add_kl_term(aux, settings, selector, weights, query, key, geometry, scaling, mask, score_mod) -> torch.Tensor | None:
     # Query blocks are sampled whether or not a collector listens, so a checkpointed layer's
     # recomputation draws the same random numbers as its forward.
     blocks = sample_query_blocks(geometry, settings.kl_query_blocks, sink=settings.sink, local=settings.local,
@@ -46,7 +46,7 @@ def _add_kl_term(aux, settings, weights, query, key, geometry, scaling, mask, sc
     # grad on even inside a reentrant checkpoint's no-grad forward, and its saved tensors stay out of
     # a non-reentrant checkpoint's recomputation (which runs after the collector is closed).
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        kl = SELECTORS[settings.selector].kl(query, key, weights, geometry, blocks, scale=scaling, sink=settings.sink,
+        kl = SELECTORS[selector].kl(query, key, weights, geometry, blocks, scale=scaling, sink=settings.sink,
                                              local=settings.local, mask=mask, score_mod=score_mod,
                                              target_power=settings.kl_target_power)
         aux.add(KL_TERM, kl * settings.kl_weight)
@@ -108,6 +108,7 @@ def sparsemix_attention_forward(
         raise ValueError("sparsemix does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
     settings = settings_of(module, SparseMixSettings)
     weights = layer_outputs(module, SparseMixScorer, settings)
+    selector = getattr(module, SparseMixScorer.attr).structure[0]  # what "auto" resolved to for this layer
     causal = call_is_causal(module, kwargs)
     cache_keys = key  # what the KV cache holds (the decoding summary is kept on it)
     key, value, mask, bias, _ = prepare_inputs(module, query, key, value, attention_mask, kwargs)
@@ -124,7 +125,7 @@ def sparsemix_attention_forward(
 
     kl = None
     if module.training and settings.kl_weight > 0 and long_input:
-        kl = _add_kl_term(active_aux_losses(KL_TERM), settings, weights, query, key, geometry, scaling, mask,
+        kl = _add_kl_term(active_aux_losses(KL_TERM), settings, selector, weights, query, key, geometry, scaling, mask,
                           _score_mod(theta, affine) if multimax else None)
 
     if not long_input or settings.dense_warmup:
@@ -155,13 +156,13 @@ def sparsemix_attention_forward(
     backend = BACKENDS.resolve(settings.backend, attention_call(query, key, value, theta, affine))
     summary = None
     if not torch.is_grad_enabled():  # inference: the cache's key summary grows step by step
-        summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=settings.selector,
+        summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=selector,
                                      block_size=settings.block_size, weights=weights,
-                                     summarize=functools.partial(SELECTORS[settings.selector].summarize,
+                                     summarize=functools.partial(SELECTORS[selector].summarize,
                                                                  w=weights, block_size=settings.block_size))
     out = sparsemix_attention(
         query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,
-        selector=settings.selector, key_summary=summary,
+        selector=selector, key_summary=summary,
     )
     return _tie(out.transpose(1, 2).contiguous(), kl), None

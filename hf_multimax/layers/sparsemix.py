@@ -13,7 +13,8 @@ from ..ops.sparsemix import BACKENDS, SELECTORS
 from .base import MethodLayer, num_heads_of
 from .settings import ConfigSettings
 
-__all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings", "freeze_all_but_scorers", "kv_heads_and_dim"]
+__all__ = ["NORMALIZERS", "SparseMixScorer", "SparseMixSettings", "freeze_all_but_scorers", "kv_heads_and_dim",
+           "resolve_selector"]
 
 NORMALIZERS = ("softmax", "multimax")
 
@@ -39,16 +40,21 @@ class SparseMixSettings(ConfigSettings):
             local blocks. Default: `8`.
         sink (`bool`): always keep the first key block. Default: `True`.
         local (`bool`): always keep the query block's own key block. Default: `True`.
-        selector (`str`): what ranks the key blocks: `"block"`, the block scorer (pooled queries and
-            keys, cheap), or `"token"`, the token-level indexer (DeepSeek V3.2's lightning indexer on
-            every query/key token, its distribution summed per key block and max-pooled over the
-            query block's rows; finds single needle tokens that pooling averages away), or
-            `"block_norms"`, the block scorer whose learned term pools the norms of the feature pairs
-            rotary embeddings rotate (position-free: its ranking does not change with a block's
-            distance, for contexts longer than it was trained on; rotate_half RoPE layout, as in Llama,
-            Mistral, Qwen), or `"block_rotary"`, the same reading also, whole, the rotary pairs that
-            turn less than an eighth of a turn over the model's `max_position_embeddings` (content
-            that norms blur, with no drift with distance; RoPE over the whole head). Default: `"block"`.
+        selector (`str`): what ranks the key blocks:
+            - `"block"`: the block scorer (pooled queries and keys, cheap, any architecture);
+            - `"block_norms"`: the block scorer whose learned term pools the norms of the feature
+              pairs rotary embeddings rotate (position-free: its ranking does not change with a
+              block's distance, for contexts longer than it was trained on; rotate_half RoPE layout,
+              as in Llama, Mistral, Qwen);
+            - `"block_rotary"`: those norms and, whole, the rotary pairs that turn less than an eighth
+              of a turn over the model's `max_position_embeddings` (the direction that norms blur,
+              without drift with distance; RoPE over the whole head);
+            - `"token"`: the token-level indexer (DeepSeek V3.2's lightning indexer on every query/key
+              token, its distribution summed per key block and max-pooled over the query block's
+              rows; finds single needle tokens that pooling averages away; slow until fused);
+            - `"auto"`: `"block_rotary"` on models with RoPE over the whole head, `"block"` on others
+              (the best measured selector where it applies, see the README).
+            Default: `"auto"`.
         scorer_rank (`int`): rank of the block scorer's learned query/key projections. Default: `16`.
         indexer_heads (`int`): heads of the token indexer. Default: `4`.
         indexer_dim (`int`): size of each token-indexer head. Default: `32`.
@@ -75,7 +81,7 @@ class SparseMixSettings(ConfigSettings):
     top_k: int = 8
     sink: bool = True
     local: bool = True
-    selector: str = "block"
+    selector: str = "auto"
     scorer_rank: int = 16
     indexer_heads: int = 4
     indexer_dim: int = 32
@@ -93,8 +99,9 @@ class SparseMixSettings(ConfigSettings):
         _positive_int("scorer_rank", self.scorer_rank)
         _positive_int("indexer_heads", self.indexer_heads)
         _positive_int("indexer_dim", self.indexer_dim)
-        if self.selector not in SELECTORS:
-            raise ValueError(f"sparsemix.selector={self.selector!r} is not supported; allowed values: {tuple(SELECTORS)}")
+        if self.selector not in ("auto", *SELECTORS):
+            raise ValueError(f"sparsemix.selector={self.selector!r} is not supported; allowed values: "
+                             f"{('auto', *SELECTORS)}")
         _positive_int("kl_query_blocks", self.kl_query_blocks)
         for name in ("sink", "local", "dense_warmup"):
             if not isinstance(getattr(self, name), bool):
@@ -161,6 +168,9 @@ def slow_rotary_pairs(config, head_dim: int) -> int:
                          f"{type(config).__name__} has no single rope_parameters with a rope_theta (got {rope!r}); "
                          "use selector='block_norms' or 'block'")
     factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    rotary_dim = getattr(config, "rotary_dim", None)  # GPT-J style configs
+    if rotary_dim not in (None, head_dim):
+        factor = rotary_dim / head_dim
     if factor != 1.0:
         raise ValueError(f"sparsemix.selector='block_rotary' needs rotary embeddings on the whole head, got "
                          f"partial_rotary_factor={factor}; use selector='block'")
@@ -177,6 +187,21 @@ def slow_rotary_pairs(config, head_dim: int) -> int:
         raise ValueError(f"sparsemix.selector='block_rotary' expects {head_dim // 2} rotary frequencies falling from "
                          f"the first pair to the last, got {inv_freq.tolist()}; use selector='block'")
     return int((inv_freq * config.max_position_embeddings < SLOW_PAIR_TURN).sum())
+
+
+def resolve_selector(selector: str, config, head_dim: int) -> tuple[str, int]:
+    """`(selector, slow_pairs)` of a layer: `sparsemix.selector` as it is, with `"block_rotary"`'s slow
+    pair count; `"auto"` is `"block_rotary"` where the model has RoPE over the whole (even-sized)
+    head, `"block"` elsewhere (absolute or learned positions, partial or unknown rotary embeddings)."""
+    if selector == "auto":
+        try:
+            block_scorer_inputs("block_rotary", head_dim)
+            return "block_rotary", slow_rotary_pairs(config, head_dim)
+        except ValueError:
+            return "block", 0
+    if selector == "block_rotary":
+        return selector, slow_rotary_pairs(config, head_dim)
+    return selector, 0
 
 
 class SparseMixScorer(MethodLayer):
@@ -243,10 +268,10 @@ class SparseMixScorer(MethodLayer):
     def structure_for(cls, settings: SparseMixSettings, host: nn.Module) -> tuple:
         kv_heads, head_dim = kv_heads_and_dim(host)
         heads = num_heads_of(host) or kv_heads
-        if settings.selector != "token":  # a block scorer has no indexer
-            block_scorer_inputs(settings.selector, head_dim)  # raises for an odd head size with the rotary ones
-            slow = slow_rotary_pairs(getattr(host, "config", None), head_dim) if settings.selector == "block_rotary" else 0
-            return (settings.selector, heads, kv_heads, head_dim, settings.scorer_rank, 0, 0, slow)
+        selector, slow = resolve_selector(settings.selector, getattr(host, "config", None), head_dim)
+        if selector != "token":  # a block scorer has no indexer
+            block_scorer_inputs(selector, head_dim)  # raises for an odd head size with the rotary ones
+            return (selector, heads, kv_heads, head_dim, settings.scorer_rank, 0, 0, slow)
         return ("token", heads, kv_heads, head_dim, 0, settings.indexer_heads, settings.indexer_dim, 0)
 
     @property

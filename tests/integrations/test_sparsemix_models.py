@@ -148,8 +148,9 @@ def test_dense_warmup_keeps_the_model_dense_and_the_scorer_learns():
     with torch.no_grad():
         assert_close(model(ids).logits, dense(ids).logits, what="dense warm-up runs dense attention")
     n = hf_multimax.freeze_all_but_scorers(model)
-    # 2 layers x 2 KV heads x (w_query + w_key, each [2 * head_dim 8, rank 16])
-    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * (2 * 16 * 16)
+    # 2 layers x 2 KV heads x (w_query + w_key, each [12, rank 16]): the default selector on Llama is
+    # "block_rotary", 4 pair norms and 1 slow pair (2 features), mean+max pooled
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * (2 * 12 * 16)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     kls = []
@@ -368,3 +369,27 @@ def test_block_rotary_selector_reads_the_models_slow_rotary_pairs(tmp_path):
         config.sparsemix = settings
         with pytest.raises(ValueError, match=error):
             tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
+
+
+def test_default_selector_is_block_rotary_where_the_model_has_rope_over_the_whole_head(tmp_path):
+    """selector="auto" (the default) resolves per model: "block_rotary" on RoPE models, "block" on
+    GPT-2 (learned positions), Phi (rotary on half the head) and GPT-2 with odd head sizes; the config
+    keeps "auto" and the reloaded model resolves the same."""
+    cases = {"llama": _llama, "qwen2": ARCHS["qwen2"][0], "gpt2": ARCHS["gpt2"][0], "phi": lambda: tf.PhiConfig(**SMALL),
+             "gpt2_odd": lambda: tf.GPT2Config(vocab_size=100, n_embd=36, n_layer=1, n_head=4, n_positions=512)}
+    want = {"llama": "block_rotary", "qwen2": "block_rotary", "gpt2": "block", "phi": "block", "gpt2_odd": "block"}
+    for name, make in cases.items():
+        config = make()
+        config.sparsemix = dict(SETTINGS)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
+        scorers = [m for m in model.modules() if isinstance(m, hf_multimax.SparseMixScorer)]
+        assert scorers and {s.selector for s in scorers} == {want[name]}, name
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["sparsemix"]["selector"] == "auto"
+    model = build(settings=SETTINGS).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.model.layers[0].self_attn.sparsemix.structure == model.model.layers[0].self_attn.sparsemix.structure
+    ids = tokens(1, 100)
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, model(ids).logits, what="reloaded auto selector")
