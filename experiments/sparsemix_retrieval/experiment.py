@@ -38,7 +38,7 @@ QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2",
 # (L=512, block 16, top-2: 4 of 32 blocks kept), then the scorer warm-up alone. Its selector's needle
 # recall must end well above the untrained one's; no accuracy target is claimed at this size.
 DIRECTION = {"eval_length": 512, "eval_sequences": 32, "curriculum": "128:400,512:40", "dense_batch_tokens": 4096,
-             "warmup_steps": 30, "kl_query_blocks": 8, "finetune_steps": 0, "sparse_batch_size": 4, "block_size": 16,
+             "warmup_steps": 100, "kl_query_blocks": 8, "finetune_steps": 0, "sparse_batch_size": 4, "block_size": 16,
              "top_k": 2,
              "hidden_size": 128, "disable_tqdm": True, "long_context_lengths": "", "mqar_needles": 0, "depths": ""}
 

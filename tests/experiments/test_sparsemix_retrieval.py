@@ -63,7 +63,7 @@ def test_quick_pipeline_writes_every_field(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("selector", ["token", "block"])
+@pytest.mark.parametrize("selector", ["token", "block", "auto"])
 def test_direction_trained_selector_finds_needles_the_untrained_one_misses(selector, tmp_path, capsys):
     """`--direction` (~1 min each): a small dense model that learns the lookup, then the selector's
     dense warm-up. The trained selector must keep the needle's block far more often than the untrained
