@@ -26,7 +26,7 @@ CACHES = ("dynamic", "static")
 QUICK = {"context": 512, "new_tokens": 4, "repeats": 1, "block_size": 16, "top_k": 2}
 
 
-def make_models(block_size: int, top_k: int, layers: int = 2) -> dict:
+def make_models(block_size: int, top_k: int, layers: int = 2, names=tuple(VARIANTS)) -> dict:
     import hf_multimax  # noqa: F401  (registers attn_implementation="sparsemix")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -38,7 +38,7 @@ def make_models(block_size: int, top_k: int, layers: int = 2) -> dict:
     dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     models = {"sdpa": dense}
     for name, selector in VARIANTS.items():
-        if selector is None:
+        if selector is None or name not in names:
             continue
         sparse_config = copy.deepcopy(config)
         sparse_config.sparsemix = {"block_size": block_size, "top_k": top_k, "selector": selector}
@@ -62,9 +62,11 @@ def _new_cache(model, cache: str, max_len: int):
 
 
 @torch.no_grad()
-def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_size: int = 64, top_k: int = 8) -> dict:
-    """Every measurement of the module docstring."""
-    models = make_models(block_size, top_k)
+def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_size: int = 64, top_k: int = 8,
+                           names=tuple(VARIANTS)) -> dict:
+    """Every measurement of the module docstring, for the models `names` (of `VARIANTS`; SDPA, the
+    baseline, always)."""
+    models = make_models(block_size, top_k, names=names)
     prompt = torch.randint(0, 1000, (1, context + 1), generator=torch.Generator().manual_seed(0))
     rows = []
     for cache in CACHES:
@@ -122,7 +124,7 @@ def plot_decode(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    names = list(VARIANTS)
+    names = [n for n in VARIANTS if any(r["model"] == n for r in results["rows"])]
     for i, cache in enumerate(CACHES):
         rows = {r["model"]: r for r in results["rows"] if r["cache"] == cache}
         ax.bar([j + 0.4 * i for j in range(len(names))], [rows[n]["tokens_per_s"] for n in names], width=0.4,

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is 
 
 import torch  # noqa: E402
 
-from experiments.bench_sparsemix_decode import QUICK, bench_sparsemix_decode, decode_summary, plot_decode  # noqa: E402
+from experiments.bench_sparsemix_decode import QUICK, VARIANTS, bench_sparsemix_decode, decode_summary, plot_decode  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
 from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
 
@@ -28,13 +28,16 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=8, help="key blocks kept per query block besides sink and local")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", default="outputs/bench_sparsemix_decode.json", help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="what to time (sdpa, the baseline, always is; sparsemix_<selector> for each selector)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny sizes, one repeat")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         vars(args).update(QUICK)
-    results = bench_sparsemix_decode(args.context, args.new_tokens, args.repeats, args.block_size, args.top_k)
+    results = bench_sparsemix_decode(args.context, args.new_tokens, args.repeats, args.block_size, args.top_k,
+                                     names=args.models)
     results["quick"] = args.quick
     write_results(results, args.output, plot_decode)
     print(decode_summary(results))
