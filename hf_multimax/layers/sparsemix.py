@@ -186,7 +186,12 @@ def slow_rotary_pairs(config, head_dim: int) -> int:
     if inv_freq.numel() != head_dim // 2 or bool((inv_freq.diff() > 0).any()):
         raise ValueError(f"sparsemix.selector='block_rotary' expects {head_dim // 2} rotary frequencies falling from "
                          f"the first pair to the last, got {inv_freq.tolist()}; use selector='block'")
-    return int((inv_freq * config.max_position_embeddings < SLOW_PAIR_TURN).sum())
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions < 1:
+        raise ValueError(f"sparsemix.selector='block_rotary' counts the pairs that turn little over the model's "
+                         f"context, but {type(config).__name__}.max_position_embeddings is {positions!r}; set it, or "
+                         "use selector='block_norms' or 'block'")
+    return int((inv_freq * positions < SLOW_PAIR_TURN).sum())
 
 
 def resolve_selector(selector: str, config, head_dim: int) -> tuple[str, int]:
