@@ -198,15 +198,15 @@ def resolve_selector(selector: str, config, head_dim: int) -> tuple[str, int]:
     """`(selector, slow_pairs)` of a layer: `sparsemix.selector` as it is, with `"block_rotary"`'s slow
     pair count; `"auto"` is `"block_rotary"` where the model has RoPE over the whole (even-sized)
     head, `"block"` elsewhere (absolute or learned positions, partial or unknown rotary embeddings)."""
-    if selector == "auto":
-        try:
-            block_scorer_inputs("block_rotary", head_dim)
-            return "block_rotary", slow_rotary_pairs(config, head_dim)
-        except ValueError:
+    if selector not in ("auto", "block_rotary"):
+        return selector, 0
+    try:
+        block_scorer_inputs("block_rotary", head_dim)  # an even head size first, as for "block_norms"
+        return "block_rotary", slow_rotary_pairs(config, head_dim)
+    except ValueError:
+        if selector == "auto":
             return "block", 0
-    if selector == "block_rotary":
-        return selector, slow_rotary_pairs(config, head_dim)
-    return selector, 0
+        raise
 
 
 class SparseMixScorer(MethodLayer):

@@ -182,7 +182,7 @@ def rotary_norms_and_slow_pairs(x: torch.Tensor, width: int) -> torch.Tensor:
     x = x.float()
     half = x.shape[-1] // 2
     n = (width - half) // 2
-    norms = torch.hypot(x[..., :half], x[..., half:])
+    norms = rotary_pair_norms(x)
     if n == 0:
         return norms
     return torch.cat([norms, x[..., half - n:half], x[..., 2 * half - n:]], dim=-1)
