@@ -109,14 +109,11 @@ def scorer_kl(
     attention mass (max-pooled over the block's queries) raised to `target_power` and renormalised
     over those blocks (computed in log space: a power of 64 underflows fp32 otherwise).
 
-    With `query_split > 1` both distributions are over (part, block) pairs. The target is each
-    part's sharpened distribution (its queries' max-pooled mass, as above) weighted by the part's
-    largest mass on a candidate block, the scorer's the softmax of the parts' scores together. A part
-    whose queries need no far block carries little weight, so its scores are pushed below those of
-    a part that holds a needle; two parts that each hold one both keep theirs (sharpening the
-    (part, block) mass as one distribution would keep only the larger of the two). The parts' scores
-    are comparable, and `select_blocks` ranks a block by its best part. (Parts without queries are
-    left out.)
+    With `query_split > 1` both distributions are over (part, block) pairs: the mass max-pooled over
+    each part's queries, and the softmax of the parts' scores together. A part whose queries need no
+    far block gets little of the sharpened target, so its scores are pushed below those of the part
+    that holds a needle: the parts' scores are comparable, and `select_blocks` ranks a block by its
+    best part. (Parts without queries are left out.)
 
     Args:
         scores (`torch.Tensor`): `[B, Hkv, len(q_blocks) * query_split, n_k_blocks]` scorer output for
@@ -130,17 +127,14 @@ def scorer_kl(
     query, key = query.detach(), key.detach()
     terms = []
     for n, a in enumerate(q_blocks.tolist()):
-        cand = real[a, :, None] & allowed[a] & ~forced[a]  # [parts, nKB]
+        cand = (real[a, :, None] & allowed[a] & ~forced[a]).flatten()  # [parts * nKB]
         with torch.no_grad():
             mass = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod,
-                                    query_split=query_split).view(*query.shape[:1], key.shape[1], query_split, -1)
+                                    query_split=query_split).flatten(-2 if query_split > 1 else -1)
             log_t = (target_power * mass.clamp_min(1e-30).log()).masked_fill(~cand, float("-inf"))
-            peak = (mass * cand).amax(-1, keepdim=True)  # [B, Hkv, parts, 1]
-            weight = peak / peak.sum(-2, keepdim=True).clamp_min(1e-30)
-            # (a part without candidates has an all -inf row: its NaNs are dropped with its zero weight)
-            target = (torch.softmax(log_t, dim=-1).nan_to_num(0.0) * weight).flatten(-2)
-        part_scores = scores[:, :, n * query_split : (n + 1) * query_split]
-        log_s = torch.log_softmax(part_scores.float().masked_fill(~cand, float("-inf")).flatten(-2), dim=-1)
+            target = torch.softmax(log_t, dim=-1) * (mass * cand).sum(-1, keepdim=True).gt(0)
+        part_scores = scores[:, :, n * query_split : (n + 1) * query_split].flatten(-2)
+        log_s = torch.log_softmax(part_scores.float().masked_fill(~cand, float("-inf")), dim=-1)
         terms.append(kl_terms(target, log_s).sum(-1).mean())
     if not terms:
         return scores.sum() * 0.0
