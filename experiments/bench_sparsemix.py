@@ -75,14 +75,14 @@ def memory_step(variant: str, length: int, settings: dict):
 
 
 def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size: int, top_k: int,
-                    selector: str = "block", query_split: int = 1) -> dict:
+                    selector: str = "block") -> dict:
     """Every measurement of the module docstring for `variants` (names in `MAX_LEN`; SDPA, the
     baseline, is always measured; peak memory for SDPA and the trainable `blocked` and `fused`)."""
     unknown = sorted(set(variants) - set(MAX_LEN))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(MAX_LEN)}")
     variants = ["sdpa", *(v for v in variants if v != "sdpa")]
-    settings = SparseMixSettings(block_size=block_size, top_k=top_k, selector=selector, query_split=query_split)
+    settings = SparseMixSettings(block_size=block_size, top_k=top_k, selector=selector)
     modules = {v: make_module(settings, v) for v in variants}
 
     def time_variant(variant, length):

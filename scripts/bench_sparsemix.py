@@ -16,7 +16,6 @@ import torch  # noqa: E402
 from experiments.bench_sparsemix import MAX_LEN, QUICK, bench_sparsemix, plot, summary  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
 from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
-from hf_multimax.layers.sparsemix import SparseMixSettings  # noqa: E402
 from hf_multimax.ops.sparsemix import SELECTORS  # noqa: E402
 
 
@@ -28,7 +27,6 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=64, help="SparseMix block size")
     parser.add_argument("--top_k", type=int, default=8, help="key blocks kept per query block besides sink and local")
     parser.add_argument("--selector", default="auto", choices=["auto", *SELECTORS], help="what ranks the key blocks (SparseMixSettings.selector; auto: block_rotary on the benchmark's Llama)")
-    parser.add_argument("--query_split", type=int, default=SparseMixSettings.query_split, help="parts each query block is scored in (SparseMixSettings.query_split)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     parser.add_argument("--output", default="outputs/bench_sparsemix.json", help="JSON path (the PNG goes beside it)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -39,7 +37,7 @@ def main(argv=None):
     if args.quick:
         vars(args).update(QUICK)
     results = bench_sparsemix(args.lengths, args.memory_lengths, args.variants, args.repeats, args.block_size,
-                              args.top_k, args.selector, args.query_split)
+                              args.top_k, args.selector)
     write_results(results, args.output, plot)
     print(summary(results))
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..naive_attention import naive_attention
-from .selection import BlockGeometry, candidate_blocks, query_split_rows
+from .selection import BlockGeometry, candidate_blocks
 
 __all__ = ["dense_block_mass", "dense_rows", "kl_terms", "sample_query_blocks", "scorer_kl"]
 
@@ -104,16 +104,12 @@ def scorer_kl(
     target_power: float = 1.0,
     query_split: int = 1,
 ) -> torch.Tensor:
-    """Mean over batch, key/value heads and the sampled query blocks of KL(target || scorer), over the
-    blocks the scorer chooses among (allowed and not forced). The target is the detached dense
-    attention mass (max-pooled over the block's queries) raised to `target_power` and renormalised
-    over those blocks (computed in log space: a power of 64 underflows fp32 otherwise).
-
-    With `query_split > 1` both distributions are over (part, block) pairs: the mass max-pooled over
-    each part's queries, and the softmax of the parts' scores together. A part whose queries need no
-    far block gets little of the sharpened target, so its scores are pushed below those of the part
-    that holds a needle: the parts' scores are comparable, and `select_blocks` ranks a block by its
-    best part. (Parts without queries are left out.)
+    """Mean over batch, key/value heads and the sampled query blocks (or their parts) of
+    KL(target || scorer), over the blocks the scorer chooses among (allowed and not forced). The
+    target is the detached dense attention mass (max-pooled over the block's queries, or over each
+    of its `query_split` parts) raised to `target_power` and renormalised over those blocks (computed
+    in log space: a power of 64 underflows fp32 otherwise). A part without queries has no target
+    and adds 0.
 
     Args:
         scores (`torch.Tensor`): `[B, Hkv, len(q_blocks) * query_split, n_k_blocks]` scorer output for
@@ -123,17 +119,17 @@ def scorer_kl(
         q_blocks (`torch.Tensor`): relative query-block indices from `sample_query_blocks`.
     """
     allowed, forced = candidate_blocks(geometry, sink=sink, local=local, device=scores.device)
-    real = query_split_rows(geometry, query_split, scores.device).view(-1, query_split)  # [nQB, parts]
     query, key = query.detach(), key.detach()
     terms = []
     for n, a in enumerate(q_blocks.tolist()):
-        cand = (real[a, :, None] & allowed[a] & ~forced[a]).flatten()  # [parts * nKB]
+        cand = allowed[a] & ~forced[a]
         with torch.no_grad():
             mass = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod,
-                                    query_split=query_split).flatten(-2 if query_split > 1 else -1)
+                                    query_split=query_split)
             log_t = (target_power * mass.clamp_min(1e-30).log()).masked_fill(~cand, float("-inf"))
             target = torch.softmax(log_t, dim=-1) * (mass * cand).sum(-1, keepdim=True).gt(0)
-        part_scores = scores[:, :, n * query_split : (n + 1) * query_split].flatten(-2)
+        part_scores = scores[:, :, n * query_split : (n + 1) * query_split]
+        part_scores = part_scores[:, :, 0] if query_split == 1 else part_scores
         log_s = torch.log_softmax(part_scores.float().masked_fill(~cand, float("-inf")), dim=-1)
         terms.append(kl_terms(target, log_s).sum(-1).mean())
     if not terms:

@@ -242,11 +242,10 @@ def select_blocks(
         geometry (`BlockGeometry`): the call's geometry.
         top_k (`int`): blocks chosen by score besides the forced ones.
         sink, local (`bool`): always keep block 0 / the query block's own block.
-        query_split (`int`): parts each query block was scored in. A block ranks by its best
-            part's score: two queries of one block that need different blocks both get theirs, where
-            pooling the whole block blurs them together. The scores of a block's parts are comparable:
-            the KL trains them as one distribution over (part, key block) pairs (`scorer_kl`), so a
-            part without a needle scores low everywhere. Parts without a query do not vote.
+        query_split (`int`): parts each query block was scored in. Each part's scores become a
+            distribution over the blocks it chooses among (as the KL trains them), and a block ranks
+            by its best part: two queries of one block that need different blocks both get theirs,
+            where pooling the whole block blurs them together. Parts without a query do not vote.
             Default: `1`.
 
     Returns:
@@ -262,8 +261,9 @@ def select_blocks(
                          f"and query_split={query_split}, got {tuple(scores.shape)}")
     hidden, fixed_idx, fixed_ok = _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
     if query_split > 1:
-        empty = ~query_split_rows(geometry, query_split, scores.device)[:, None]
-        scores = scores.masked_fill(empty, float("-inf")).view(B, Hkv, nQB, query_split, nKB).amax(dim=3)
+        votes = ~hidden.repeat_interleave(query_split, 0) & query_split_rows(geometry, query_split, scores.device)[:, None]
+        log_p = torch.log_softmax(scores.masked_fill(hidden.repeat_interleave(query_split, 0), float("-inf")), dim=-1)
+        scores = log_p.masked_fill(~votes, float("-inf")).view(B, Hkv, nQB, query_split, nKB).amax(dim=3)
     k = min(top_k, nKB)
     top_val, top_idx = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1)
     top_ok = top_val > float("-inf")  # what top-k took from the hidden blocks (or NaN scores) is not kept
