@@ -65,7 +65,6 @@ class RetrievalExperimentArguments:
     top_k: int = 8
     selector: str = field(default="auto", metadata={"help": "What ranks the key blocks: 'auto' (block_rotary on this RoPE model), 'block' (pooled scorer), 'block_norms' (pooled position-free rotary pair norms), 'block_rotary' (those norms and the slow rotary pairs whole) or 'token' (indexer)."})
     scorer_rank: int = 16
-    query_split: int = field(default=1, metadata={"help": "Parts each query block is scored in (the block scorers)."})
     indexer_heads: int = 4
     indexer_dim: int = 32
     kl_query_blocks: int = field(default=32, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
@@ -112,7 +111,7 @@ class RetrievalExperimentArguments:
 
     def sparsemix_settings(self, dense_warmup: bool) -> dict:
         return {"block_size": self.block_size, "top_k": self.top_k, "selector": self.selector,
-                "scorer_rank": self.scorer_rank, "query_split": self.query_split, "indexer_heads": self.indexer_heads, "indexer_dim": self.indexer_dim,
+                "scorer_rank": self.scorer_rank, "indexer_heads": self.indexer_heads, "indexer_dim": self.indexer_dim,
                 "kl_query_blocks": self.kl_query_blocks, "kl_weight": self.kl_weight,
                 "kl_target_power": self.kl_target_power, "dense_warmup": dense_warmup}
 

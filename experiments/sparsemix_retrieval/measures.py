@@ -73,7 +73,7 @@ def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8) -
             scorer = layer.self_attn.sparsemix
             _, idx, valid = select_sparsemix_blocks(
                 q, k, scorer(), block_size=bs, top_k=settings.top_k, sink=settings.sink, local=settings.local,
-                causal=True, scale=layer.self_attn.scaling, selector=scorer.selector, query_split=settings.query_split,
+                causal=True, scale=layer.self_attn.scaling, selector=scorer.selector,
             )
             # [b, Hkv, n_q, S]: the slots of each query's block
             b, hkv = idx.shape[:2]

@@ -48,7 +48,7 @@ def _add_kl_term(aux, settings, selector, weights, query, key, geometry, scaling
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         kl = SELECTORS[selector].kl(query, key, weights, geometry, blocks, scale=scaling, sink=settings.sink,
                                              local=settings.local, mask=mask, score_mod=score_mod,
-                                             target_power=settings.kl_target_power, query_split=settings.query_split)
+                                             target_power=settings.kl_target_power)
         aux.add(KL_TERM, kl * settings.kl_weight)
     return kl
 
@@ -163,6 +163,6 @@ def sparsemix_attention_forward(
     out = sparsemix_attention(
         query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,
-        selector=selector, key_summary=summary, query_split=settings.query_split,
+        selector=selector, key_summary=summary,
     )
     return _tie(out.transpose(1, 2).contiguous(), kl), None

@@ -56,11 +56,6 @@ class SparseMixSettings(ConfigSettings):
               (the best measured selector where it applies, see the README).
             Default: `"auto"`.
         scorer_rank (`int`): rank of the block scorer's learned query/key projections. Default: `16`.
-        query_split (`int`): the block scorers pool each query block in this many equal parts
-            (`block_size // query_split` rows each), score each part, and keep a key block by its best
-            part: two queries of one block that need different far blocks both find theirs, where the
-            whole block's pooled query blurs them together. Must divide `block_size`; `1` for
-            `"token"` (it already ranks blocks by their best query row). Default: `1`.
         indexer_heads (`int`): heads of the token indexer. Default: `4`.
         indexer_dim (`int`): size of each token-indexer head. Default: `32`.
         kl_weight (`float`): weight of the scorer's KL term added to the training loss. Default: `1.0`.
@@ -88,7 +83,6 @@ class SparseMixSettings(ConfigSettings):
     local: bool = True
     selector: str = "auto"
     scorer_rank: int = 16
-    query_split: int = 1
     indexer_heads: int = 4
     indexer_dim: int = 32
     kl_weight: float = 1.0
@@ -103,18 +97,11 @@ class SparseMixSettings(ConfigSettings):
         _positive_int("block_size", self.block_size)
         _positive_int("top_k", self.top_k, 0)
         _positive_int("scorer_rank", self.scorer_rank)
-        _positive_int("query_split", self.query_split)
-        if self.block_size % self.query_split:
-            raise ValueError(f"sparsemix.query_split={self.query_split} must divide block_size={self.block_size} "
-                             "(the parts are equal); pick a divisor of it")
         _positive_int("indexer_heads", self.indexer_heads)
         _positive_int("indexer_dim", self.indexer_dim)
         if self.selector not in ("auto", *SELECTORS):
             raise ValueError(f"sparsemix.selector={self.selector!r} is not supported; allowed values: "
                              f"{('auto', *SELECTORS)}")
-        if self.selector == "token" and self.query_split != 1:
-            raise ValueError(f"sparsemix.query_split={self.query_split} is for the block scorers; selector='token' "
-                             "already ranks blocks by their best query row: set query_split=1")
         _positive_int("kl_query_blocks", self.kl_query_blocks)
         for name in ("sink", "local", "dense_warmup"):
             if not isinstance(getattr(self, name), bool):

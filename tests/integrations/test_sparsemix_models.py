@@ -247,38 +247,6 @@ def test_settings_persist_and_reload_in_a_fresh_process(tmp_path):
     assert run.returncode != 0 and "sparsemix" in run.stderr and "not supported" in run.stderr
 
 
-def test_query_split_trains_selects_per_part_and_persists(tmp_path):
-    """query_split=2: the KL term trains the scorer on each half of the sampled query blocks, the
-    backends agree, decoding matches the reference backend, and the setting round-trips."""
-    settings = {**SETTINGS, "query_split": 2}
-    model = build(settings=settings).train()
-    with torch.no_grad():
-        for layer in model.model.layers:  # a trained-looking scorer: the halves rank blocks differently
-            layer.self_attn.sparsemix.w_key.normal_()
-    ids = tokens(2, 100)
-    with hf_multimax.collect_aux_losses() as aux:
-        out = model(ids, labels=ids)
-    (out.loss + aux.loss()).backward()
-    assert aux.loss() > 0 and model.model.layers[0].self_attn.sparsemix.w_query.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        split = model(ids).logits
-        model.config.sparsemix = dict(SETTINGS)  # the config is the truth: whole blocks at once
-        whole = model(ids).logits
-        model.config.sparsemix = settings
-    assert (split - whole).abs().max() > 1e-3, "scoring halves must change the selection here"
-    model.set_attn_implementation("sparsemix:eager")
-    with torch.no_grad():
-        assert_close(model(ids).logits, split, what="reference backend")
-        want = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
-    model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["sparsemix"]["query_split"] == 2
-    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsemix").eval()
-    with torch.no_grad():
-        assert_close(reloaded(ids).logits, split, what="reloaded")
-        torch.testing.assert_close(reloaded.generate(ids[:1], max_new_tokens=4, do_sample=False), want)
-
-
 def test_switching_attention_attaches_and_removes_scorers():
     model = build(attn="sdpa", settings=None)
     assert not hasattr(model.model.layers[0].self_attn, "sparsemix")
@@ -304,8 +272,6 @@ def test_switching_attention_attaches_and_removes_scorers():
         ({"kl_weight": float("nan")}, "kl_weight=nan must be a finite number"),
         ({"kl_target_power": float("inf")}, "kl_target_power=inf must be a finite number"),
         ({"sink": 1}, "sink"),
-        ({"query_split": 3}, "query_split=3 must divide block_size=64"),
-        ({"selector": "token", "query_split": 2}, "query_split=2 is for the block scorers"),
         ({"topk": 3}, "unknown sparsemix setting"),
     ],
 )

@@ -16,14 +16,12 @@ from hf_multimax.ops.sparsemix import (
     fused_sparsemix_attention,
     naive_sparsemix_attention,
     pool_blocks,
-    query_split_rows,
     rotary_norms_and_slow_pairs,
     rotary_pair_norms,
     sample_query_blocks,
     scorer_block_scores,
     scorer_kl,
     select_blocks,
-    select_sparsemix_blocks,
     selection_mask,
 )
 from tests.conftest import assert_close
@@ -382,88 +380,3 @@ def test_fused_all_blocks_kept_is_dense_and_multimax_training_is_refused():
     theta = torch.zeros(8, 2, requires_grad=True)
     with pytest.raises(ValueError, match="trains softmax only; train MultiMax with backend 'blocked'"):
         fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True, theta=theta)
-
-
-@pytest.mark.parametrize("Q, K", [(83, 83), (37, 90), (16, 16)], ids=["prefill", "chunk_front_pad", "one_block"])
-@pytest.mark.parametrize("split", [2, 4])
-def test_query_split_scores_each_part_of_the_query_blocks(Q, K, split):
-    # Reference: every part's real rows pooled by hand (mean; max), averaged over the group's heads.
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, Q, 8, generator=g), torch.randn(2, 2, K, 8, generator=g)
-    wq, wk = torch.randn(2, 16, 3, generator=g), torch.randn(2, 16, 3, generator=g)
-    geometry = block_geometry(Q, K, BS, causal=True)
-    scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, query_split=split)
-    part = BS // split
-    real = query_split_rows(geometry, split)
-    assert scores.shape == (2, 2, geometry.n_q_blocks * split, geometry.n_k_blocks)
-    key_features = torch.cat([pool_blocks(k, BS)[..., :8], pool_blocks(k, BS) @ wk], -1)
-    for r in range(geometry.n_q_blocks * split):
-        start = r * part - geometry.front_pad
-        rows = q[:, :, max(0, start) : max(0, start + part)]
-        assert bool(real[r]) == (rows.shape[2] > 0)
-        if rows.shape[2] == 0:  # a part without queries pools to zeros: its scores are 0
-            assert (scores[:, :, r] == 0).all()
-            continue
-        pooled = torch.cat([rows.mean(2), rows.amax(2)], -1).view(2, 2, 2, 16).mean(2)  # [B, Hkv, 2D]
-        features = torch.cat([pooled[..., :8] * 0.5, (pooled[:, :, None] @ wq)[:, :, 0]], -1)
-        torch.testing.assert_close(scores[:, :, r], (features[:, :, None] @ key_features.transpose(-1, -2))[:, :, 0])
-    # The sampled blocks' rows are the parts of those blocks.
-    blocks = torch.tensor([geometry.n_q_blocks - 1, 0])
-    subset = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, q_blocks=blocks, query_split=split)
-    torch.testing.assert_close(subset, scores.view(2, 2, -1, split, scores.shape[-1])[:, :, blocks].flatten(2, 3))
-
-
-def test_query_split_keeps_the_far_block_each_query_of_a_block_needs():
-    # Query block 5 (rows 20-23, blocks of 4) holds two queries, e1 * c in its first half and e2 * c
-    # in its second; key block 1 answers e1, block 2 (less strongly) e2, block 3 a bit of both.
-    # Pooled whole, the block's query is e1 + e2 and ranks block 3 first: top-2 drops block 2. Scored
-    # in halves, each half ranks its own block first and both are kept.
-    e = torch.eye(8)
-    q = torch.zeros(1, 1, 24, 8)
-    q[0, 0, 20], q[0, 0, 22] = 40 * e[0], 40 * e[1]
-    k = torch.zeros(1, 1, 24, 8)
-    k[0, 0, 4:8], k[0, 0, 8:12], k[0, 0, 12:16] = e[0], 0.8 * e[1], 0.6 * (e[0] + e[1])
-    geometry = block_geometry(24, 24, 4, causal=True)
-    w = torch.zeros(1, 16, 1)  # the learned term is zero: the mean-pooled gate alone
-    kept = []
-    for split in (1, 2):
-        scores = scorer_block_scores(q, k, w, w, geometry, scale=1.0, query_split=split)
-        idx, valid = select_blocks(scores, geometry, top_k=2, query_split=split)
-        kept.append(set(idx[0, 0, 5, 2:][valid[0, 0, 5, 2:]].tolist()))
-    assert kept == [{1, 3}, {1, 2}]
-
-
-def test_query_split_decoding_step_ranks_by_its_one_query():
-    # One query is one part: merging the parts ranks the blocks as the query's own scores do.
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 301, 8, generator=g)
-    w = (torch.randn(2, 16, 3, generator=g), torch.randn(2, 16, 3, generator=g))
-    geometry = block_geometry(1, 301, BS, causal=True)
-    _, idx, valid = select_sparsemix_blocks(q, k, w, block_size=BS, top_k=5, query_split=4)
-    merged = select_blocks(scorer_block_scores(q, k, *w, geometry, scale=8**-0.5, query_split=4), geometry, top_k=5,
-                           query_split=4)
-    assert query_split_rows(geometry, 4).tolist() == [False, False, False, True]  # position 300: row 12 of 16
-    for (a, b) in ((idx, merged[0]), (valid, merged[1])):
-        torch.testing.assert_close(a, b)
-
-
-def test_query_split_kl_is_the_kl_of_each_part():
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 96, 8, generator=g) * 2, torch.randn(1, 2, 96, 8, generator=g) * 2
-    geometry = block_geometry(96, 96, BS, causal=True)
-    blocks = torch.tensor([4, 2, 5])
-    mass = dense_block_mass(q, k, geometry, 4, scale=8**-0.5, query_split=2)  # [B, Hkv, 2, nKB]
-    _, probs = naive_attention(q[:, :, 64:80], k, k, mask=torch.ones(16, 96, dtype=torch.bool).tril(64))
-    per_row = probs.view(1, 2, 2, 16, 96)[..., 32:48].sum(-1).mean(2)  # [B, Hkv, rows] on block 2
-    torch.testing.assert_close(mass[..., 2], torch.stack([per_row[..., :8].amax(-1), per_row[..., 8:].amax(-1)], -1))
-    # Scores equal to each part's target: zero KL; the whole block's target for both parts: positive.
-    parts = torch.cat([dense_block_mass(q, k, geometry, a, scale=8**-0.5, query_split=2) for a in blocks.tolist()], 2)
-    exact = scorer_kl(parts.clamp_min(1e-30).log(), q, k, geometry, blocks, scale=8**-0.5, sink=True, local=True,
-                      query_split=2)
-    assert abs(exact.item()) < 1e-5
-    whole = torch.stack([dense_block_mass(q, k, geometry, a, scale=8**-0.5) for a in blocks.tolist()], 2)
-    blurred = scorer_kl(whole.repeat_interleave(2, 2).clamp_min(1e-30).log(), q, k, geometry, blocks, scale=8**-0.5,
-                        sink=True, local=True, query_split=2)
-    assert blurred.item() > 1e-3
-    with pytest.raises(ValueError, match="query_split=2 needs pool='max'"):
-        dense_block_mass(q, k, geometry, 4, scale=8**-0.5, pool="mean", query_split=2)

@@ -56,19 +56,13 @@ def dense_block_mass(
     mask: torch.Tensor | None = None,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
     pool: str = "max",
-    query_split: int = 1,
 ) -> torch.Tensor:
     """Dense attention mass of query block `q_block` (relative index) on each key block, averaged
     over the query heads of each key/value head, then pooled over the block's queries: `[B, Hkv,
     n_k_blocks]`. `pool="max"` (SeerAttention's max-pooled target; the default) keeps a block that
-    one query needs; `pool="mean"` sums to 1 and lets the block's other queries outvote it.
-
-    With `query_split > 1`, max-pooled over each of the block's `query_split` equal parts instead:
-    `[B, Hkv, query_split, n_k_blocks]` (zeros for a part without queries)."""
+    one query needs; `pool="mean"` sums to 1 and lets the block's other queries outvote it."""
     if pool not in ("max", "mean"):
         raise ValueError(f"pool={pool!r} is not supported; allowed values: ('max', 'mean')")
-    if query_split > 1 and pool != "max":
-        raise ValueError(f"query_split={query_split} needs pool='max' (got {pool!r}): the parts' targets are max-pooled")
     probs = dense_rows(query, key, geometry, q_block, scale=scale, mask=mask, score_mod=score_mod)
     bs = geometry.block_size
     pad = geometry.n_k_blocks * bs - geometry.k_len
@@ -76,10 +70,6 @@ def dense_block_mass(
     B, H, n_rows = mass.shape[:3]
     n_kv = key.shape[1]
     mass = mass.view(B, n_kv, H // n_kv, n_rows, -1).mean(2)  # [B, Hkv, rows, nKB]
-    if query_split > 1:  # rows back in their places within the block (zeros elsewhere), then per part
-        lead = max(0, geometry.front_pad - q_block * bs)
-        mass = torch.nn.functional.pad(mass, (0, 0, lead, bs - lead - n_rows))
-        return mass.view(B, n_kv, query_split, bs // query_split, -1).amax(-2)
     return mass.amax(-2) if pool == "max" else mass.mean(-2)
 
 
@@ -102,19 +92,15 @@ def scorer_kl(
     mask: torch.Tensor | None = None,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
     target_power: float = 1.0,
-    query_split: int = 1,
 ) -> torch.Tensor:
-    """Mean over batch, key/value heads and the sampled query blocks (or their parts) of
-    KL(target || scorer), over the blocks the scorer chooses among (allowed and not forced). The
-    target is the detached dense attention mass (max-pooled over the block's queries, or over each
-    of its `query_split` parts) raised to `target_power` and renormalised over those blocks (computed
-    in log space: a power of 64 underflows fp32 otherwise). A part without queries has no target
-    and adds 0.
+    """Mean over batch, key/value heads and the sampled query blocks of KL(target || scorer), over the
+    blocks the scorer chooses among (allowed and not forced). The target is the detached dense
+    attention mass (max-pooled over the block's queries) raised to `target_power` and renormalised
+    over those blocks (computed in log space: a power of 64 underflows fp32 otherwise).
 
     Args:
-        scores (`torch.Tensor`): `[B, Hkv, len(q_blocks) * query_split, n_k_blocks]` scorer output for
-            the sampled query blocks (`scorer_block_scores(..., q_blocks=q_blocks, query_split=...)`),
-            with its graph.
+        scores (`torch.Tensor`): `[B, Hkv, len(q_blocks), n_k_blocks]` scorer output for the sampled
+            query blocks (`scorer_block_scores(..., q_blocks=q_blocks)`), with its graph.
         query, key (`torch.Tensor`): the attention inputs (detached here).
         q_blocks (`torch.Tensor`): relative query-block indices from `sample_query_blocks`.
     """
@@ -124,13 +110,10 @@ def scorer_kl(
     for n, a in enumerate(q_blocks.tolist()):
         cand = allowed[a] & ~forced[a]
         with torch.no_grad():
-            mass = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod,
-                                    query_split=query_split)
+            mass = dense_block_mass(query, key, geometry, a, scale=scale, mask=mask, score_mod=score_mod)
             log_t = (target_power * mass.clamp_min(1e-30).log()).masked_fill(~cand, float("-inf"))
             target = torch.softmax(log_t, dim=-1) * (mass * cand).sum(-1, keepdim=True).gt(0)
-        part_scores = scores[:, :, n * query_split : (n + 1) * query_split]
-        part_scores = part_scores[:, :, 0] if query_split == 1 else part_scores
-        log_s = torch.log_softmax(part_scores.float().masked_fill(~cand, float("-inf")), dim=-1)
+        log_s = torch.log_softmax(scores[:, :, n].float().masked_fill(~cand, float("-inf")), dim=-1)
         terms.append(kl_terms(target, log_s).sum(-1).mean())
     if not terms:
         return scores.sum() * 0.0

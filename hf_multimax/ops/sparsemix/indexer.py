@@ -181,7 +181,6 @@ def indexer_kl(
     mask: torch.Tensor | None = None,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
     target_power: float = 1.0,
-    query_split: int = 1,
 ) -> torch.Tensor:
     """The indexer's training term on the sampled query blocks, per key/value head, the sum of:
 
@@ -193,11 +192,8 @@ def indexer_kl(
       KL alone fits every row alike, and the block ranking, which top-k is about, came out worse
       than the block scorer's (needle recall 0.75 against 0.82 on the retrieval task).
 
-    Gradients reach the indexer weights only (query and key are detached). (`query_split` is the
-    block scorers' option, refused here unless 1.)
+    Gradients reach the indexer weights only (query and key are detached).
     """
-    if query_split != 1:
-        raise ValueError(f"query_split={query_split} is for the block scorers; the token indexer takes query_split=1")
     query, key = query.detach(), key.detach()
     q, w, k = indexer_features(query, key, *weights)
     g = geometry

@@ -30,12 +30,10 @@ class Selector:
     """What ranks the key blocks, as the three things SparseMix asks of it, each a function of the
     layer's selector weights (what `SparseMixScorer` returns):
 
-    - `block_scores(query, key, weights, geometry, scale, mask, key_summary, query_split)`:
-      `[B, Hkv, nQB * query_split, nKB]` block scores, top-k of which are kept (`select_blocks`
-      merges the parts);
+    - `block_scores(query, key, weights, geometry, scale, mask, key_summary)`: `[B, Hkv, nQB, nKB]`
+      block scores, top-k of which are kept;
     - `kl(query, key, weights, geometry, q_blocks, **kl_options)`: its distillation term on the
-      sampled query blocks (`kl_options`: `scale, sink, local, mask, score_mod, target_power,
-      query_split`);
+      sampled query blocks (`kl_options`: `scale, sink, local, mask, score_mod, target_power`);
     - `summarize(key, weights, block_size)`: what it reads of the keys, which a KV cache keeps and
       extends while decoding (`key_summary` above): one entry per block of keys
       (`summary_per_block`) or per key.
@@ -52,24 +50,16 @@ def _block_scorer(features=None) -> Selector:
 
     def kl(query, key, weights, geometry, q_blocks, **kl_options):
         sampled = scorer_block_scores(query.detach(), key.detach(), *weights, geometry, kl_options["scale"],
-                                      q_blocks=q_blocks, features=features,
-                                      query_split=kl_options.get("query_split", 1))
+                                      q_blocks=q_blocks, features=features)
         return scorer_kl(sampled, query, key, geometry, q_blocks, **kl_options)
 
     return Selector(
-        block_scores=lambda q, k, w, g, scale, mask, summary, query_split=1: scorer_block_scores(
-            q, k, *w, g, scale, key_features=summary, features=features, query_split=query_split),
+        block_scores=lambda q, k, w, g, scale, mask, summary: scorer_block_scores(
+            q, k, *w, g, scale, key_features=summary, features=features),
         kl=kl,
         summarize=lambda key, w, block_size: block_key_features(key, w[1], block_size, features),
         summary_per_block=True,
     )
-
-
-def _token_block_scores(query, key, weights, geometry, scale, mask, summary, query_split=1):
-    if query_split != 1:
-        raise ValueError(f"query_split={query_split} is for the block scorers; the token indexer already ranks "
-                         "blocks by their best query (max over the block's rows): use query_split=1")
-    return indexer_block_scores(query, key, weights, geometry, mask=mask, keys=summary)
 
 
 # The block scorer (pooled queries and keys); the same on position-free features (the norms of the
@@ -81,7 +71,7 @@ SELECTORS = {
     "block_norms": _block_scorer(rotary_pair_norms),
     "block_rotary": _block_scorer(rotary_norms_and_slow_pairs),
     "token": Selector(
-        block_scores=_token_block_scores,
+        block_scores=lambda q, k, w, g, scale, mask, summary: indexer_block_scores(q, k, w, g, mask=mask, keys=summary),
         kl=indexer_kl,
         summarize=lambda key, w, block_size: indexer_keys(key, w[1]),
         summary_per_block=False,
@@ -104,7 +94,6 @@ def select_sparsemix_blocks(
     selector: str = "block",
     mask: torch.Tensor | None = None,
     key_summary: torch.Tensor | None = None,
-    query_split: int = 1,
 ) -> tuple[BlockGeometry, torch.Tensor, torch.Tensor]:
     """The key blocks each query block keeps (the selection is not differentiable: no graph).
 
@@ -123,8 +112,6 @@ def select_sparsemix_blocks(
         key_summary (`torch.Tensor`, *optional*): what the selector reads of the keys, when already
             known (a KV cache's, kept up to date while decoding): `block_key_features(key, w_key,
             block_size, features)` for the block scorers, `indexer_keys(key, w_key)` for `"token"`.
-        query_split (`int`): the block scorers score each query block in this many equal parts and
-            keep a key block by its best part (`select_blocks`); `1` for `"token"`. Default: `1`.
 
     Returns:
         `(geometry, block_idx [B, Hkv, n_q_blocks, S], block_valid [B, Hkv, n_q_blocks, S])`.
@@ -134,11 +121,8 @@ def select_sparsemix_blocks(
     geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal)
     if selector not in SELECTORS:
         raise ValueError(f"selector={selector!r} is not supported; allowed values: {tuple(SELECTORS)}")
-    if query.shape[-2] == 1:  # a decoding step: its one query is one part, whose ranking merging keeps
-        query_split = 1
-    scores = SELECTORS[selector].block_scores(query, key, weights, geometry, scale, mask, key_summary, query_split)
-    block_idx, block_valid = select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local,
-                                           query_split=query_split)
+    scores = SELECTORS[selector].block_scores(query, key, weights, geometry, scale, mask, key_summary)
+    block_idx, block_valid = select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local)
     return geometry, block_idx, block_valid
 
 
@@ -160,7 +144,6 @@ def sparsemix_attention(
     affine: torch.Tensor | None = None,
     selector: str = "block",
     key_summary: torch.Tensor | None = None,
-    query_split: int = 1,
 ) -> torch.Tensor:
     """Scorer, selection and `kernel` (one of `BACKENDS`) in one call: `out [B, H, Q, Dv]`.
 
@@ -175,7 +158,7 @@ def sparsemix_attention(
         scale = query.shape[-1] ** -0.5
     _, block_idx, block_valid = select_sparsemix_blocks(
         query, key, weights, block_size=block_size, top_k=top_k, sink=sink, local=local, causal=causal,
-        scale=scale, selector=selector, mask=mask, key_summary=key_summary, query_split=query_split,
+        scale=scale, selector=selector, mask=mask, key_summary=key_summary,
     )
     out, _ = kernel(query, key, value, block_idx, block_valid, block_size=block_size, scale=scale, mask=mask,
                     is_causal=causal, theta=theta, affine=affine)

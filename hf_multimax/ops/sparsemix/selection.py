@@ -22,7 +22,6 @@ __all__ = [
     "rotary_norms_and_slow_pairs",
     "rotary_pair_norms",
     "pool_blocks",
-    "query_split_rows",
     "scorer_block_scores",
     "select_blocks",
     "selection_mask",
@@ -68,8 +67,7 @@ def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0, with_max: 
     mean only (`[..., D]`) without `with_max`.
 
     The first block starts `front_pad` positions before token 0; padding rows (front and tail) are
-    left out of both statistics, and a block of padding only (a query sub-block before the first
-    query or past the last) pools to zeros.
+    left out of both statistics.
     """
     if front_pad == 0 and x.shape[2] <= block_size:  # one block (a decoding step's last block): no padding
         x = x.float()
@@ -82,10 +80,8 @@ def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0, with_max: 
     mean = torch.matmul(padded.new_ones(1, block_size), padded).squeeze(-2) / count
     if not with_max:
         return mean
-    if bool(real.all()):
-        return torch.cat([mean, padded.amax(dim=3)], dim=-1)
-    peak = padded.masked_fill(~real[..., None], float("-inf")).amax(dim=3)
-    peak = peak.masked_fill(~real.any(dim=1)[:, None], 0.0)  # no -inf into the scorer's products
+    real = real[..., None]
+    peak = (padded if bool(real.all()) else padded.masked_fill(~real, float("-inf"))).amax(dim=3)
     return torch.cat([mean, peak], dim=-1)
 
 
@@ -111,7 +107,6 @@ def scorer_block_scores(
     q_blocks: torch.Tensor | None = None,
     key_features: torch.Tensor | None = None,
     features: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    query_split: int = 1,
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
@@ -136,23 +131,18 @@ def scorer_block_scores(
         features (*optional*): what the learned term pools of each query and key token instead of
             the token itself, `features(x, F)` -> `[..., F]`: `rotary_pair_norms` (the `"block_norms"`
             selector) or `rotary_norms_and_slow_pairs` (`"block_rotary"`).
-        query_split (`int`): pool each query block in this many equal parts and score each part
-            (`select_blocks` merges them). Default: `1`.
 
     Returns:
-        `[B, Hkv, n * query_split, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`:
-        the parts of query block `a` are rows `a * query_split ...`.
+        `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
     """
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
     # With `features`, the raw queries feed only the gate: their means suffice.
-    pq = _pooled_queries(query, Hkv, geometry, with_max=features is None, split=query_split)  # [B, Hkv, rows, 2D or D]
-    learned = pq if features is None else _pooled_queries(features(query, w_query.shape[-2] // 2), Hkv, geometry,
-                                                          split=query_split)
+    pq = _pooled_queries(query, Hkv, geometry, with_max=features is None)  # [B, Hkv, nQB, 2D or D]
+    learned = pq if features is None else _pooled_queries(features(query, w_query.shape[-2] // 2), Hkv, geometry)
     if q_blocks is not None:
-        rows = (q_blocks[:, None] * query_split + torch.arange(query_split, device=q_blocks.device)).flatten()
-        pq = pq.index_select(2, rows)
-        learned = pq if features is None else learned.index_select(2, rows)
+        pq = pq.index_select(2, q_blocks)
+        learned = pq if features is None else learned.index_select(2, q_blocks)
     if key_features is None:
         key_features = block_key_features(key, w_key, geometry.block_size, features)
     # Both terms in one product: [scale * mean_q, pool_q Wq] . [mean_k, pool_k Wk].
@@ -160,18 +150,14 @@ def scorer_block_scores(
     return torch.matmul(query_features, key_features.transpose(-1, -2))
 
 
-def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry, with_max: bool = True,
-                    split: int = 1) -> torch.Tensor:
-    """Mean and max (or the mean only) of each query block, or of each of its `split` parts,
-    `[B, Hkv, nQB * split, 2F or F]`, averaged over the query heads of a group (parts without a
-    query pool to zeros)."""
+def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry, with_max: bool = True) -> torch.Tensor:
+    """Mean and max (or the mean only) of each query block `[B, Hkv, nQB, 2F or F]`, averaged over the
+    query heads of a group."""
     B, H, Q, F = x.shape
-    if Q == 1 and split == 1:  # decoding: one query is its own mean and max
+    if Q == 1:  # decoding: one query is its own mean and max
         pq = x.float() if H == n_kv_heads else x.float().view(B, n_kv_heads, H // n_kv_heads, 1, F).mean(dim=2)
         return torch.cat([pq, pq], dim=-1) if with_max else pq
-    pq = pool_blocks(x, geometry.block_size // split, geometry.front_pad, with_max)  # [B, H, <= nQB * split, .]
-    if pq.shape[2] < geometry.n_q_blocks * split:  # the last block's parts past the last query
-        pq = torch.nn.functional.pad(pq, (0, 0, 0, geometry.n_q_blocks * split - pq.shape[2]))
+    pq = pool_blocks(x, geometry.block_size, geometry.front_pad, with_max)  # [B, H, nQB, 2F or F]
     if H == n_kv_heads:
         return pq
     return pq.view(B, n_kv_heads, H // n_kv_heads, *pq.shape[2:]).mean(dim=2)
@@ -233,20 +219,14 @@ def select_blocks(
     top_k: int,
     sink: bool = True,
     local: bool = True,
-    query_split: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The key blocks each query block attends.
 
     Args:
-        scores (`torch.Tensor`): `[B, Hkv, n_q_blocks * query_split, n_k_blocks]` from `scorer_block_scores`.
+        scores (`torch.Tensor`): `[B, Hkv, n_q_blocks, n_k_blocks]` from `scorer_block_scores`.
         geometry (`BlockGeometry`): the call's geometry.
         top_k (`int`): blocks chosen by score besides the forced ones.
         sink, local (`bool`): always keep block 0 / the query block's own block.
-        query_split (`int`): parts each query block was scored in. Each part's scores become a
-            distribution over the blocks it chooses among (as the KL trains them), and a block ranks
-            by its best part: two queries of one block that need different blocks both get theirs,
-            where pooling the whole block blurs them together. Parts without a query do not vote.
-            Default: `1`.
 
     Returns:
         `(block_idx, block_valid)`, both `[B, Hkv, n_q_blocks, S]` with `S = 2 + min(top_k, n_k_blocks)`:
@@ -254,16 +234,11 @@ def select_blocks(
         that hold no block (sink == local: the local slot holds it; fewer candidates than top_k; an
         option turned off).
     """
-    B, Hkv, rows, nKB = scores.shape
-    nQB = geometry.n_q_blocks
-    if (rows, nKB) != (nQB * query_split, geometry.n_k_blocks):
-        raise ValueError(f"scores must be [B, Hkv, {nQB * query_split}, {geometry.n_k_blocks}] for this geometry "
-                         f"and query_split={query_split}, got {tuple(scores.shape)}")
+    B, Hkv, nQB, nKB = scores.shape
+    if (nQB, nKB) != (geometry.n_q_blocks, geometry.n_k_blocks):
+        raise ValueError(f"scores must be [B, Hkv, {geometry.n_q_blocks}, {geometry.n_k_blocks}] for this geometry, "
+                         f"got {tuple(scores.shape)}")
     hidden, fixed_idx, fixed_ok = _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
-    if query_split > 1:
-        votes = ~hidden.repeat_interleave(query_split, 0) & query_split_rows(geometry, query_split, scores.device)[:, None]
-        log_p = torch.log_softmax(scores.masked_fill(hidden.repeat_interleave(query_split, 0), float("-inf")), dim=-1)
-        scores = log_p.masked_fill(~votes, float("-inf")).view(B, Hkv, nQB, query_split, nKB).amax(dim=3)
     k = min(top_k, nKB)
     top_val, top_idx = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1)
     top_ok = top_val > float("-inf")  # what top-k took from the hidden blocks (or NaN scores) is not kept
@@ -272,13 +247,6 @@ def select_blocks(
     block_idx = torch.cat([fixed_idx.expand(B, Hkv, nQB, 2), top_idx], dim=-1)
     block_valid = torch.cat([fixed_ok.expand(B, Hkv, nQB, 2), top_ok], dim=-1)
     return block_idx, block_valid
-
-
-def query_split_rows(geometry: BlockGeometry, query_split: int, device=None) -> torch.Tensor:
-    """`[n_q_blocks * query_split]` bool: which parts of the query blocks hold at least one query."""
-    part = geometry.block_size // query_split
-    start = torch.arange(geometry.n_q_blocks * query_split, device=device) * part - geometry.front_pad  # first row of each part
-    return (start + part > 0) & (start < geometry.q_len)
 
 
 @functools.lru_cache(maxsize=32)
