@@ -135,19 +135,37 @@ def scorer_block_scores(
     Returns:
         `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
     """
-    B, H, Q, D = query.shape
     Hkv = key.shape[1]
-    # With `features`, the raw queries feed only the gate: their means suffice.
-    pq = _pooled_queries(query, Hkv, geometry, with_max=features is None)  # [B, Hkv, nQB, 2D or D]
-    learned = pq if features is None else _pooled_queries(features(query, w_query.shape[-2] // 2), Hkv, geometry)
+    mean_q, learned = _scorer_inputs(query, w_query.shape[-2] // 2, features,
+                                     lambda x, with_max: _pooled_queries(x, Hkv, geometry, with_max))
     if q_blocks is not None:
-        pq = pq.index_select(2, q_blocks)
-        learned = pq if features is None else learned.index_select(2, q_blocks)
+        mean_q, learned = mean_q.index_select(2, q_blocks), learned.index_select(2, q_blocks)
     if key_features is None:
         key_features = block_key_features(key, w_key, geometry.block_size, features)
     # Both terms in one product: [scale * mean_q, pool_q Wq] . [mean_k, pool_k Wk].
-    query_features = torch.cat([pq[..., :D] * scale, torch.matmul(learned, w_query.float())], -1)
+    query_features = torch.cat([mean_q * scale, torch.matmul(learned, w_query.float())], -1)
     return torch.matmul(query_features, key_features.transpose(-1, -2))
+
+
+def _scorer_inputs(x: torch.Tensor, width: int, features, pool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the scorer reads of `x` `[B, H, L, D]` per block: `(mean [.., D], learned [.., 2F])`, the
+    raw means for the gate and the pooled (mean+max) input of the learned term, `pool(x, with_max)`
+    pooling tokens to blocks."""
+    D = x.shape[-1]
+    if features is None:
+        pooled = pool(x, True)
+        return pooled[..., :D], pooled
+    if features is rotary_norms_and_slow_pairs:
+        # The slow pairs are raw features: their block means and maxima are slices of the raw ones,
+        # so only the norms are built per token (building every token's features first took half
+        # the scorer's time at 16k).
+        raw, norms = pool(x, True), pool(rotary_pair_norms(x), True)
+        half, n = D // 2, (width - D // 2) // 2
+        mean, peak = raw[..., :D], raw[..., D:]
+        slow = [m[..., i - n : i] for m in (mean, peak) for i in (half, D)]
+        return mean, torch.cat([norms[..., :half], *slow[:2], norms[..., half:], *slow[2:]], dim=-1)
+    # The raw tokens feed only the gate: their means suffice.
+    return pool(x, False), pool(features(x, width), True)
 
 
 def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry, with_max: bool = True) -> torch.Tensor:
@@ -193,9 +211,9 @@ def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
     """What the block scorer reads of each key block: `[B, Hkv, n_blocks, D + r]`, the block's mean
     key beside its pooled (mean+max) key, or pooled `features(key)`, projected by `w_key`. Per block, so
     a KV cache's features grow by appending blocks (see `integrations.sparsemix_decoding`)."""
-    pk = pool_blocks(key, block_size, with_max=features is None)  # [B, Hkv, nKB, 2D or D]
-    learned = pk if features is None else pool_blocks(features(key, w_key.shape[-2] // 2), block_size)
-    return torch.cat([pk[..., : key.shape[-1]], torch.matmul(learned, w_key.float())], -1)
+    mean, learned = _scorer_inputs(key, w_key.shape[-2] // 2, features,
+                                   lambda x, with_max: pool_blocks(x, block_size, with_max=with_max))
+    return torch.cat([mean, torch.matmul(learned, w_key.float())], -1)
 
 
 def candidate_blocks(geometry: BlockGeometry, *, sink: bool, local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
