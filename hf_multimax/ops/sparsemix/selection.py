@@ -188,7 +188,11 @@ def rotary_pair_norms(x: torch.Tensor, width: int | None = None) -> torch.Tensor
     size the scorer's projection reads, is D / 2 here.)"""
     x = x.float()
     half = x.shape[-1] // 2
-    return torch.hypot(x[..., :half], x[..., half:])  # one pass (a norm over a strided pair axis is ~50x slower)
+    a, b = x[..., :half], x[..., half:]
+    # One new tensor, updated in place (a 16k forward, 1 thread: 216 ms, against 225 ms with `hypot`,
+    # whose overflow guard fp32 attention inputs do not need; allocating a second tensor for the sum
+    # doubled the selection's time; a norm over a strided pair axis is ~50x slower).
+    return (a * a).addcmul_(b, b).sqrt_()
 
 
 def rotary_norms_and_slow_pairs(x: torch.Tensor, width: int) -> torch.Tensor:
