@@ -380,3 +380,26 @@ def test_fused_all_blocks_kept_is_dense_and_multimax_training_is_refused():
     theta = torch.zeros(8, 2, requires_grad=True)
     with pytest.raises(ValueError, match="trains softmax only; train MultiMax with backend 'blocked'"):
         fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True, theta=theta)
+
+
+@pytest.mark.parametrize("Q, K", [(96, 96), (37, 100), (1, 101)], ids=["prefill", "chunk", "decode_step"])
+def test_block_rotary_scores_equal_pooling_the_features_of_every_token(Q, K):
+    # block_rotary pools its slow pairs from the raw tokens' block means and maxima; the reference
+    # builds every token's features (norms, then the slow pairs) and pools those.
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, Q, 8, generator=g), torch.randn(2, 2, K, 8, generator=g)
+    width = 4 + 2 * 2  # 4 pair norms and 2 slow pairs whole
+    wq, wk = torch.randn(2, 2 * width, 3, generator=g), torch.randn(2, 2 * width, 3, generator=g)
+    geometry = block_geometry(Q, K, BS, causal=True)
+    scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, features=rotary_norms_and_slow_pairs)
+
+    def pooled(x, front_pad=0, with_max=True):  # per block, averaged over the query heads of a group
+        p = pool_blocks(x, BS, front_pad, with_max)
+        return p.view(2, 2, x.shape[1] // 2, *p.shape[2:]).mean(2)
+
+    pq = pooled(rotary_norms_and_slow_pairs(q, width), geometry.front_pad)
+    mean_q = pooled(q, geometry.front_pad, with_max=False)
+    pk = pool_blocks(rotary_norms_and_slow_pairs(k, width), BS)
+    mean_k = pool_blocks(k, BS, with_max=False)
+    want = torch.cat([mean_q * 0.5, pq @ wq], -1) @ torch.cat([mean_k, pk @ wk], -1).transpose(-1, -2)
+    torch.testing.assert_close(scores, want)
