@@ -3,7 +3,8 @@
 - key-value lookup at each of `lengths` (the training task, longer: at 16k the needle is ~8k back
   and a query block keeps 10 of 256 key blocks);
 - multi-query associative recall: `mqar_needles` pairs and as many queries per sequence (half-size
-  segments, so that 32 pairs fit in the first half of a 4k sequence);
+  segments, so that 32 pairs fit in the first half of a 4k sequence; a query block then holds up to
+  two queries, and the needle recall is also reported by the number of queries sharing the block);
 - needle depth sweep: one query at the end, its needle at each depth of the context (0: right
   after the sink block, 1: the block before the query's), among distractor pairs.
 
@@ -24,14 +25,19 @@ __all__ = ["long_context_suite"]
 logger = logging.getLogger(__name__)
 
 
-def _setting(dense, sparse, data: RetrievalDataset, batch_size: int, **fields) -> dict:
+def _setting(dense, sparse, data: RetrievalDataset, batch_size: int, by_queries_in_block: bool = False,
+             **fields) -> dict:
     acc_dense = evaluate_retrieval(dense, data, batch_size=batch_size)
     acc_sparse = evaluate_retrieval(sparse, data, batch_size=batch_size)
-    recall = needle_block_recall(sparse, data, batch_size=batch_size)
+    recall = needle_block_recall(sparse, data, batch_size=batch_size, by_queries_in_block=by_queries_in_block)
     row = {**fields, "sequences": len(data), "queries": int(data.data["query_pos"].numel()), "dense": acc_dense,
            "sparse": acc_sparse, "ratio": acc_sparse / acc_dense if acc_dense > 0 else float("nan"),
            "needle_recall_any_head": min(v for k, v in recall.items() if k.endswith("_any_head")),
            "needle_recall_mean_over_heads": min(v for k, v in recall.items() if k.endswith("_mean_over_heads"))}
+    if by_queries_in_block:  # {queries sharing the block: any-head recall, the lowest over layers}
+        shares = sorted({int(k.split("_")[-3]) for k in recall if k.endswith("_in_block")})
+        row["needle_recall_any_head_by_queries_in_block"] = {
+            n: min(v for k, v in recall.items() if k.endswith(f"_any_head_{n}_in_block")) for n in shares}
     logger.info("long-context %s", row)
     return row
 
@@ -56,8 +62,8 @@ def long_context_suite(dense, sparse, task: RetrievalTask, *, lengths: list[int]
                 f"{task.n_keys} keys hold {pairs} pairs; lower it or raise mqar_length"
             )
         data = RetrievalDataset(mqar, sequences, mqar_length, seed=30_000 + seed)
-        out["multi_query"] = _setting(dense, sparse, data, max(1, 8192 // mqar_length), length=mqar_length,
-                                      needles=pairs, queries_per_sequence=queries)
+        out["multi_query"] = _setting(dense, sparse, data, max(1, 8192 // mqar_length), by_queries_in_block=True,
+                                      length=mqar_length, needles=pairs, queries_per_sequence=queries)
     for depth in depths:
         step(f"needle at depth {depth:.2f} of {depth_length}")
         data = RetrievalDataset(task, depth_sequences, depth_length, seed=40_000 + seed, depth=depth)

@@ -45,9 +45,12 @@ def _layer_queries_keys(model, hidden: torch.Tensor, layer) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8) -> dict[str, float]:
+def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8,
+                        by_queries_in_block: bool = False) -> dict[str, float]:
     """How often the block holding a query's needle is among the blocks SparseMix keeps for the
     query's block, per layer (averaged over key/value heads) and at best over the heads of a layer.
+    With `by_queries_in_block`, the latter also per number of queries sharing the query's block
+    (`layer{i}_any_head_{n}_in_block`): a block selects once for all its queries.
 
     The selection is recomputed from the layer's inputs with the model's own scorer weights and
     settings by `select_sparsemix_blocks`, as `sparsemix_attention` selects in the attention path.
@@ -62,12 +65,14 @@ def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8) -
     data = dataset.data
     hits_mean = [0.0] * len(layers)
     hits_any = [0.0] * len(layers)
+    by_count = [{} for _ in layers]  # per layer, queries in the block -> [queries, any-head hits]
     total = 0
     for s in range(0, len(dataset), batch_size):
         ids = data["input_ids"][s : s + batch_size]
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [layers + 1] x [b, L, E]
         q_block = data["query_pos"][s : s + batch_size] // bs  # [b, n_q]
         needle_block = data["needle_pos"][s : s + batch_size] // bs
+        sharing = (q_block[:, :, None] == q_block[:, None, :]).sum(-1)  # [b, n_q]: queries in each one's block
         for li, layer in enumerate(layers):
             q, k = _layer_queries_keys(model, hidden[li], layer)
             scorer = layer.self_attn.sparsemix
@@ -82,10 +87,15 @@ def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8) -
             hit = ((slots == needle_block[:, None, :, None]) & ok).any(-1)  # [b, Hkv, n_q]
             hits_mean[li] += hit.float().mean(1).sum().item()
             hits_any[li] += hit.any(1).float().sum().item()
+            for n in sharing.unique().tolist() if by_queries_in_block else ():
+                count = by_count[li].setdefault(n, [0, 0])
+                count[0] += int((sharing == n).sum())
+                count[1] += int(hit.any(1)[sharing == n].sum())
         total += q_block.numel()
     model.train(was_training)
     out = {f"layer{i}_mean_over_heads": h / total for i, h in enumerate(hits_mean)}
     out.update({f"layer{i}_any_head": h / total for i, h in enumerate(hits_any)})
+    out.update({f"layer{i}_any_head_{n}_in_block": h / q for i, c in enumerate(by_count) for n, (q, h) in sorted(c.items())})
     return out
 
 

@@ -75,6 +75,10 @@ def long_context_table(lc: dict) -> str:
         lines.append(f"| {name} ({row['queries']} queries) | {row['dense']:.4f} | {row['sparse']:.4f} | "
                      f"{row['ratio']:.3f} | {row['needle_recall_any_head']:.3f} / "
                      f"{row['needle_recall_mean_over_heads']:.3f} |")
+    shared = (lc.get("multi_query") or {}).get("needle_recall_any_head_by_queries_in_block")
+    if shared:
+        lines.append("\nmulti-query needle-block recall (any head) by queries sharing the block: "
+                     + ", ".join(f"{n}: {r:.3f}" for n, r in shared.items()))
     return "\n".join(lines)
 
 

@@ -57,7 +57,14 @@ def test_quick_pipeline_writes_every_field(tmp_path, capsys):
     assert {"dense_training", "eval_dense", "scorer_warmup", "sparse_finetune", "total"} <= set(result["times_s"])
     assert result["settings"]["seed"] == 0 and result["sparse_dense_ratio"] >= 0
     assert [s["length"] for s in result["dense_training"]] == [128, 1024]
+    # Multi-query recall per number of queries sharing a block (one layer: the overall recall is
+    # their query-weighted mean, so it lies between them).
+    mq = result["long_context"]["multi_query"]
+    shared = mq["needle_recall_any_head_by_queries_in_block"]
+    assert set(shared) <= {"1", "2"} and shared and all(0.0 <= r <= 1.0 for r in shared.values())
+    assert min(shared.values()) - 1e-9 <= mq["needle_recall_any_head"] <= max(shared.values()) + 1e-9
     printed = capsys.readouterr().out
+    assert "by queries sharing the block" in printed
     assert result["quick"] and "SMOKE RUN (--quick)" in printed and "no target claimed" in printed
     assert " met" not in printed and "NOT met" not in printed
 
