@@ -86,11 +86,13 @@ def needle_block_recall(model, dataset: RetrievalDataset, batch_size: int = 8,
             slots, ok = idx.gather(2, gather), valid.gather(2, gather)
             hit = ((slots == needle_block[:, None, :, None]) & ok).any(-1)  # [b, Hkv, n_q]
             hits_mean[li] += hit.float().mean(1).sum().item()
-            hits_any[li] += hit.any(1).float().sum().item()
-            for n in sharing.unique().tolist() if by_queries_in_block else ():
-                count = by_count[li].setdefault(n, [0, 0])
-                count[0] += int((sharing == n).sum())
-                count[1] += int(hit.any(1)[sharing == n].sum())
+            any_head = hit.any(1)  # [b, n_q]
+            hits_any[li] += any_head.float().sum().item()
+            if by_queries_in_block:
+                for n in sharing.unique().tolist():
+                    count = by_count[li].setdefault(n, [0, 0])
+                    count[0] += int((sharing == n).sum())
+                    count[1] += int(any_head[sharing == n].sum())
         total += q_block.numel()
     model.train(was_training)
     out = {f"layer{i}_mean_over_heads": h / total for i, h in enumerate(hits_mean)}
