@@ -323,6 +323,17 @@ def test_fused_matches_dense_reference(case, multimax, dtype):
         assert_close(got, want, dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "decode_step"], ids=lambda c: c[0])
+@pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
+def test_fused_forward_without_onednn_matches_dense_reference(case, multimax):
+    """The forward's products run on oneDNN's brgemm micro-kernel where torch has it; with
+    torch.backends.mkldnn switched off torch's brgemm runs them on BLAS instead, same output."""
+    q, k, v, mask, theta, g, idx, valid = _inputs(case, torch.float32, multimax)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
+    assert_close(out, _dense_reference(q, k, v, mask, theta, g, idx, valid), torch.float32, "output on BLAS")
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("decode_step", "cache_chunk")], ids=lambda c: c[0])
 def test_fused_reads_a_static_cache_buffer_in_place(case):
     """Keys and values as a static KV cache hands them over, cut at the real length: a prefix view of

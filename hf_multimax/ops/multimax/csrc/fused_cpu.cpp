@@ -3,7 +3,8 @@
 // ships), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
 // the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
 // the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars. SparseMix's
-// block-sparse forward and (softmax) backward run the same row code over gathered selected blocks.
+// block-sparse forward and (softmax) backward run the same row code over gathered selected blocks;
+// the forward multiplies them with oneDNN's batch-reduce GEMM micro-kernel (below).
 //
 // Inputs are fp32 and contiguous (the Python side converts); the scalars arrive as [8, 1] (shared) or
 // [8, H] (per head), the affine as [2, 1] or [2, H] (zeros without affine). The maths is the one of ops/multimax/naive.py.
@@ -11,6 +12,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -333,6 +335,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // queries (decoding) walks the blocks in place with the dot/axpy tile. Queries sit at absolute
 // positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. It also returns
 // the rows' log-sum-exp, from which `sparse_backward` (softmax) recomputes the tiles.
+//
+// Its two products go through torch's `cpublas::brgemm`: oneDNN's brgemm micro-kernel where oneDNN
+// has one for fp32 (x86 with AVX2 or later, unless torch.backends.mkldnn is switched off), else the
+// same BLAS gemm. The micro-kernel reads both operands as they lie, where sgemm repacks both on every
+// call: with 64 query rows per product, repacking the 640 gathered keys cost as much per flop as the
+// product (1/64), and skipping it made the kernel ~10% faster at 16k. It takes no transpose and no
+// alpha, so K is gathered transposed ([D, cols]) and each head's query rows are scaled once.
 constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
 
 // The key blocks one SparseMix task (query rows [r0, r1) of batch b, query heads h0 .. h0 + group
@@ -374,6 +383,16 @@ struct SelectedBlocks {
       std::memcpy(vbuf + c * Dv, v_rows + c0[s] * Dv, n[s] * Dv * sizeof(float));
     }
   }
+
+  // The same blocks with K transposed: kt is [D, cols], key c of the run in column c, which the
+  // score product Q.K^T reads as its right-hand matrix.
+  void gather_transposed(int64_t first, int64_t last, int64_t cols, const float* k_rows, const float* v_rows, int64_t D,
+                         int64_t Dv, float* kt, float* vbuf) const {
+    for (int64_t s = first, c = 0; s < last; c += n[s++]) {
+      at::vec::transpose_mxn<float>(k_rows + c0[s] * D, D, kt + c, cols, n[s], D);
+      std::memcpy(vbuf + c * Dv, v_rows + c0[s] * Dv, n[s] * Dv * sizeof(float));
+    }
+  }
 };
 
 std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
@@ -400,7 +419,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
     // A decoding step (one query row) walks the blocks in place: no gather buffers to allocate.
     const int64_t gathered = p.Q > 1 ? max_cols : 0;
     std::unique_ptr<float[]> tile(new float[bs * std::max(bs, gathered)]), kbuf(new float[gathered * p.D]),
-        vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]);
+        vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]), qbuf(new float[bs * p.D]);
     std::vector<float> m(group * bs), l(group * bs);
     SelectedBlocks seg(S);
     // A decoding step reads each selected block once, from memory. Jumping block to block, the
@@ -430,7 +449,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t first = 0, last, cols; first < seg.count; first = last) {
         last = seg.run_end(first, max_cols, cols);
-        if (rows > 1) seg.gather(first, last, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());
+        if (rows > 1) seg.gather_transposed(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = h0 + g, bh = b * p.H + h;
           const float* q_rows = qp + (bh * p.Q + r0) * p.D;
@@ -443,7 +462,12 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
               attend_tile(p, b, h, r0, 1, seg.c0[s], seg.n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
             continue;
           }
-          gemm(false, true, rows, cols, p.D, p.scale, q_rows, p.D, kbuf.get(), p.D, 0.f, tile.get(), cols);
+          // The scale folded into the queries (rows x D), not into the rows x cols scores.
+          const Vec scale_v(p.scale);
+          int64_t e = 0;
+          for (; e + Vec::size() <= rows * p.D; e += Vec::size()) (Vec::loadu(q_rows + e) * scale_v).store(qbuf.get() + e);
+          for (; e < rows * p.D; ++e) qbuf[e] = q_rows[e] * p.scale;
+          at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kbuf.get(), tile.get(), false);
           const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
@@ -463,7 +487,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
             if (plain) mx = std::max(mx, row_max(row, cols));
             online_softmax_row(row, cols, mx, m_h[i], l_h[i], acc_h + i * p.Dv, p.Dv);
           }
-          gemm(false, false, rows, p.Dv, cols, 1.f, tile.get(), cols, vbuf.get(), p.Dv, 1.f, acc_h, p.Dv);
+          at::native::cpublas::brgemm(rows, p.Dv, cols, cols, p.Dv, p.Dv, true, tile.get(), vbuf.get(), acc_h, false);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
