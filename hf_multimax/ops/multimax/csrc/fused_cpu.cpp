@@ -3,8 +3,8 @@
 // ships), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
 // the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
 // the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars. SparseMix's
-// block-sparse forward and (softmax) backward run the same row code over gathered selected blocks;
-// the forward multiplies them with oneDNN's batch-reduce GEMM micro-kernel (below).
+// block-sparse forward and (softmax) backward run the same row code over gathered selected blocks,
+// multiplied mostly with oneDNN's batch-reduce GEMM micro-kernel (see `sparse_forward`).
 //
 // Inputs are fp32 and contiguous (the Python side converts); the scalars arrive as [8, 1] (shared) or
 // [8, H] (per head), the affine as [2, 1] or [2, H] (zeros without affine). The maths is the one of ops/multimax/naive.py.
@@ -342,6 +342,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // call: with 64 query rows per product, repacking the 640 gathered keys cost as much per flop as the
 // product (1/64), and skipping it made the kernel ~10% faster at 16k. It takes no transpose and no
 // alpha, so K is gathered transposed ([D, cols]) and each head's query rows are scaled once.
+// dst[0, n) = alpha * src[0, n): the micro-kernel takes no alpha, so the scale goes into the queries
+// (rows x D) rather than into the rows x cols scores.
+inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
+  for (; i < n; ++i) dst[i] = src[i] * alpha;
+}
+
 constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
 
 // The key blocks one SparseMix task (query rows [r0, r1) of batch b, query heads h0 .. h0 + group
@@ -375,22 +384,13 @@ struct SelectedBlocks {
     return last;
   }
 
-  // Blocks [first, last) of one key/value head's rows copied side by side into kbuf and vbuf.
-  void gather(int64_t first, int64_t last, const float* k_rows, const float* v_rows, int64_t D, int64_t Dv, float* kbuf,
-              float* vbuf) const {
+  // Blocks [first, last) of one key/value head, side by side: a's rows (width da) transposed into
+  // abuf, [da, cols], row c of the run in column c; b's rows (width db) copied into bbuf, [cols, db].
+  void gather(int64_t first, int64_t last, int64_t cols, const float* a_rows, const float* b_rows, int64_t da,
+              int64_t db, float* abuf, float* bbuf) const {
     for (int64_t s = first, c = 0; s < last; c += n[s++]) {
-      std::memcpy(kbuf + c * D, k_rows + c0[s] * D, n[s] * D * sizeof(float));
-      std::memcpy(vbuf + c * Dv, v_rows + c0[s] * Dv, n[s] * Dv * sizeof(float));
-    }
-  }
-
-  // The same blocks with K transposed: kt is [D, cols], key c of the run in column c, which the
-  // score product Q.K^T reads as its right-hand matrix.
-  void gather_transposed(int64_t first, int64_t last, int64_t cols, const float* k_rows, const float* v_rows, int64_t D,
-                         int64_t Dv, float* kt, float* vbuf) const {
-    for (int64_t s = first, c = 0; s < last; c += n[s++]) {
-      at::vec::transpose_mxn<float>(k_rows + c0[s] * D, D, kt + c, cols, n[s], D);
-      std::memcpy(vbuf + c * Dv, v_rows + c0[s] * Dv, n[s] * Dv * sizeof(float));
+      at::vec::transpose_mxn<float>(a_rows + c0[s] * da, da, abuf + c, cols, n[s], da);
+      std::memcpy(bbuf + c * db, b_rows + c0[s] * db, n[s] * db * sizeof(float));
     }
   }
 };
@@ -449,7 +449,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t first = 0, last, cols; first < seg.count; first = last) {
         last = seg.run_end(first, max_cols, cols);
-        if (rows > 1) seg.gather_transposed(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());
+        if (rows > 1) seg.gather(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());  // K^T, V
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = h0 + g, bh = b * p.H + h;
           const float* q_rows = qp + (bh * p.Q + r0) * p.D;
@@ -462,11 +462,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
               attend_tile(p, b, h, r0, 1, seg.c0[s], seg.n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
             continue;
           }
-          // The scale folded into the queries (rows x D), not into the rows x cols scores.
-          const Vec scale_v(p.scale);
-          int64_t e = 0;
-          for (; e + Vec::size() <= rows * p.D; e += Vec::size()) (Vec::loadu(q_rows + e) * scale_v).store(qbuf.get() + e);
-          for (; e < rows * p.D; ++e) qbuf[e] = q_rows[e] * p.scale;
+          scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
           at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kbuf.get(), tile.get(), false);
           const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
           for (int64_t i = 0; i < rows; ++i) {
@@ -521,8 +517,11 @@ void probs_row(float* row, int64_t n, float lse, int64_t visible, const float* m
 // SparseMix's softmax backward over the same gathered blocks as `sparse_forward`, from its output
 // and log-sum-exp (FlashAttention-2's recipe): per task and head, the score and dO.V^T products,
 // dS = P * (dP - rowsum(dO * O)), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into gathered
-// buffers that are added back to the key/value head's rows under its lock (query blocks of one head
-// run in parallel and may share key blocks). out and dout may be strided views ([B, Q, H, D] memory).
+// buffers. The first three products run on the brgemm micro-kernel as in the forward (~8% off a 16k
+// forward+backward); the last two read their left operand transposed, which it does not take, and
+// stay on BLAS. dK and dV are added back to the key/value head's rows under its lock (query blocks
+// of one head run in parallel and may share key blocks). out and dout may be strided views ([B, Q,
+// H, D] memory).
 std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                         const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                         const at::Tensor& block_idx, const at::Tensor& block_valid, int64_t bs,
@@ -541,8 +540,8 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
   std::vector<std::mutex> head_locks(p.B * p.Hkv);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * 3 * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> prob(new float[bs * max_cols]), dscore(new float[bs * max_cols]),
-        kbuf(new float[max_cols * p.D]), vbuf(new float[max_cols * p.Dv]), dkbuf(new float[max_cols * p.D]),
-        dvbuf(new float[max_cols * p.Dv]);
+        kbuf(new float[max_cols * p.D]), kt(new float[p.D * max_cols]), vt(new float[p.Dv * max_cols]),
+        qbuf(new float[bs * p.D]), dkbuf(new float[max_cols * p.D]), dvbuf(new float[max_cols * p.Dv]);
     SelectedBlocks seg(S);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
@@ -558,7 +557,10 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
       }
       for (int64_t first = 0, last, cols; first < seg.count; first = last) {
         last = seg.run_end(first, max_cols, cols);
-        seg.gather(first, last, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());
+        // K side by side (dQ = dS.K reads it) and transposed (the scores read K^T), V transposed
+        // (dP = dO.V^T reads V^T): the products the micro-kernel takes without a transpose.
+        seg.gather(first, last, cols, vb, kb, p.Dv, p.D, vt.get(), kbuf.get());
+        at::vec::transpose_mxn<float>(kbuf.get(), p.D, kt.get(), cols, cols, p.D);
         std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
         std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
         for (int64_t g = 0; g < group; ++g) {
@@ -567,8 +569,9 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
           const float* o_rows = o_p + b * os[0] + h * os[1] + r0 * os[2];
           const float* do_rows = do_p + b * ds_[0] + h * ds_[1] + r0 * ds_[2];
           float* dq_rows = dqp + (bh * p.Q + r0) * p.D;
-          gemm(false, true, rows, cols, p.D, p.scale, q_rows, p.D, kbuf.get(), p.D, 0.f, prob.get(), cols);
-          gemm(false, true, rows, cols, p.Dv, 1.f, do_rows, ds_[2], vbuf.get(), p.Dv, 0.f, dscore.get(), cols);
+          scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
+          at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kt.get(), prob.get(), false);
+          at::native::cpublas::brgemm(rows, cols, p.Dv, ds_[2], cols, cols, false, do_rows, vt.get(), dscore.get(), false);
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
             float *pr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
@@ -580,14 +583,15 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
               probs_row(pr + c, n, l, visible, mask_row);
             }
             const float dl = dot(do_rows + i * ds_[2], o_rows + i * os[2], p.Dv);  // rowsum(dO * O)
-            const Vec dlt(dl);
+            // scale * dS: both products below take the scale from here.
+            const Vec dlt(dl), sv(p.scale);
             int64_t j = 0;
             for (; j + Vec::size() <= cols; j += Vec::size())
-              (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - dlt)).store(dr + j);
-            for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - dl);
+              (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - dlt) * sv).store(dr + j);
+            for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - dl) * p.scale;
           }
-          gemm(false, false, rows, p.D, cols, p.scale, dscore.get(), cols, kbuf.get(), p.D, 1.f, dq_rows, p.D);
-          gemm(true, false, cols, p.D, rows, p.scale, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
+          at::native::cpublas::brgemm(rows, p.D, cols, cols, p.D, p.D, true, dscore.get(), kbuf.get(), dq_rows, false);
+          gemm(true, false, cols, p.D, rows, 1.f, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
           gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
         }
         {
