@@ -114,7 +114,7 @@ def plot(results: dict, path: str) -> None:
                 ("forward_backward_s", "forward+backward speed-up over SDPA", True),
                 ("peak_mib", "fwd+bwd peak memory / SDPA (lower is better)", False)],
         title=(f"SparseMix (block {s['block_size']}, top-{s['top_k']} + sink + local) vs SDPA on "
-               f"{m['cpu']} ({m['threads']} threads)"),
+               f"{m.get('cpu_model', m['cpu'])} ({m['threads']} threads)"),
     )
 
 

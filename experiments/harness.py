@@ -127,9 +127,23 @@ def peak_memory_mib(target: str, *args) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def _cpu_model() -> str:
+    """The CPU's model name where Linux reports it: SDPA's fp32 products run on MKL, whose speed
+    differs between CPU vendors and models, so ratios to SDPA compare only on one model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def sweep(rows: dict[int, dict], jobs: Iterable[tuple[int, str]], measure: Callable[[str, int], dict],
