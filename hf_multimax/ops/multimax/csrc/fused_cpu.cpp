@@ -327,6 +327,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
+// dst[0, n) = alpha * src[0, n): the brgemm micro-kernel (below) takes no alpha, so the scale goes into
+// the queries (rows x D) rather than into the rows x cols scores.
+inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
+  for (; i < n; ++i) dst[i] = src[i] * alpha;
+}
+
 // SparseMix's exact attention over selected key blocks. One task per (batch, key/value head, block of
 // queries): the selected key blocks are copied side by side (a few hundred KB, in L2) so that each
 // query head of the group multiplies them in one score product and one P.V product, instead of two
@@ -340,17 +349,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // has one for fp32 (x86 with AVX2 or later, unless torch.backends.mkldnn is switched off), else the
 // same BLAS gemm. The micro-kernel reads both operands as they lie, where sgemm repacks both on every
 // call: with 64 query rows per product, repacking the 640 gathered keys cost as much per flop as the
-// product (1/64), and skipping it made the kernel ~10% faster at 16k. It takes no transpose and no
-// alpha, so K is gathered transposed ([D, cols]) and each head's query rows are scaled once.
-// dst[0, n) = alpha * src[0, n): the micro-kernel takes no alpha, so the scale goes into the queries
-// (rows x D) rather than into the rows x cols scores.
-inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
-  for (; i < n; ++i) dst[i] = src[i] * alpha;
-}
-
+// product (1/64); skipping it made the 16k forward 14-17% faster. It takes no transpose and no alpha,
+// so K is gathered transposed ([D, cols]) and each head's query rows are scaled once.
 constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
 
 // The key blocks one SparseMix task (query rows [r0, r1) of batch b, query heads h0 .. h0 + group
@@ -517,7 +517,7 @@ void probs_row(float* row, int64_t n, float lse, int64_t visible, const float* m
 // SparseMix's softmax backward over the same gathered blocks as `sparse_forward`, from its output
 // and log-sum-exp (FlashAttention-2's recipe): per task and head, the score and dO.V^T products,
 // dS = P * (dP - rowsum(dO * O)), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into gathered
-// buffers. The first three products run on the brgemm micro-kernel as in the forward (~8% off a 16k
+// buffers. The first three products run on the brgemm micro-kernel as in the forward (~9% off a 16k
 // forward+backward); the last two read their left operand transposed, which it does not take, and
 // stay on BLAS. dK and dV are added back to the key/value head's rows under its lock (query blocks
 // of one head run in parallel and may share key blocks). out and dout may be strided views ([B, Q,
