@@ -26,6 +26,7 @@ def test_experiment_scripts_find_experiments_from_any_directory(script, tmp_path
     assert "usage:" in result.stdout
 
 
+@pytest.mark.slow  # ~45 s: a benchmark's smoke run in a fresh process; CI runs it (`pytest -m slow`)
 def test_bench_attention_quick(tmp_path):
     out = tmp_path / "bench.json"
     result = run(
@@ -90,6 +91,7 @@ def test_bench_sparsemix_decode_quick(tmp_path):
     assert result.stdout.strip().splitlines()[-1].startswith("SMOKE RUN (--quick)")
 
 
+@pytest.mark.slow  # ~45 s: builds 8-layer models in fresh processes; CI runs it (`pytest -m slow`)
 def test_bench_build_time_quick(tmp_path):
     out = tmp_path / "build.json"
     result = run(["scripts/bench_build_time.py", "--quick", "--output", str(out)], tmp_path)
