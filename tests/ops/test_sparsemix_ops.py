@@ -302,9 +302,17 @@ def test_bad_inputs_raise(kwargs, match):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_matches_dense_reference(case, multimax, dtype):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+def test_fused_matches_dense_reference(case, multimax, dtype, onednn):
     """The fused C++ kernel over the gathered selected blocks: outputs, and with softmax the gradients
-    of q, k and v from its own backward (MultiMax's forward only: its scalars train on `blocked`)."""
+    of q, k and v from its own backward (MultiMax's forward only: its scalars train on `blocked`).
+    Its products run on oneDNN's brgemm micro-kernel where torch has it; with torch.backends.mkldnn
+    switched off, torch's brgemm runs them on BLAS instead."""
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        _check_fused_against_reference(case, multimax, dtype)
+
+
+def _check_fused_against_reference(case, multimax, dtype):
     q, k, v, mask, theta, g, idx, valid = _inputs(case, dtype, multimax)
     with torch.no_grad():
         out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
@@ -321,29 +329,6 @@ def test_fused_matches_dense_reference(case, multimax, dtype):
     for name, got, want in zip("qkv", grads, ref_grads):
         assert got.dtype == dtype
         assert_close(got, want, dtype, f"d{name}")
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "decode_step"], ids=lambda c: c[0])
-@pytest.mark.parametrize("multimax", [False, True], ids=["softmax", "multimax"])
-def test_fused_without_onednn_matches_dense_reference(case, multimax):
-    """The kernel's products run on oneDNN's brgemm micro-kernel where torch has it; with
-    torch.backends.mkldnn switched off torch's brgemm runs them on BLAS instead: same outputs and
-    (softmax) gradients."""
-    q, k, v, mask, theta, g, idx, valid = _inputs(case, torch.float32, multimax)
-    ref = _dense_reference(q, k, v, mask, theta, g, idx, valid)
-    with torch.backends.mkldnn.flags(enabled=False):
-        with torch.no_grad():
-            out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal,
-                                               theta=theta)
-        assert_close(out, ref, torch.float32, "output on BLAS")
-        if multimax:
-            return
-        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal)
-        grad_out = torch.randn_like(ref)
-        grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * grad_out).sum(), (q, k, v))
-    for name, got, want in zip("qkv", grads, ref_grads):
-        assert_close(got, want, torch.float32, f"d{name} on BLAS")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("decode_step", "cache_chunk")], ids=lambda c: c[0])
