@@ -158,6 +158,7 @@ def sparsemix_attention_forward(
     if not torch.is_grad_enabled():  # inference: the cache's key summary grows step by step
         summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=selector,
                                      block_size=settings.block_size, weights=weights,
+                                     last_block_ranked=not (causal and settings.local),
                                      summarize=functools.partial(SELECTORS[selector].summarize,
                                                                  w=weights, block_size=settings.block_size))
     out = sparsemix_attention(

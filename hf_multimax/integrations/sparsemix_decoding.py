@@ -18,6 +18,12 @@ The summary is stored with room to grow (the static cache's length, or a quarter
 writes its new entries in place instead of copying the summary; only the newest summary of a storage
 writes into it, so two caches holding the same key tensor copy before they part.
 
+With causal attention that keeps the local block, the last key block is never ranked: it is the
+local block of the last query block and in the future of every other. Its entry is then left a
+placeholder (zeros, whose score the selection hides) until a later block follows it, so a decoding
+step summarises one block every `block_size` steps instead of its partial last block at every step
+(at 16k context, 1 thread: ~0.16 ms of a ~0.85 ms attention call).
+
 Anything else (no cache, a model whose attention modules have no `layer_idx`, gradients on)
 recomputes the summary from all keys, which is what a call without a cache does.
 """
@@ -48,10 +54,11 @@ class _Buffer:
 @dataclasses.dataclass(frozen=True)
 class _Summary:
     version: int  # the key tensor's version counter after the call that made it
-    tokens: int  # real keys summarised
+    tokens: int  # real keys it stands for
     made_by: tuple  # selector, block size, (id, version) of the weights it read
     buffer: _Buffer
     units: int  # entries: blocks or tokens
+    summarised: int  # leading entries that hold values (the rest: the placeholder of a last block)
     stamp: object = dataclasses.field(default_factory=object)
 
     @property
@@ -88,13 +95,16 @@ def cached_key_summary(
     block_size: int,
     weights: tuple[torch.Tensor, ...],
     summarize: Callable[[torch.Tensor], torch.Tensor],
+    last_block_ranked: bool = True,
 ) -> torch.Tensor:
     """The selector's summary of `key` (the real keys of this call, `[B, Hkv, K, D]`), extended from
     the noted cache tensor's summary when that is valid (module docstring), else computed whole; kept
     on `cache_keys` (the tensor the attention function was handed) for the next step.
 
     `summarize(keys)` summarises a run of keys: per token, or per block (the selector's
-    `summary_per_block`; runs then start on a block boundary).
+    `summary_per_block`; runs then start on a block boundary). Without `last_block_ranked` (causal
+    attention keeping the local block) the last block's entry is a zero placeholder unless the block
+    is complete.
     """
     made_by = _made_by(selector, block_size, weights)
     old = module.__dict__.pop(_NOTED, None)
@@ -102,22 +112,29 @@ def cached_key_summary(
         old = None
     unit = block_size if SELECTORS[selector].summary_per_block else 1
     units = -(-key.shape[-2] // unit)
-    if old is None:
-        buffer = _Buffer(summarize(key), None)
-    else:  # per block, the old last block may have been partial, so it is summarised again
-        kept = old.tokens // unit
-        new = summarize(key[..., kept * unit :, :])
-        buffer = old.buffer
+    # The old entries that stay: whole blocks (a partial one is summarised again), or tokens.
+    kept = 0 if old is None else min(old.summarised, old.tokens // unit)
+    done = units if last_block_ranked or kept == 0 == key.shape[-2] // unit else key.shape[-2] // unit
+    new = summarize(key[..., kept * unit : done * unit, :]) if done > kept else None
+    if old is None and done == units:
+        buffer = _Buffer(new, None)
+    else:
+        buffer = None if old is None else old.buffer
         # Written in place only by the newest summary of the buffer (another cache holding the same
         # key tensor may have extended it already) and while there is room; else a copy with room
         # for the cache's length (a static cache) or a quarter more.
-        if buffer.newest is not old.stamp or buffer.data.shape[2] < units:
+        if buffer is None or buffer.newest is not old.stamp or buffer.data.shape[2] < units:
             room = max(units + units // 4, -(-cache_keys.shape[-2] // unit))
-            data = new.new_empty(*new.shape[:2], room, new.shape[-1])
-            data[:, :, :kept] = old.data[:, :, :kept]
+            like = new if new is not None else old.data
+            data = like.new_empty(*like.shape[:2], room, like.shape[-1])
+            if kept:
+                data[:, :, :kept] = old.data[:, :, :kept]
             buffer = _Buffer(data, None)
-        buffer.data[:, :, kept:units] = new
-    summary = _Summary(cache_keys._version, key.shape[-2], made_by, buffer, units)
+        if new is not None:
+            buffer.data[:, :, kept:done] = new
+        if done < units:
+            buffer.data[:, :, done:units].zero_()
+    summary = _Summary(cache_keys._version, key.shape[-2], made_by, buffer, units, done)
     buffer.newest = summary.stamp
     setattr(cache_keys, _SUMMARY, summary)
     return buffer.data[:, :, :units]

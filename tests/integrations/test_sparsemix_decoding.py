@@ -172,3 +172,34 @@ def test_a_static_cache_decodes_as_the_dynamic_one(selector):
     once per forward and kept on the mask); the dynamic cache holds just the real keys."""
     model, _ = models(selector)
     assert_same(generate(model, IDS, cache_implementation="static"), generate(model, IDS), f"{selector} static")
+
+
+@pytest.mark.parametrize("selector", ["block", "block_rotary"])
+def test_the_last_block_is_a_placeholder_whose_score_is_never_read(selector):
+    """Causal attention keeping the local block never ranks the last key block, so the summary leaves
+    it a zero placeholder until a block follows it (no summary of a partial block at every step)."""
+    from hf_multimax.ops.sparsemix import SELECTORS, select_sparsemix_blocks
+
+    model, _ = models(selector)
+    cache = tf.DynamicCache(config=model.config)
+    bs = SETTINGS["block_size"]
+    with torch.no_grad():
+        model(IDS, cache=cache, use_cache=True)  # 61 tokens: blocks 0-6 whole, block 7 holds 5
+        summary, key = getattr(cache.layers[0].keys, _SUMMARY), cache.layers[0].keys
+        weights = model.model.layers[0].self_attn.sparsemix()
+        whole = SELECTORS[selector].summarize(key, weights, bs)
+        assert (summary.units, summary.summarised) == (8, 7)
+        assert not summary.data[:, :, 7].any() and whole[:, :, 7].any()
+        assert torch.equal(summary.data[:, :, :7], whole[:, :, :7])
+        # The selection is the same as with the block's real summary: for a decoding step and for a
+        # chunk of queries ending there (its earlier query blocks see the last block in their future).
+        for q_len in (1, 20):
+            query = torch.randn(2, 4, q_len, 8, generator=gen(q_len))
+            got, want = (select_sparsemix_blocks(query, key, weights, block_size=bs, top_k=2, selector=selector,
+                                                 key_summary=s)[1:] for s in (summary.data, whole))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), q_len
+        model(IDS[:, :3], cache=cache, use_cache=True)  # 64 tokens: block 7 whole, still the last
+        model(IDS[:, :1], cache=cache, use_cache=True)  # 65: block 7 is now a candidate
+    summary, key = getattr(cache.layers[0].keys, _SUMMARY), cache.layers[0].keys
+    assert (summary.units, summary.summarised) == (9, 8)
+    assert_close(summary.data[:, :, :8], SELECTORS[selector].summarize(key, weights, bs)[:, :, :8], what="block 7")
