@@ -63,11 +63,17 @@ def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
     known = getattr(mask, _SEEN, None)
     if known is not None and known[0] == mask._version:
         return known[1:]
-    last = mask.shape[-1]
-    if not bool(mask[..., -1].any()):
-        seen = mask.any(dim=(0, 1, 2)).flip(0).view(torch.uint8)
-        last -= int(seen.argmax())  # the argmax is 0 when no key is seen: all keys are kept
-    hides_nothing = mask.shape[-2] == 1 and bool(mask[..., :last].all())
+    one_row = mask.shape[:3] == (1, 1, 1)
+    seen = mask.reshape(-1) if one_row else mask.any(dim=(0, 1, 2))
+    count = int(seen.sum())
+    if count and bool(seen[:count].all()):  # the keys seen are a prefix (a cache's real keys): two reductions
+        last = count
+    else:
+        last = mask.shape[-1]
+        if not bool(seen[-1]):
+            last -= int(seen.flip(0).view(torch.uint8).argmax())  # 0 when no key is seen: all keys are kept
+        one_row = False  # the row has holes
+    hides_nothing = one_row or (mask.shape[-2] == 1 and bool(mask[..., :last].all()))
     setattr(mask, _SEEN, (mask._version, last, hides_nothing))
     return last, hides_nothing
 

@@ -203,3 +203,18 @@ def test_the_last_block_is_a_placeholder_whose_score_is_never_read(selector):
     summary, key = getattr(cache.layers[0].keys, _SUMMARY), cache.layers[0].keys
     assert (summary.units, summary.summarised) == (9, 8)
     assert_close(summary.data[:, :, :8], SELECTORS[selector].summarize(key, weights, bs)[:, :, :8], what="block 7")
+
+
+@pytest.mark.parametrize("rows", [slice(0, 2), slice(1, 2)])
+def test_a_left_padded_batch_decodes_the_same_from_static_and_dynamic_caches(rows):
+    """Padding in front: the keys seen are no prefix of the static buffer, which is then cut where the
+    last seen key is (a batch of two rows, and one padded row alone)."""
+    model, _ = models("block")
+    ids = IDS[rows]
+    mask = torch.ones_like(ids)
+    mask[-1, :5] = 0
+    with torch.no_grad():
+        got, want = (model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True, **extra)
+                     for extra in ({"cache_implementation": "static"}, {}))
+    assert_same(got, want, "left-padded")

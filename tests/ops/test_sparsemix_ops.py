@@ -166,6 +166,35 @@ def test_selection_of_a_decode_step_aligns_to_absolute_blocks():
     assert idx[0, 0, 0, 1] == 6 and valid.sum() == 4
 
 
+
+@pytest.mark.parametrize("Q, K, causal", [(1, 1601, True), (1, 100, True), (200, 200, True), (37, 300, True),
+                                          (150, 150, False)], ids=["decode_100_blocks", "decode_step", "prefill",
+                                                                   "chunk", "bidirectional"])
+@pytest.mark.parametrize("sink, local", [(True, True), (False, True), (True, False), (False, False)])
+def test_fused_selection_is_select_blocks(Q, K, causal, sink, local):
+    """The fused extension's one-call top-k against `select_blocks`: the same blocks in the same slots,
+    with top_k below and above the number of candidates, ties, -inf scores (never kept) and a strided
+    score tensor."""
+    from hf_multimax.ops.sparsemix.fused import fused_select_blocks
+
+    geometry = block_geometry(Q, K, BS, causal=causal)
+    scores = torch.randn(2, 3, geometry.n_q_blocks, geometry.n_k_blocks + 1, generator=torch.Generator().manual_seed(K))
+    scores = scores[..., 1:]  # rows one element apart from their neighbours' ends
+    scores[0, 1] = scores[0, 1].round()  # ties
+    scores[1, 2, :, ::3] = float("-inf")
+    for top_k in (1, 3, geometry.n_k_blocks + 2):
+        want = select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local)
+        got = fused_select_blocks(scores, geometry, top_k=top_k, sink=sink, local=local)
+        assert torch.equal(got[1], want[1]), f"valid slots, top_k={top_k}"
+        assert torch.equal(got[0][..., :2], want[0][..., :2]), "fixed slots"
+        # Of tied scores at the cut either block may be taken: rows with ties compare the kept scores.
+        kept = [torch.where(ok, idx, -1)[..., 2:].sort(-1).values for idx, ok in (got, want)]
+        assert torch.equal(kept[0][1:], kept[1][1:]) and torch.equal(kept[0][0, 0], kept[1][0, 0]), f"top_k={top_k}"
+        taken = [scores.gather(-1, idx[..., 2:]).masked_fill(~ok[..., 2:], 0).sort(-1).values for idx, ok in (got, want)]
+        assert torch.equal(taken[0], taken[1]), f"kept scores, top_k={top_k}"
+        free = ~want[1][..., 2:]
+        assert not got[0][..., 2:][free].any(), "empty slots point at block 0"
+
 def test_pool_blocks_ignores_padding_rows():
     x = torch.arange(10.0).view(1, 1, 10, 1)
     pooled = pool_blocks(x, 4, front_pad=2)  # blocks: [pad pad 0 1] [2 3 4 5] [6 7 8 9]

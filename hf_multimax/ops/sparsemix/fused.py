@@ -16,9 +16,9 @@ import torch
 from ..multimax.fused import _columns, load_fused_extension
 from ..naive_attention import check_qkv, post_mask
 from .layout import check_selection
-from .selection import block_geometry
+from .selection import BlockGeometry, block_geometry, slot_layout
 
-__all__ = ["fused_sparsemix_attention"]
+__all__ = ["fused_select_blocks", "fused_sparsemix_attention"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -111,3 +111,18 @@ def fused_sparsemix_attention(
         block_size, geometry.q_offset, bool(is_causal), float(scale), affine is not None, True,
     )
     return out.to(value.dtype), None
+
+
+def fused_select_blocks(
+    scores: torch.Tensor, geometry: BlockGeometry, *, top_k: int, sink: bool = True, local: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_blocks` (the reference, same arguments and result) in one C++ call, for CPU scores.
+    While decoding, the reference's ten small tensor ops took ~0.08 ms of a ~0.7 ms attention call at
+    16k (1 thread). The same blocks, best first; a NaN score is passed over here where the
+    reference's top-k takes it first and then leaves its slot empty."""
+    hidden, fixed_idx, fixed_ok = slot_layout(scores, geometry, sink=sink, local=local)
+    scores = scores.float()
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    idx, ok = load_fused_extension().select_top_blocks(scores, hidden, fixed_idx, fixed_ok, min(top_k, scores.shape[-1]))
+    return idx, ok

@@ -25,6 +25,7 @@ __all__ = [
     "scorer_block_scores",
     "select_blocks",
     "selection_mask",
+    "slot_layout",
     "candidate_blocks",
 ]
 
@@ -257,10 +258,7 @@ def select_blocks(
         option turned off).
     """
     B, Hkv, nQB, nKB = scores.shape
-    if (nQB, nKB) != (geometry.n_q_blocks, geometry.n_k_blocks):
-        raise ValueError(f"scores must be [B, Hkv, {geometry.n_q_blocks}, {geometry.n_k_blocks}] for this geometry, "
-                         f"got {tuple(scores.shape)}")
-    hidden, fixed_idx, fixed_ok = _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
+    hidden, fixed_idx, fixed_ok = slot_layout(scores, geometry, sink=sink, local=local)
     k = min(top_k, nKB)
     top_val, top_idx = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1)
     top_ok = top_val > float("-inf")  # what top-k took from the hidden blocks (or NaN scores) is not kept
@@ -269,6 +267,17 @@ def select_blocks(
     block_idx = torch.cat([fixed_idx.expand(B, Hkv, nQB, 2), top_idx], dim=-1)
     block_valid = torch.cat([fixed_ok.expand(B, Hkv, nQB, 2), top_ok], dim=-1)
     return block_idx, block_valid
+
+
+def slot_layout(scores: torch.Tensor, geometry: BlockGeometry, *, sink: bool, local: bool):
+    """What a selection of `scores` (`[B, Hkv, n_q_blocks, n_k_blocks]`) takes of the geometry:
+    `(hidden [nQB, nKB], fixed_idx [nQB, 2], fixed_ok [nQB, 2])`, the blocks top-k may not pick and
+    the fixed slots (sink, local) with their validity (read-only tensors, cached)."""
+    nQB, nKB = scores.shape[-2:]
+    if scores.dim() != 4 or (nQB, nKB) != (geometry.n_q_blocks, geometry.n_k_blocks):
+        raise ValueError(f"scores must be [B, Hkv, {geometry.n_q_blocks}, {geometry.n_k_blocks}] for this geometry, "
+                         f"got {tuple(scores.shape)}")
+    return _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
 
 
 @functools.lru_cache(maxsize=32)

@@ -824,11 +824,58 @@ std::vector<at::Tensor> sparse_backward_op(const at::Tensor& q, const at::Tensor
   return sparse_backward(q, k, v, p, out, dout, lse, block_idx, block_valid, block_size, q_offset);
 }
 
+// SparseMix's top-k block selection (ops/sparsemix/selection.py `select_blocks`, the reference) in one
+// call: per row of block scores, the k best blocks that are neither hidden (future, or forced) nor
+// NaN, best first (ties: the lower block), after the two fixed slots (sink, local). While decoding the
+// reference's ten small tensor ops cost more than the selection itself.
+std::vector<at::Tensor> select_top_blocks_op(const at::Tensor& scores, const at::Tensor& hidden,
+                                             const at::Tensor& fixed_idx, const at::Tensor& fixed_ok, int64_t k) {
+  TORCH_CHECK(scores.dim() == 4 && scores.dtype() == at::kFloat && scores.stride(3) == 1,
+              "fp32 scores [B, Hkv, nQB, nKB] with contiguous rows expected");
+  const int64_t B = scores.size(0), H = scores.size(1), nQB = scores.size(2), nKB = scores.size(3);
+  TORCH_CHECK(hidden.dtype() == at::kBool && hidden.is_contiguous() && hidden.size(0) == nQB && hidden.size(1) == nKB,
+              "contiguous bool hidden [nQB, nKB] expected");
+  TORCH_CHECK(fixed_idx.dtype() == at::kLong && fixed_ok.dtype() == at::kBool && fixed_idx.is_contiguous() &&
+              fixed_ok.is_contiguous() && fixed_idx.numel() == 2 * nQB && fixed_ok.numel() == 2 * nQB,
+              "contiguous int64 fixed_idx and bool fixed_ok [nQB, 2] expected");
+  TORCH_CHECK(0 <= k && k <= nKB, "0 <= k <= nKB expected");
+  const int64_t S = 2 + k;
+  at::Tensor idx = at::empty({B, H, nQB, S}, scores.options().dtype(at::kLong));
+  at::Tensor ok = at::empty({B, H, nQB, S}, scores.options().dtype(at::kBool));
+  const float* sc = scores.data_ptr<float>();
+  const bool* hid = hidden.data_ptr<bool>();
+  const int64_t* fi = fixed_idx.data_ptr<int64_t>();
+  const bool* fo = fixed_ok.data_ptr<bool>();
+  int64_t* out_idx = idx.data_ptr<int64_t>();
+  bool* out_ok = ok.data_ptr<bool>();
+  const int64_t s0 = scores.stride(0), s1 = scores.stride(1), s2 = scores.stride(2);
+  at::parallel_for(0, B * H * nQB, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> cand(nKB);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t a = row % nQB, h = row / nQB % H, b = row / nQB / H;
+      const float* r = sc + b * s0 + h * s1 + a * s2;
+      const bool* hr = hid + a * nKB;
+      int64_t n = 0;
+      for (int64_t j = 0; j < nKB; ++j)
+        if (!hr[j] && !std::isnan(r[j]) && r[j] > kNegInf) cand[n++] = j;
+      const int64_t take = std::min(n, k);
+      const auto better = [r](int64_t x, int64_t y) { return r[x] > r[y] || (r[x] == r[y] && x < y); };
+      std::partial_sort(cand.begin(), cand.begin() + take, cand.begin() + n, better);
+      int64_t* oi = out_idx + row * S;
+      bool* oo = out_ok + row * S;
+      for (int s = 0; s < 2; ++s) oi[s] = fi[a * 2 + s], oo[s] = fo[a * 2 + s];
+      for (int64_t s = 0; s < k; ++s) oi[2 + s] = s < take ? cand[s] : 0, oo[2 + s] = s < take;
+    }
+  });
+  return {idx, ok};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward_op, "MultiMax attention forward: (out, lse)");
   m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out, lse)");
   m.def("sparse_backward", &sparse_backward_op, "SparseMix softmax attention over selected key blocks, backward: (dq, dk, dv)");
+  m.def("select_top_blocks", &select_top_blocks_op, "SparseMix top-k block selection: (block_idx, block_valid)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
 }
