@@ -65,7 +65,7 @@ def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
         return known[1:]
     one_row = mask.shape[:3] == (1, 1, 1)
     seen = mask.reshape(-1) if one_row else mask.any(dim=(0, 1, 2))
-    count = int(seen.sum())
+    count = int(torch.count_nonzero(seen))  # no int64 copy of the row, as a sum of bools makes
     if count and bool(seen[:count].all()):  # the keys seen are a prefix (a cache's real keys): two reductions
         last = count
     else:
