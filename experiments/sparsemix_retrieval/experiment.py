@@ -63,6 +63,9 @@ class RetrievalExperimentArguments:
     sparse_batch_size: int = 4
     block_size: int = 64
     top_k: int = 8
+    segment: int | None = field(default=None, metadata={
+        "help": "Tokens per segment of the task (at most one pair or one query per segment; the multi-query recall "
+                "uses half-size ones). Default: the block size, so that a block holds at most one pair or query."})
     selector: str = field(default="auto", metadata={"help": "What ranks the key blocks: 'auto' (block_rotary on this RoPE model), 'block' (pooled scorer), 'block_norms' (pooled position-free rotary pair norms), 'block_rotary' (those norms and the slow rotary pairs whole) or 'token' (indexer)."})
     scorer_rank: int = 16
     indexer_heads: int = 4
@@ -116,11 +119,11 @@ class RetrievalExperimentArguments:
                 "kl_target_power": self.kl_target_power, "dense_warmup": dense_warmup}
 
 
-def training_segment(length: int, block_size: int) -> int:
-    """Segment of the curriculum's short sequences: `length // 32` (at least 8, at most the block
-    size), so every stage holds ~15 pairs and queries per sequence. Short stages are dense anyway;
+def training_segment(length: int, segment: int) -> int:
+    """Segment of the curriculum's short sequences: `length // 32` (at least 8, at most the task's
+    `segment`), so every stage holds ~15 pairs and queries per sequence. Short stages are dense anyway;
     packing more answers per token is what makes them cheap teachers of the lookup."""
-    return max(8, min(block_size, length // 32))
+    return max(8, min(segment, length // 32))
 
 
 def _train(model, dataset, *, steps: int, lr: float, batch_size: int, seed: int, out_dir: str, disable_tqdm: bool,
@@ -158,7 +161,8 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     set_seed(args.seed)
-    task = RetrievalTask(n_keys=args.n_keys, n_values=args.n_values, segment=args.block_size, max_pairs=args.max_pairs)
+    segment = args.segment or args.block_size
+    task = RetrievalTask(n_keys=args.n_keys, n_values=args.n_values, segment=segment, max_pairs=args.max_pairs)
     stages = args.stages()
     times: dict[str, float] = {}
     results: dict = {"settings": dataclasses.asdict(args), "task": dataclasses.asdict(task), "times_s": times}
@@ -184,7 +188,7 @@ def run_retrieval_experiment(args: RetrievalExperimentArguments) -> dict:
         dense_stages = []
         for i, (length, steps) in enumerate(stages):
             batch = max(1, args.dense_batch_tokens // length)
-            stage_task = dataclasses.replace(task, segment=training_segment(length, args.block_size))
+            stage_task = dataclasses.replace(task, segment=training_segment(length, segment))
             data = RetrievalDataset(stage_task, steps * batch, length, seed=args.seed * 1000 + i)
             record = {"length": length, "segment": stage_task.segment, "batch_size": batch}
             record.update(_timed(record, "wall_s", lambda data=data, steps=steps, batch=batch: _train(

@@ -257,8 +257,8 @@ def select_blocks(
         that hold no block (sink == local: the local slot holds it; fewer candidates than top_k; an
         option turned off).
     """
+    hidden, fixed_idx, fixed_ok = slot_layout(scores, geometry, sink=sink, local=local)  # checks the shape first
     B, Hkv, nQB, nKB = scores.shape
-    hidden, fixed_idx, fixed_ok = slot_layout(scores, geometry, sink=sink, local=local)
     k = min(top_k, nKB)
     top_val, top_idx = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1)
     top_ok = top_val > float("-inf")  # what top-k took from the hidden blocks (or NaN scores) is not kept
