@@ -1,6 +1,6 @@
 """SparseMix attention against dense SDPA softmax attention, measured in the same run.
 
-B=1, H=8, D=64, causal, block 64, top_k 8 + sink + local (the defaults). Both sides are timed as a
+B=1, H=8, D=64, causal, block 32, top_k 18 + sink + local (the defaults). Both sides are timed as a
 model runs them: the registered attention function called on a real attention module (one layer of
 a Llama with hidden 512), transformers' `sdpa_attention_forward` for dense and
 `sparsemix_attention_forward` for SparseMix, which reads its settings from the module's config and

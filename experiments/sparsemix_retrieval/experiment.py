@@ -30,7 +30,7 @@ TARGET_RATIO = 0.97
 # The smoke run (`--quick`), small enough for a test: the lengths keep > top_k + 2 blocks so the
 # sparse path really runs.
 QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2", "warmup_steps": 2, "finetune_steps": 2,
-         "dense_batch_tokens": 2048, "sparse_batch_size": 2, "block_size": 32, "top_k": 4, "hidden_size": 32,
+         "dense_batch_tokens": 2048, "sparse_batch_size": 2, "block_size": 32, "top_k": 4, "segment": 32, "hidden_size": 32,
          "disable_tqdm": True, "long_context_lengths": "1024", "long_context_sequences": 4, "mqar_needles": 8,
          "mqar_length": 1024, "depths": "0,1", "depth_length": 1024}
 
@@ -39,7 +39,7 @@ QUICK = {"eval_length": 1024, "eval_sequences": 8, "curriculum": "128:4,1024:2",
 # recall must end well above the untrained one's; no accuracy target is claimed at this size.
 DIRECTION = {"eval_length": 512, "eval_sequences": 32, "curriculum": "128:400,512:40", "dense_batch_tokens": 4096,
              "warmup_steps": 100, "kl_query_blocks": 8, "finetune_steps": 0, "sparse_batch_size": 4, "block_size": 16,
-             "top_k": 2,
+             "segment": 16, "top_k": 2,
              "hidden_size": 128, "disable_tqdm": True, "long_context_lengths": "", "mqar_needles": 0, "depths": ""}
 
 @dataclass
@@ -61,16 +61,16 @@ class RetrievalExperimentArguments:
     finetune_steps: int = field(default=100, metadata={"help": "Sparse fine-tuning steps (all parameters) at eval_length."})
     finetune_lr: float = 1e-3
     sparse_batch_size: int = 4
-    block_size: int = 64
-    top_k: int = 8
-    segment: int | None = field(default=None, metadata={
+    block_size: int = 32
+    top_k: int = 18
+    segment: int | None = field(default=64, metadata={
         "help": "Tokens per segment of the task (at most one pair or one query per segment; the multi-query recall "
-                "uses half-size ones). Default: the block size, so that a block holds at most one pair or query."})
+                "uses half-size ones). None: the block size."})
     selector: str = field(default="auto", metadata={"help": "What ranks the key blocks: 'auto' (block_rotary on this RoPE model), 'block' (pooled scorer), 'block_norms' (pooled position-free rotary pair norms), 'block_rotary' (those norms and the slow rotary pairs whole) or 'token' (indexer)."})
     scorer_rank: int = 16
     indexer_heads: int = 4
     indexer_dim: int = 32
-    kl_query_blocks: int = field(default=32, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
+    kl_query_blocks: int = field(default=64, metadata={"help": "Query blocks per layer whose dense attention trains the scorer."})
     kl_weight: float = 1.0
     kl_target_power: float = field(default=256.0, metadata={"help": "Sharpening of the scorer's KL target."})
     layers: int = 1

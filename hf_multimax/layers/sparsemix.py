@@ -35,9 +35,11 @@ class SparseMixSettings(ConfigSettings):
     """How SparseMix is applied to a model. Stored as the `sparsemix` dict of the model config.
 
     Args:
-        block_size (`int`): tokens per query/key block. Default: `64`.
+        block_size (`int`): tokens per query/key block. Default: `32` (a query block chooses its key
+            blocks once for all its queries: at 64, two queries sharing a block found their needles
+            less often, 32-needle recall 0.923 of dense against 0.968 at 32 with the same 640 keys).
         top_k (`int`): key blocks chosen by the scorer for each query block, besides the sink and
-            local blocks. Default: `8`.
+            local blocks. Default: `18` (with the sink and local blocks, 640 keys).
         sink (`bool`): always keep the first key block. Default: `True`.
         local (`bool`): always keep the query block's own key block. Default: `True`.
         selector (`str`): what ranks the key blocks:
@@ -60,7 +62,7 @@ class SparseMixSettings(ConfigSettings):
         indexer_dim (`int`): size of each token-indexer head. Default: `32`.
         kl_weight (`float`): weight of the scorer's KL term added to the training loss. Default: `1.0`.
         kl_query_blocks (`int`): query blocks per layer and forward whose dense attention is the KL
-            target. Default: `2`.
+            target. Default: `4` (128 query rows).
         kl_target_power (`float`): the KL target is the dense attention mass per block (max-pooled
             over the block's queries) raised to this power and renormalised: the top-k choice only
             needs the ranking right at the top, and a sharp target teaches that (needle-block recall
@@ -77,8 +79,8 @@ class SparseMixSettings(ConfigSettings):
 
     config_key: ClassVar[str] = "sparsemix"
 
-    block_size: int = 64
-    top_k: int = 8
+    block_size: int = 32
+    top_k: int = 18
     sink: bool = True
     local: bool = True
     selector: str = "auto"
@@ -86,7 +88,7 @@ class SparseMixSettings(ConfigSettings):
     indexer_heads: int = 4
     indexer_dim: int = 32
     kl_weight: float = 1.0
-    kl_query_blocks: int = 2
+    kl_query_blocks: int = 4
     kl_target_power: float = 256.0
     normalizer: str = "softmax"
     backend: str = "auto"
