@@ -66,14 +66,15 @@ def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
     one_row = mask.shape[:3] == (1, 1, 1)
     seen = mask.reshape(-1) if one_row else mask.any(dim=(0, 1, 2))
     count = int(torch.count_nonzero(seen))  # no int64 copy of the row, as a sum of bools makes
-    if count and bool(seen[:count].all()):  # the keys seen are a prefix (a cache's real keys): two reductions
+    prefix = bool(count) and bool(seen[:count].all())  # the keys seen are a prefix (a cache's real keys)
+    if prefix:
         last = count
     else:
         last = mask.shape[-1]
         if not bool(seen[-1]):
             last -= int(seen.flip(0).view(torch.uint8).argmax())  # 0 when no key is seen: all keys are kept
-        one_row = False  # the row has holes
-    hides_nothing = one_row or (mask.shape[-2] == 1 and bool(mask[..., :last].all()))
+    # A single row seen as a prefix hides nothing once cut there; otherwise the cut mask is checked.
+    hides_nothing = (one_row and prefix) or (mask.shape[-2] == 1 and bool(mask[..., :last].all()))
     setattr(mask, _SEEN, (mask._version, last, hides_nothing))
     return last, hides_nothing
 

@@ -24,6 +24,7 @@ from hf_multimax.ops.sparsemix import (
     select_blocks,
     selection_mask,
 )
+from hf_multimax.ops.sparsemix.fused import fused_select_blocks
 from tests.conftest import assert_close
 
 BS = 16
@@ -175,8 +176,6 @@ def test_fused_selection_is_select_blocks(Q, K, causal, sink, local):
     """The fused extension's one-call top-k against `select_blocks`: the same blocks in the same slots,
     with top_k below and above the number of candidates, ties, -inf scores (never kept) and a strided
     score tensor."""
-    from hf_multimax.ops.sparsemix.fused import fused_select_blocks
-
     geometry = block_geometry(Q, K, BS, causal=causal)
     scores = torch.randn(2, 3, geometry.n_q_blocks, geometry.n_k_blocks + 1, generator=torch.Generator().manual_seed(K))
     scores = scores[..., 1:]  # rows one element apart from their neighbours' ends
@@ -326,6 +325,14 @@ def test_bad_inputs_raise(kwargs, match):
         args["block_valid"] = torch.ones_like(kwargs["block_idx"], dtype=torch.bool)
     with pytest.raises(ValueError, match=match):
         naive_sparsemix_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("select", [select_blocks, fused_select_blocks], ids=["reference", "fused"])
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (1, 2, 5), (1, 2, 5, 4), (1, 2, 3, 5)], ids=str)
+def test_selection_names_the_score_shape_it_needs(select, shape):
+    geometry = block_geometry(40, 40, 8, True)  # 5 x 5 blocks
+    with pytest.raises(ValueError, match=r"scores must be \[B, Hkv, 5, 5\] for this geometry, got"):
+        select(torch.randn(shape), geometry, top_k=1)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

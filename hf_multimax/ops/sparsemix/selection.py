@@ -273,10 +273,10 @@ def slot_layout(scores: torch.Tensor, geometry: BlockGeometry, *, sink: bool, lo
     """What a selection of `scores` (`[B, Hkv, n_q_blocks, n_k_blocks]`) takes of the geometry:
     `(hidden [nQB, nKB], fixed_idx [nQB, 2], fixed_ok [nQB, 2])`, the blocks top-k may not pick and
     the fixed slots (sink, local) with their validity (read-only tensors, cached)."""
-    nQB, nKB = scores.shape[-2:]
-    if scores.dim() != 4 or (nQB, nKB) != (geometry.n_q_blocks, geometry.n_k_blocks):
+    if scores.dim() != 4 or tuple(scores.shape[-2:]) != (geometry.n_q_blocks, geometry.n_k_blocks):
         raise ValueError(f"scores must be [B, Hkv, {geometry.n_q_blocks}, {geometry.n_k_blocks}] for this geometry, "
                          f"got {tuple(scores.shape)}")
+    nQB, nKB = scores.shape[-2:]
     return _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
 
 
