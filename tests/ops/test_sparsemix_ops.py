@@ -36,6 +36,7 @@ CASES = [
     ("bidirectional", 2, 4, 4, 70, 70, False, None, 2),
     ("bidirectional_padded", 2, 4, 2, 70, 70, False, "padded", 1),
     ("decode_step", 2, 4, 2, 1, 90, True, None, 2),
+    ("decode_left_padded", 2, 4, 2, 1, 90, True, "left_padded", 3),
     ("cache_chunk", 2, 4, 1, 13, 77, True, "padded", 2),
 ]
 

@@ -395,6 +395,42 @@ struct SelectedBlocks {
   }
 };
 
+// A decoding step (one query row) of one task: the scores of every selected key in one row, one
+// softmax over it, then P.V, so the accumulator is not rescaled block by block (with blocks of 32
+// that bookkeeping cost about as much as the products); (m, l, acc) of each head of the group as the
+// multi-row path leaves them.
+void decode_row(const Problem& p, const SelectedBlocks& seg, int64_t b, int64_t h0, int64_t group, int64_t r0,
+                const float* qp, const float* kb, const float* vb, const float* tp, int64_t tn, const float* ap,
+                int64_t an, float* row, float* acc, float* m, float* l) {
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = h0 + g, bh = b * p.H + h;
+    const float* q_row = qp + (bh * p.Q + r0) * p.D;
+    const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
+    const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
+    const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+    float mx = kNegInf;
+    int64_t cols = 0;
+    for (int64_t s = 0; s < seg.count; cols += seg.n[s++]) {
+      const int64_t c0 = seg.c0[s], n = seg.n[s];
+      for (int64_t j = 0; j < n; ++j) row[cols + j] = p.scale * dot(q_row, kb + (c0 + j) * p.D, p.D);
+      mx = std::max(mx, forward_row(row + cols, n, p, ms, mv, p.bias_row(b, h, r0, c0), p.mask_row(b, h, r0, c0),
+                                    p.visible(r0, c0, n)));
+    }
+    float* acc_h = acc + g * p.Dv;
+    std::fill(acc_h, acc_h + p.Dv, 0.f);
+    m[g] = mx;
+    l[g] = 0.f;
+    if (mx == kNegInf) continue;  // sees no key: zeros
+    l[g] = exp_row(row, cols, mx);
+    for (int64_t s = 0, c = 0; s < seg.count; c += seg.n[s++]) {
+      const float* v_rows = vb + seg.c0[s] * p.Dv;
+      for (int64_t j = 0; j < seg.n[s]; ++j) {
+        if (row[c + j] != 0.f) axpy(row[c + j], v_rows + j * p.Dv, acc_h, p.Dv);
+      }
+    }
+  }
+}
+
 std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                        const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& block_idx,
                                        const at::Tensor& block_valid, int64_t bs, int64_t q_offset, bool heads_last) {
@@ -418,7 +454,8 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     // A decoding step (one query row) walks the blocks in place: no gather buffers to allocate.
     const int64_t gathered = p.Q > 1 ? max_cols : 0;
-    std::unique_ptr<float[]> tile(new float[bs * std::max(bs, gathered)]), kbuf(new float[gathered * p.D]),
+    // Its row holds the scores of every selected key (at most S blocks).
+    std::unique_ptr<float[]> tile(new float[p.Q > 1 ? bs * std::max(bs, gathered) : S * bs]), kbuf(new float[gathered * p.D]),
         vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]), qbuf(new float[bs * p.D]);
     std::vector<float> m(group * bs), l(group * bs);
     SelectedBlocks seg(S);
@@ -444,46 +481,50 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
       if (rows <= 0) continue;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
-      std::fill(acc.get(), acc.get() + group * rows * p.Dv, 0.f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t first = 0, last, cols; first < seg.count; first = last) {
-        last = seg.run_end(first, max_cols, cols);
-        if (rows > 1) seg.gather(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());  // K^T, V
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = h0 + g, bh = b * p.H + h;
-          const float* q_rows = qp + (bh * p.Q + r0) * p.D;
-          const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
-          const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
-          const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
-          float *acc_h = acc.get() + g * rows * p.Dv, *m_h = m.data() + g * rows, *l_h = l.data() + g * rows;
-          if (rows == 1) {
-            for (int64_t s = first; s < last; ++s)
-              attend_tile(p, b, h, r0, 1, seg.c0[s], seg.n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
-            continue;
-          }
-          scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
-          at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kbuf.get(), tile.get(), false);
-          const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
-          for (int64_t i = 0; i < rows; ++i) {
-            const int64_t r = r0 + i;
-            float* row = tile.get() + i * cols;
-            float mx = m_h[i];
-            for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
-              const int64_t c0 = seg.c0[s], n = seg.n[s];
-              const int64_t visible = p.visible(r, c0, n);
-              if (plain) {  // plain scores: only the keys past the causal frontier change (to -inf)
-                std::fill(row + c + visible, row + c + n, kNegInf);
-                continue;
-              }
-              const float* bias_row = p.bias_row(b, h, r, c0);
-              const float* mask_row = p.mask_row(b, h, r, c0);
-              mx = std::max(mx, forward_row(row + c, n, p, ms, mv, bias_row, mask_row, visible));
+      if (p.Q == 1) {
+        decode_row(p, seg, b, h0, group, r0, qp, kb, vb, tp, tn, ap, an, tile.get(), acc.get(), m.data(), l.data());
+      } else {
+        std::fill(acc.get(), acc.get() + group * rows * p.Dv, 0.f);
+        std::fill(m.begin(), m.end(), kNegInf);
+        std::fill(l.begin(), l.end(), 0.f);
+        for (int64_t first = 0, last, cols; first < seg.count; first = last) {
+          last = seg.run_end(first, max_cols, cols);
+          if (rows > 1) seg.gather(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());  // K^T, V
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = h0 + g, bh = b * p.H + h;
+            const float* q_rows = qp + (bh * p.Q + r0) * p.D;
+            const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
+            const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
+            const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+            float *acc_h = acc.get() + g * rows * p.Dv, *m_h = m.data() + g * rows, *l_h = l.data() + g * rows;
+            if (rows == 1) {
+              for (int64_t s = first; s < last; ++s)
+                attend_tile(p, b, h, r0, 1, seg.c0[s], seg.n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
+              continue;
             }
-            if (plain) mx = std::max(mx, row_max(row, cols));
-            online_softmax_row(row, cols, mx, m_h[i], l_h[i], acc_h + i * p.Dv, p.Dv);
+            scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
+            at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kbuf.get(), tile.get(), false);
+            const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = r0 + i;
+              float* row = tile.get() + i * cols;
+              float mx = m_h[i];
+              for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+                const int64_t c0 = seg.c0[s], n = seg.n[s];
+                const int64_t visible = p.visible(r, c0, n);
+                if (plain) {  // plain scores: only the keys past the causal frontier change (to -inf)
+                  std::fill(row + c + visible, row + c + n, kNegInf);
+                  continue;
+                }
+                const float* bias_row = p.bias_row(b, h, r, c0);
+                const float* mask_row = p.mask_row(b, h, r, c0);
+                mx = std::max(mx, forward_row(row + c, n, p, ms, mv, bias_row, mask_row, visible));
+              }
+              if (plain) mx = std::max(mx, row_max(row, cols));
+              online_softmax_row(row, cols, mx, m_h[i], l_h[i], acc_h + i * p.Dv, p.Dv);
+            }
+            at::native::cpublas::brgemm(rows, p.Dv, cols, cols, p.Dv, p.Dv, true, tile.get(), vbuf.get(), acc_h, false);
           }
-          at::native::cpublas::brgemm(rows, p.Dv, cols, cols, p.Dv, p.Dv, true, tile.get(), vbuf.get(), acc_h, false);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
