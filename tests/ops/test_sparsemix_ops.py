@@ -31,6 +31,7 @@ BS = 16
 # (id, B, H, Hkv, Q, K, causal, mask kind, top_k)
 CASES = [
     ("causal_gqa", 2, 4, 2, 83, 83, True, None, 2),
+    ("causal_one_row_block", 1, 2, 2, 65, 65, True, None, 2),  # the last query block holds one row
     ("causal_padded", 2, 4, 4, 83, 83, True, "padded", 2),
     ("causal_left_padded", 2, 4, 2, 83, 83, True, "left_padded", 2),
     ("bidirectional", 2, 4, 4, 70, 70, False, None, 2),

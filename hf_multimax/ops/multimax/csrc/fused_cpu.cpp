@@ -77,6 +77,10 @@ struct Scalars {
                  affine[0] == 0.f && affine[m] == 0.f) {}
   // The modulator changes nothing (softmax, or MultiMax at its zero start): the tile skips it.
   bool identity;
+  // Query head h's scalars: its column, or the one column shared by every head (n or m == 1).
+  static Scalars of_head(const float* theta, int64_t n, const float* affine, int64_t m, int64_t h) {
+    return Scalars(theta + (n > 1 ? h : 0), n, affine + (m > 1 ? h : 0), m);
+  }
 };
 
 // Everything about a call that is not a tensor of scores.
@@ -218,9 +222,6 @@ bool tile_is_masked(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t 
   return true;
 }
 
-// Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n): the score tile through BLAS,
-// the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc. Shared by the dense
-// and the block-list (SparseMix) forward.
 // One query row (decoding): a BLAS call's fixed cost is larger than a 1 x 64 x 64 product.
 inline float dot(const float* a, const float* b, int64_t d) {
   Vec s(0.f);
@@ -237,6 +238,8 @@ inline void axpy(float alpha, const float* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += alpha * x[i];
 }
 
+// Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n) (the dense forward): the score
+// tile through BLAS, the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc.
 void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t c0, int64_t n,
                  const float* q_rows, const float* k_head, const float* v_head, const Scalars<float>& ms,
                  const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
@@ -302,9 +305,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t kvh = b * p.Hkv + h / group;
       const float* qb = qp + (bh * p.Q + r0) * p.D;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
-      const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
-      const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
-      const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+      const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
+      const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
       std::fill(acc, acc + rows * p.Dv, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -395,19 +397,18 @@ struct SelectedBlocks {
   }
 };
 
-// A decoding step (one query row) of one task: the scores of every selected key in one row, one
-// softmax over it, then P.V, so the accumulator is not rescaled block by block (with blocks of 32
-// that bookkeeping cost about as much as the products); (m, l, acc) of each head of the group as the
-// multi-row path leaves them.
+// A one-row SparseMix task (a decoding step, or a query block holding one row) of one key/value head
+// group: the scores of every selected key in one row, one softmax over it, then P.V, so the
+// accumulator is not rescaled block by block (with blocks of 32 that bookkeeping cost about as much
+// as the products); (m, l, acc) of each head of the group as the multi-row path leaves them.
 void decode_row(const Problem& p, const SelectedBlocks& seg, int64_t b, int64_t h0, int64_t group, int64_t r0,
                 const float* qp, const float* kb, const float* vb, const float* tp, int64_t tn, const float* ap,
                 int64_t an, float* row, float* acc, float* m, float* l) {
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = h0 + g, bh = b * p.H + h;
     const float* q_row = qp + (bh * p.Q + r0) * p.D;
-    const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
-    const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
-    const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+    const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
+    const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
     float mx = kNegInf;
     int64_t cols = 0;
     for (int64_t s = 0; s < seg.count; cols += seg.n[s++]) {
@@ -452,10 +453,10 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
   const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
-    // A decoding step (one query row) walks the blocks in place: no gather buffers to allocate.
+    // A decoding step (one query row) walks the blocks in place: no gather buffers to allocate. A
+    // one-row task's row holds the scores of every selected key (at most S blocks).
     const int64_t gathered = p.Q > 1 ? max_cols : 0;
-    // Its row holds the scores of every selected key (at most S blocks).
-    std::unique_ptr<float[]> tile(new float[p.Q > 1 ? bs * std::max(bs, gathered) : S * bs]), kbuf(new float[gathered * p.D]),
+    std::unique_ptr<float[]> tile(new float[std::max(bs * std::max(bs, gathered), S * bs)]), kbuf(new float[gathered * p.D]),
         vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]), qbuf(new float[bs * p.D]);
     std::vector<float> m(group * bs), l(group * bs);
     SelectedBlocks seg(S);
@@ -481,7 +482,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
       if (rows <= 0) continue;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
-      if (p.Q == 1) {
+      if (rows == 1) {
         decode_row(p, seg, b, h0, group, r0, qp, kb, vb, tp, tn, ap, an, tile.get(), acc.get(), m.data(), l.data());
       } else {
         std::fill(acc.get(), acc.get() + group * rows * p.Dv, 0.f);
@@ -489,19 +490,13 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
         std::fill(l.begin(), l.end(), 0.f);
         for (int64_t first = 0, last, cols; first < seg.count; first = last) {
           last = seg.run_end(first, max_cols, cols);
-          if (rows > 1) seg.gather(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());  // K^T, V
+          seg.gather(first, last, cols, kb, vb, p.D, p.Dv, kbuf.get(), vbuf.get());  // K^T, V
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = h0 + g, bh = b * p.H + h;
             const float* q_rows = qp + (bh * p.Q + r0) * p.D;
-            const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
-            const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
-            const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+            const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
+            const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
             float *acc_h = acc.get() + g * rows * p.Dv, *m_h = m.data() + g * rows, *l_h = l.data() + g * rows;
-            if (rows == 1) {
-              for (int64_t s = first; s < last; ++s)
-                attend_tile(p, b, h, r0, 1, seg.c0[s], seg.n[s], q_rows, kb, vb, ms, mv, tile.get(), acc_h, m_h, l_h);
-              continue;
-            }
             scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
             at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kbuf.get(), tile.get(), false);
             const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
@@ -735,9 +730,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
-      const int64_t th_ = tn > 1 ? h : 0, ah_ = an > 1 ? h : 0;
-      const Scalars<float> ms(tp + th_, tn, ap + ah_, an);
-      const Scalars<Vec> mv(tp + th_, tn, ap + ah_, an);
+      const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
+      const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
       ScalarGrads<float> gs;
       ScalarGrads<Vec> gv;
       for (int64_t r0 = 0; r0 < p.Q; r0 += kQueryBlock) {
