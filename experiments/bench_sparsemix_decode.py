@@ -1,7 +1,8 @@
 """SparseMix decoding against dense SDPA at long context, measured in the same run.
 
 A 2-layer Llama (hidden 512, 8 heads of 64, MLP 1024, vocabulary 1000), random weights, the SparseMix
-models with the same weights and a trained-looking selector (block 32, top-18, the defaults). For each cache
+models with the same weights and a trained-looking selector (the script defaults to SparseMix's defaults,
+block 32, top-18). For each cache
 (`dynamic`, transformers' default, and `static`) and each model: the prompt (`context` random
 tokens) is prefilled once (timed once), then greedy `generate` continues from a copy of that cache
 for `new_tokens` tokens, every one a decoding step; the models are alternated repeat by repeat and
@@ -62,7 +63,7 @@ def _new_cache(model, cache: str, max_len: int):
 
 
 @torch.no_grad()
-def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_size: int = 32, top_k: int = 18,
+def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_size: int, top_k: int,
                            names=tuple(VARIANTS)) -> dict:
     """Every measurement of the module docstring, for the models `names` (of `VARIANTS`; SDPA, the
     baseline, always)."""

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from experiments.bench_sparsemix_decode import QUICK, VARIANTS, bench_sparsemix_decode, decode_summary, plot_decode  # noqa: E402
 from experiments.harness import write_results  # noqa: E402
 from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
+from hf_multimax import SparseMixSettings  # noqa: E402
 
 
 def main(argv=None):
@@ -24,8 +25,8 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=16384, help="prompt tokens in the cache before decoding")
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per model (median reported)")
-    parser.add_argument("--block_size", type=int, default=32, help="SparseMix block size")
-    parser.add_argument("--top_k", type=int, default=18, help="key blocks kept per query block besides sink and local")
+    parser.add_argument("--block_size", type=int, default=SparseMixSettings.block_size, help="SparseMix block size")
+    parser.add_argument("--top_k", type=int, default=SparseMixSettings.top_k, help="key blocks kept per query block besides sink and local")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", default="outputs/bench_sparsemix_decode.json", help="JSON path (the PNG goes beside it)")
     parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
-from hf_multimax import freeze_all_but_scorers
+from hf_multimax import SparseMixSettings, freeze_all_but_scorers
 from hf_multimax.training import MultiMaxTrainer
 
 from .long_context import long_context_suite
@@ -61,8 +61,8 @@ class RetrievalExperimentArguments:
     finetune_steps: int = field(default=100, metadata={"help": "Sparse fine-tuning steps (all parameters) at eval_length."})
     finetune_lr: float = 1e-3
     sparse_batch_size: int = 4
-    block_size: int = 32
-    top_k: int = 18
+    block_size: int = SparseMixSettings.block_size
+    top_k: int = SparseMixSettings.top_k
     segment: int | None = field(default=64, metadata={
         "help": "Tokens per segment of the task (at most one pair or one query per segment; the multi-query recall "
                 "uses half-size ones). None: the block size."})
