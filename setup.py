@@ -13,5 +13,9 @@ MODELING = ["hf_multimax.modeling"] + [f"hf_multimax.modeling.{name}" for name i
 setup(
     packages=find_namespace_packages(include=["hf_multimax", "hf_multimax.*"]) + MODELING,
     package_dir={"hf_multimax.modeling": "modeling"},
-    package_data={"hf_multimax.ops.multimax": ["csrc/*.cpp"]},  # the fused kernel is compiled where it runs
+    # Non-Python files the package reads at run time; a wheel holds only these besides the .py files.
+    package_data={
+        "hf_multimax.ops.multimax": ["csrc/*.cpp"],  # the fused kernel is compiled where it runs
+        "hf_multimax.hub": ["templates/*.md.j2"],  # the model card, rendered at publish time and after fine-tuning
+    },
 )

@@ -1,9 +1,9 @@
-"""Model cards for MultiMax checkpoints, rendered with huggingface_hub from `model_cards/`."""
+"""Model cards for MultiMax checkpoints, rendered with huggingface_hub from `templates/multimax.md.j2`."""
 
 from __future__ import annotations
 
 import platform
-from pathlib import Path
+from importlib.resources import files
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -12,7 +12,9 @@ from ..layers.multimax import MultiMaxModulator
 
 __all__ = ["TEMPLATE", "build_model_card"]
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "multimax.md.j2"
+# Package data (setup.py's package_data), read through importlib.resources: it is then found wherever
+# the package is installed (wheel, editable, zip), not only in a checkout of the repository.
+TEMPLATE = files(__package__) / "templates" / "multimax.md.j2"
 ARXIV = {"multimax": "2406.01189"}
 
 # model class name suffix -> (pipeline tag, task type for model-index)
@@ -78,10 +80,13 @@ def build_model_card(
         training_data=training_data,
     )
     if not TEMPLATE.is_file():
-        raise FileNotFoundError(f"model card template not found at {TEMPLATE} (install hf-multimax from its repository)")
+        raise FileNotFoundError(
+            f"model card template not found at {TEMPLATE}: this hf-multimax install lacks its package data; "
+            "reinstall it with `pip install .` from a clone (setup.py's package_data ships hub/templates/*.md.j2)"
+        )
     return ModelCard.from_template(
         data,
-        template_path=str(TEMPLATE),
+        template_str=TEMPLATE.read_text(encoding="utf-8"),
         model_name=repo_id.split("/")[-1],
         base_model=base_model,
         multimax=settings,
