@@ -149,7 +149,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DK, DV, DS,
     t1, t2, t3, t4, b1, d1, b2, d2, aa, ac = load_scalars(TH, AF, h, sth, sah)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    gs = tl.zeros([16], tl.float32)
+    gs = tl.zeros([16], tl.float64)  # tile sums added in float64: the error stays a tile's, whatever q_len
     start_m = 0
     if CAUSAL:
         start_m = tl.maximum(0, pid_n * BLOCK_N - offset) // BLOCK_M * BLOCK_M
@@ -166,7 +166,7 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, TH, AF, BIAS, POST, DK, DV, DS,
                               t1, t2, t3, t4, b1, d1, b2, d2, aa, ac, CAUSAL, HAS_BIAS, HAS_POST, HAS_SOFTCAP, True)
         dv += tl.dot(tl.trans(p), do, input_precision="ieee")
         dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-        gs += g
+        gs += g.to(tl.float64)
     tl.store(DK + b * skgb + h * skgh + cols[:, None] * skgn + dims[None, :], dk, mask=kv_mask)
     tl.store(DV + b * skgb + h * skgh + cols[:, None] * skgn + dims[None, :], dv, mask=kv_mask)
     tl.store(DS + (bh * tl.num_programs(0) + pid_n) * 16 + tl.arange(0, 16), gs)

@@ -177,8 +177,10 @@ class _ChunkedMultiMax(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        dtheta = torch.zeros_like(theta, dtype=torch.float32)
-        daffine = None if affine is None else torch.zeros_like(affine, dtype=torch.float32)
+        # The scalars' gradients add one tile's sum after another: float64 totals keep the error of
+        # the sum bounded by a tile's, whatever the number of tiles.
+        dtheta = torch.zeros_like(theta, dtype=torch.float64)
+        daffine = None if affine is None else torch.zeros_like(affine, dtype=torch.float64)
         for r0, r1, b0, b1 in _blocks(q.shape[-2], k.shape[-2], block_size, causal_offset, keep):
             # With the row log-sum-exp known, key chunks are independent: chunking them bounds the
             # recomputed tiles' memory without any online rescaling.

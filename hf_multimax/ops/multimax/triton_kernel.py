@@ -83,7 +83,7 @@ class _TritonMultiMax(torch.autograd.Function):
         dk = torch.zeros(B, H, K, D, dtype=torch.float32, device=q.device)
         dv = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
         n_blocks = triton.cdiv(K, BLOCK_N)
-        dscalars = torch.zeros(B * H * n_blocks, 16, dtype=torch.float32, device=q.device)
+        dscalars = torch.zeros(B * H * n_blocks, 16, dtype=torch.float64, device=q.device)
         dummy = q.new_zeros(1, dtype=torch.float32)
         common = dict(CAUSAL=causal, HAS_BIAS=bias is not None, HAS_POST=post is not None, HAS_SOFTCAP=softcap > 0,
                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d)
@@ -103,7 +103,7 @@ class _TritonMultiMax(torch.autograd.Function):
         if group > 1:
             dk = dk.view(B, HKV, group, K, -1).sum(2)
             dv = dv.view(B, HKV, group, K, -1).sum(2)
-        per_head = dscalars.view(B, H, n_blocks, 16).sum((0, 2))  # [H, 16]
+        per_head = dscalars.view(B, H, n_blocks, 16).sum((0, 2)).float()  # [H, 16]
         dtheta, daffine = per_head[:, :8], per_head[:, 8:10]
         if theta.shape[0] == 1:
             dtheta, daffine = dtheta.sum(0, keepdim=True), daffine.sum(0, keepdim=True)

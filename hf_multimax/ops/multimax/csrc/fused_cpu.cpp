@@ -732,8 +732,11 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
       const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
-      ScalarGrads<float> gs;
-      ScalarGrads<Vec> gv;
+      // The scalars' gradients sum a term per score of the head (millions of them). Each tile row's
+      // terms are summed in fp32 (at most kKeyBlock / lanes + lanes + a tail of additions in a chain),
+      // then added into fp64 totals: the rounding error is then bounded by the row's length, not by
+      // the number of scores, and no longer depends on the vector width's summation order.
+      double total[10] = {};
       for (int64_t r0 = 0; r0 < p.Q; r0 += kQueryBlock) {
         const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
         const float *qb = qp + (bh * p.Q + r0) * p.D, *dob = dop + (bh * p.Q + r0) * p.Dv;
@@ -756,7 +759,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
               std::fill(dp_row, dp_row + n, 0.f);
               continue;
             }
+            ScalarGrads<float> gs;
+            ScalarGrads<Vec> gv;
             backward_row(s_row, dp_row, n, p, ms, mv, bias_row, mask_row, visible, row_lse, delp[bh * p.Q + r], gs, gv);
+            for (int g = 0; g < (p.has_affine ? 10 : 8); ++g) total[g] += static_cast<double>(gs.g[g]) + hsum(gv.g[g]);
           }
           gemm(false, false, rows, p.D, n, 1.f, s_tile.data(), n, kb + c0 * p.D, p.D, 1.f, dqb, p.D);
           gemm(true, false, n, p.D, rows, 1.f, s_tile.data(), n, qb, p.D, 1.f, dkp + (bh * p.K + c0) * p.D, p.D);
@@ -764,36 +770,43 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
         }
       }
       float* out = dsp + bh * 10;
-      for (int g = 0; g < 10; ++g)
-        out[g] = gs.g[g] + hsum(gv.g[g]);
       // The accumulators hold dy*[x<b1], dy*[x>d1], dy*relu(b2-x), dy*relu(x-d2): the gradients of
       // b1, d1, b2, d2 are these times t1, -t2, 2*t3, -2*t4.
-      out[4] *= ms.t1;
-      out[5] *= -ms.t2;
-      out[6] *= 2.f * ms.t3;
-      out[7] *= -2.f * ms.t4;
+      total[4] *= ms.t1;
+      total[5] *= -ms.t2;
+      total[6] *= 2.0 * ms.t3;
+      total[7] *= -2.0 * ms.t4;
+      for (int g = 0; g < 10; ++g) out[g] = static_cast<float>(total[g]);
     }
   });
   return {dq, dk, dv, dscalars};
 }
 
-// [B, Hkv, K, D] with contiguous rows and heads at one stride (a contiguous tensor, or a prefix of one
-// along K).
-bool rows_contiguous(const at::Tensor& t) {
-  return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) >= t.size(2) * t.size(3) &&
-         t.stride(0) == t.size(1) * t.stride(1);
+// Elements between consecutive (batch, key/value head) row blocks of t [B, Hkv, K, D], which the
+// kernel addresses as (b * Hkv + h) * step + row * D: each block's K rows of D lie contiguously and the
+// blocks follow each other at one stride (a contiguous tensor, or a prefix along K of one, as a static
+// cache cut at its length is). The stride of a size-1 dimension is never read: torch leaves any value
+// there (k.transpose(1, 2) of a one-token [B, 1, H, D] has stride H * D on K) and still calls the
+// tensor contiguous. -1 when t cannot be addressed so.
+int64_t head_step(const at::Tensor& t) {
+  if (t.dim() != 4) return -1;
+  const int64_t B = t.size(0), H = t.size(1), K = t.size(2), D = t.size(3);
+  if ((D > 1 && t.stride(3) != 1) || (K > 1 && t.stride(2) != D)) return -1;
+  const int64_t step = H > 1 ? t.stride(1) : B > 1 ? t.stride(0) : K * D;
+  if (step < K * D || (H > 1 && B > 1 && t.stride(0) != H * step)) return -1;
+  return step;
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
                      const c10::optional<at::Tensor>& bias, bool causal, double scale, double softcap, bool has_affine) {
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "fp32 q, k, v expected");
-  TORCH_CHECK(q.is_contiguous() && rows_contiguous(k) && rows_contiguous(v),
+  TORCH_CHECK(q.is_contiguous() && head_step(k) >= 0 && head_step(v) >= 0,
               "contiguous q, and k, v whose (batch, head) rows are contiguous, expected");
   Problem p{};
   p.B = q.size(0); p.H = q.size(1); p.Q = q.size(2); p.D = q.size(3);
   p.Hkv = k.size(1); p.K = k.size(2); p.Dv = v.size(3);
-  p.k_head = k.stride(1);
-  p.v_head = v.stride(1);
+  p.k_head = head_step(k);
+  p.v_head = head_step(v);
   TORCH_CHECK(p.H % p.Hkv == 0, "query heads must be a multiple of key/value heads");
   p.causal = causal;
   p.offset = p.K - p.Q;
@@ -804,13 +817,13 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.bias = nullptr;
   if (mask.has_value()) {
     const auto& m = *mask;
-    TORCH_CHECK(m.dtype() == at::kFloat && m.dim() == 4 && m.stride(3) == 1, "fp32 0/-inf [B, H, Q, K] mask with contiguous keys expected");
+    TORCH_CHECK(m.dtype() == at::kFloat && m.dim() == 4 && (m.size(3) == 1 || m.stride(3) == 1), "fp32 0/-inf [B, H, Q, K] mask with contiguous keys expected");
     p.mask = m.data_ptr<float>();
     for (int d = 0; d < 3; ++d) p.mask_s[d] = m.stride(d);
   }
   if (bias.has_value()) {
     const auto& t = *bias;
-    TORCH_CHECK(t.dtype() == at::kFloat && t.dim() == 4 && t.stride(3) == 1, "fp32 [B, H, Q, K] bias with contiguous keys expected");
+    TORCH_CHECK(t.dtype() == at::kFloat && t.dim() == 4 && (t.size(3) == 1 || t.stride(3) == 1), "fp32 [B, H, Q, K] bias with contiguous keys expected");
     p.bias = t.data_ptr<float>();
     for (int d = 0; d < 3; ++d) p.bias_s[d] = t.stride(d);
   }
