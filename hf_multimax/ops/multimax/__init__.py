@@ -33,12 +33,18 @@ def fused_supports(call: AttentionCall) -> tuple[bool, str]:
     return _fused_supports(call)
 
 
+def _no_sink(call: AttentionCall) -> tuple[bool, str]:
+    if call.sink:
+        return False, "it has no attention sinks (s_aux) yet: 'fused' (CPU), 'chunked' and 'eager' have"
+    return _fused_supports(call)
+
+
 def triton_supports(call: AttentionCall) -> tuple[bool, str]:
     if call.device != "cuda":  # TRITON_INTERPRET=1 runs the kernel function on CPU, for tests only
         return False, f"it is a GPU kernel (the call is on {call.device})"
     if not call.same_head_dims:
         return False, "it needs query and value heads of the same size"
-    return _fused_supports(call)
+    return _no_sink(call)
 
 
 def flex_supports(call: AttentionCall) -> tuple[bool, str]:
@@ -47,7 +53,7 @@ def flex_supports(call: AttentionCall) -> tuple[bool, str]:
         return False, "FlexAttention on GPU compiles through Triton, which is not installed"
     if call.needs_grad and call.device == "cpu":
         return False, "torch implements FlexAttention's backward for GPU only (use 'chunked' to train on CPU)"
-    return _fused_supports(call)
+    return _no_sink(call)
 
 
 BACKENDS = BackendRegistry(

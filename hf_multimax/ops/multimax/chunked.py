@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..naive_attention import check_qkv
+from ..sink import check_sink, fold_sink
 from .naive import check_theta, naive_multimax_modulate, naive_multimax_modulate_backward
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "chunked_multimax_attention", "compile_enabled"]
@@ -164,16 +165,18 @@ class _ChunkedMultiMax(torch.autograd.Function):
             )
         ctx.save_for_backward(q, k, v, theta, affine, keep, bias, out, lse)
         ctx.config = (causal_offset, scale, softcap, block_size)
-        return out.to(v.dtype)
+        return out.to(v.dtype), lse.squeeze(-1)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, theta, affine, keep, bias, out, lse = (
             None if t is None else t.detach() for t in ctx.saved_tensors
         )
         causal_offset, scale, softcap, block_size = ctx.config
         tile = _tile("backward")
         delta = (grad_out.float() * out).sum(dim=-1, keepdim=True)
+        if grad_lse is not None:  # d lse / d y = p: the same as lowering delta (an attention sink reads lse)
+            delta = delta - grad_lse.float().unsqueeze(-1)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -217,6 +220,7 @@ def chunked_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    sink: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_multimax_attention`, in O(block_size * K) extra memory.
@@ -248,7 +252,10 @@ def chunked_multimax_attention(
     if bias is not None:
         bias = bias.float().expand(*bias.shape[:-2], q_len, k_len)
     causal_offset = k_len - q_len if is_causal else None
-    out = _ChunkedMultiMax.apply(
+    out, lse = _ChunkedMultiMax.apply(
         query, key, value, theta, affine, mask, bias, causal_offset, float(scale), softcap, block_size
     )
+    if sink is not None:
+        check_sink(sink, n_heads)
+        out = fold_sink(out, lse, sink).to(value.dtype)
     return out, None

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..naive_attention import check_qkv, post_mask, score_shaped
+from ..sink import check_sink, fold_sink
 from .naive import check_theta
 
 __all__ = ["fused_is_available", "fused_multimax_attention", "load_fused_extension", "prepare_fused_inference"]
@@ -99,9 +100,11 @@ def _(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine):
 @torch.library.custom_op("hf_multimax::fused_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, affine: torch.Tensor,
                  mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, scale: float, softcap: float,
-                 has_affine: bool, dout: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 has_affine: bool, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     delta = (dout * out).sum(-1)
+    if dlse is not None:  # d lse / d y = p: the same as lowering delta (an attention sink reads lse)
+        delta = delta - dlse
     dq, dk, dv, dscalars = load_fused_extension().backward(
         q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine, dout.contiguous(), lse, delta)
     B, H, K = dk.shape[:3]
@@ -119,7 +122,7 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
 
 
 @_backward_op.register_fake
-def _(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine, dout, out, lse):
+def _(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine, dout, out, lse, dlse):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), theta.new_empty(theta.shape), \
         affine.new_empty(affine.shape)
 
@@ -134,7 +137,7 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, theta, affine, mask, bias, out, lse = ctx.saved_tensors
     causal, scale, softcap, has_affine = ctx.config
     dq, dk, dv, dtheta, daffine = _backward_op(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine,
-                                               grad_out, out, lse)
+                                               grad_out, out, lse, grad_lse)
     return dq, dk, dv, dtheta, daffine if has_affine else None, None, None, None, None, None, None
 
 
@@ -166,6 +169,7 @@ def fused_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_multimax_attention` on CPU tensors, with no dropout and no
     probabilities. Computes in fp32; returns `(out [B, H, Q, Dv] in value's dtype, None)`.
@@ -196,11 +200,14 @@ def fused_multimax_attention(
     q, k, v = (t.float().contiguous() for t in (query, key, value))
     args = (q, k, v, theta_h, affine_h, mask, bias, bool(is_causal), float(scale), float(softcap or 0.0),
             affine is not None)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h)) \
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h, sink)) \
             or torch.compiler.is_compiling():
-        out, _ = _forward_op(*args)
+        out, lse = _forward_op(*args)
     else:
-        out, _ = load_fused_extension().forward(*args)
+        out, lse = load_fused_extension().forward(*args)
+    if sink is not None:
+        check_sink(sink, H)
+        out = fold_sink(out, lse, sink)
     return out.to(value.dtype), None
 
 
