@@ -37,7 +37,7 @@ class AttentionCall(NamedTuple):
         same_head_dims (`bool`): query and value heads have the same size.
         modulated (`bool`): the scores go through a learnable modulator (MultiMax's scalars) rather
             than straight into softmax.
-        sink (`bool`): the softmax denominator holds an attention-sink logit per head (`s_aux`).
+        sink_logits (`bool`): the softmax denominator holds an attention-sink logit per head (`s_aux`).
     """
 
     device: str
@@ -48,7 +48,7 @@ class AttentionCall(NamedTuple):
     dropout: float = 0.0
     same_head_dims: bool = True
     modulated: bool = False
-    sink: bool = False
+    sink_logits: bool = False
 
 
 def always(call: AttentionCall) -> tuple[bool, str]:

@@ -57,7 +57,7 @@ def naive_attention(
     is_causal: bool = False,
     softcap: float | None = None,
     dropout_p: float = 0.0,
-    sink: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """normalizer(score_mod(scores)) @ V, masks applied after `score_mod` (see
     `naive_multimax_attention` for the argument shapes). `normalizer(x, dim=-1)` must give zero
@@ -86,22 +86,22 @@ def naive_attention(
         q_len, k_len = scores.shape[-2:]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
         keep = causal if keep is None else keep & causal
-    if sink is not None:
+    if sink_logits is not None:
         # An attention sink (gpt-oss's `s_aux`): one learned logit per head that joins the softmax's
         # denominator as an extra key with no value; it is not a score, so it is not modulated.
         if normalizer is not torch.softmax:
             raise ValueError("an attention sink joins a softmax denominator; this normaliser is not softmax")
-        check_sink(sink, n_heads)
+        check_sink(sink_logits, n_heads)
         if keep is not None:  # a row with no key puts all its mass on the sink: no NaN to avoid
             scores = scores.masked_fill(~keep, float("-inf"))
-        sink_col = sink.to(acc).view(1, n_heads, 1, 1).expand(batch, n_heads, scores.shape[-2], 1)
+        sink_col = sink_logits.to(acc).view(1, n_heads, 1, 1).expand(batch, n_heads, scores.shape[-2], 1)
         probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
     elif keep is not None:
         # Rows with no allowed key are zeroed after the normaliser; give them finite scores first so
         # neither the forward nor the backward sees NaN.
         has_key = keep.any(dim=-1, keepdim=True)
         scores = scores.masked_fill(~keep, float("-inf")).masked_fill(~has_key, 0.0)
-    if sink is None:
+    if sink_logits is None:
         probs = normalizer(scores, dim=-1)
     if keep is not None:
         probs = probs * keep

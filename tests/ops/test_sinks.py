@@ -43,7 +43,7 @@ def _mask(kind):
 
 def test_reference_is_the_written_out_formula():
     q, k, v, theta, sink = _inputs(torch.float64)
-    out, probs = naive_multimax_attention(q, k, v, theta, is_causal=True, sink=sink)
+    out, probs = naive_multimax_attention(q, k, v, theta, is_causal=True, sink_logits=sink)
     kk, vv = (t.repeat_interleave(H // HKV, dim=1) for t in (k, v))
     y = naive_multimax_modulate(q @ kk.transpose(-1, -2) * D**-0.5, theta)
     y = y.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
@@ -61,9 +61,9 @@ def test_backends_with_sinks_match_reference(fn, dtype, mask_kind, monkeypatch):
     monkeypatch.setenv("HF_MULTIMAX_COMPILE", "0")
     q, k, v, theta, sink = _inputs(dtype)
     mask, causal = _mask(mask_kind)
-    out, _ = fn(q, k, v, theta, mask=mask, is_causal=causal, sink=sink)
+    out, _ = fn(q, k, v, theta, mask=mask, is_causal=causal, sink_logits=sink)
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref, _ = naive_multimax_attention(*leaves, theta, mask=mask, is_causal=causal, sink=sink)
+    ref, _ = naive_multimax_attention(*leaves, theta, mask=mask, is_causal=causal, sink_logits=sink)
     assert out.dtype == dtype
     assert_close(out.float(), ref, dtype=dtype, what="out")
     if mask_kind == "padded":  # rows that see no key give zeros, not NaN
@@ -79,8 +79,8 @@ def test_backends_with_sinks_match_reference(fn, dtype, mask_kind, monkeypatch):
 def test_no_grad_fused_path_with_sinks():
     q, k, v, theta, sink = _inputs(torch.float32)
     with torch.no_grad():
-        out, _ = fused_multimax_attention(q[:, :, -1:], k, v, theta, sink=sink)  # a decoding step
-    ref, _ = naive_multimax_attention(q[:, :, -1:], k, v, theta, sink=sink)
+        out, _ = fused_multimax_attention(q[:, :, -1:], k, v, theta, sink_logits=sink)  # a decoding step
+    ref, _ = naive_multimax_attention(q[:, :, -1:], k, v, theta, sink_logits=sink)
     assert_close(out, ref, what="decode step")
 
 
@@ -88,10 +88,10 @@ def test_backends_without_sinks_refuse():
     q, k, v, theta, sink = _inputs(torch.float32)
     for fn in (flex_multimax_attention, triton_multimax_attention):
         with pytest.raises(ValueError, match="no attention sinks"):
-            fn(q, k, v, theta, sink=sink)
-    call = AttentionCall("cuda", L, L, sink=True)
+            fn(q, k, v, theta, sink_logits=sink)
+    call = AttentionCall("cuda", L, L, sink_logits=True)
     for name in ("flex", "triton"):
         ok, reason = BACKENDS._backends[name].supports(call)
         assert not ok and "sinks" in reason
     with pytest.raises(ValueError, match="shape \\(4,\\)"):
-        fused_multimax_attention(q, k, v, theta, sink=sink[:2])
+        fused_multimax_attention(q, k, v, theta, sink_logits=sink[:2])

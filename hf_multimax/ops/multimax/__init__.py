@@ -34,7 +34,7 @@ def fused_supports(call: AttentionCall) -> tuple[bool, str]:
 
 
 def _no_sink(call: AttentionCall) -> tuple[bool, str]:
-    if call.sink:
+    if call.sink_logits:
         return False, "it has no attention sinks (s_aux) yet: 'fused' (CPU), 'chunked' and 'eager' have"
     return _fused_supports(call)
 

@@ -220,7 +220,7 @@ def chunked_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    sink: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_multimax_attention`, in O(block_size * K) extra memory.
@@ -255,7 +255,7 @@ def chunked_multimax_attention(
     out, lse = _ChunkedMultiMax.apply(
         query, key, value, theta, affine, mask, bias, causal_offset, float(scale), softcap, block_size
     )
-    if sink is not None:
-        check_sink(sink, n_heads)
-        out = fold_sink(out, lse, sink).to(value.dtype)
+    if sink_logits is not None:
+        check_sink(sink_logits, n_heads)
+        out = fold_sink(out, lse, sink_logits).to(value.dtype)
     return out, None

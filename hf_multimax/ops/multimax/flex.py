@@ -104,7 +104,7 @@ def flex_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    sink: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_multimax_attention`; `theta` is `[8]` (shared) or `[8, H, 1, 1]` /
     `[8, H]` (per head). Returns `(out, None)`.
@@ -114,7 +114,7 @@ def flex_multimax_attention(
     """
     if dropout_p != 0.0:
         raise ValueError(f"the flex backend does not support attention dropout (got dropout_p={dropout_p}); use eager")
-    if sink is not None:
+    if sink_logits is not None:
         raise ValueError("the flex backend has no attention sinks (s_aux) yet; use 'fused' (CPU), 'chunked' or 'eager'")
     check_qkv(query, key, value)
     check_theta(theta)

@@ -169,7 +169,7 @@ def fused_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    sink: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_multimax_attention` on CPU tensors, with no dropout and no
     probabilities. Computes in fp32; returns `(out [B, H, Q, Dv] in value's dtype, None)`.
@@ -200,14 +200,14 @@ def fused_multimax_attention(
     q, k, v = (t.float().contiguous() for t in (query, key, value))
     args = (q, k, v, theta_h, affine_h, mask, bias, bool(is_causal), float(scale), float(softcap or 0.0),
             affine is not None)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h, sink)) \
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h, sink_logits)) \
             or torch.compiler.is_compiling():
         out, lse = _forward_op(*args)
     else:
         out, lse = load_fused_extension().forward(*args)
-    if sink is not None:
-        check_sink(sink, H)
-        out = fold_sink(out, lse, sink)
+    if sink_logits is not None:
+        check_sink(sink_logits, H)
+        out = fold_sink(out, lse, sink_logits)
     return out.to(value.dtype), None
 
 

@@ -115,7 +115,7 @@ def naive_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    sink: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(sigma(scores)) @ V with masks applied after the modulator.
 
@@ -134,7 +134,7 @@ def naive_multimax_attention(
         softcap (`float`, *optional*): `softcap * tanh(s / softcap)` on the scores before sigma (Gemma 2).
         affine (`torch.Tensor`, *optional*): `[2, *S]`, see `naive_multimax_modulate`.
         dropout_p (`float`): dropout on the probabilities. Default: `0.0`.
-        sink (`torch.Tensor`, *optional*): `[H]` attention-sink logits (gpt-oss): each joins its head's
+        sink_logits (`torch.Tensor`, *optional*): `[H]` attention-sink logits (gpt-oss): each joins its head's
             softmax denominator as a key without a value, unmodulated (it is a learned logit, not a
             score). Default: `None`.
 
@@ -147,5 +147,5 @@ def naive_multimax_attention(
     affine = None if affine is None else affine.to(acc)
     return naive_attention(
         query, key, value, score_mod=lambda scores: naive_multimax_modulate(scores, theta, affine), scale=scale,
-        mask=mask, bias=bias, is_causal=is_causal, softcap=softcap, dropout_p=dropout_p, sink=sink,
+        mask=mask, bias=bias, is_causal=is_causal, softcap=softcap, dropout_p=dropout_p, sink_logits=sink_logits,
     )

@@ -123,13 +123,13 @@ def triton_multimax_attention(
     softcap: float | None = None,
     affine: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    sink: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_multimax_attention` (no dropout, no probabilities), through Triton.
     Returns `(out [B, H, Q, Dv] in value's dtype, None)`."""
     if dropout_p != 0.0:
         raise ValueError(f"the triton backend does not support attention dropout (got dropout_p={dropout_p}); use eager")
-    if sink is not None:
+    if sink_logits is not None:
         raise ValueError("the triton backend has no attention sinks (s_aux) yet; use 'fused' (CPU), 'chunked' or 'eager'")
     if query.device.type != "cuda" and not interpreting():
         raise ValueError(f"the triton backend runs on CUDA tensors (or the CPU with TRITON_INTERPRET=1), got {query.device}")
