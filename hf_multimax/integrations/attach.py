@@ -1,9 +1,11 @@
 """Attach, keep or remove the methods' learnable layers so a model matches its config. Generic over
 the method registry: nothing here knows MultiMax from SparseMix.
 
-Attention modules are the classes a model declares as producing its attentions
-(`_can_record_outputs["*attentions"]`, which transformers uses to record `output_attentions`), or
-the modules named by the method's `target_modules` setting. No source text is read.
+Attention modules are the modules that call transformers' attention function (it hands them over as
+its `module` argument, where the attention functions look for their layers), or the modules named by
+the method's `target_modules` setting. They are found from the classes a model declares as producing
+its attentions (`_can_record_outputs["*attentions"]`, which transformers uses to record
+`output_attentions`); see `attention_modules` for the rule. No source text is read.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from .methods import LAYER_CLASSES, METHODS, method_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["config_tree", "declared_attention_classes", "output_head_of", "reset_to_identity", "sync_model", "uses_plugin",
-           "warn_unused_settings"]
+__all__ = ["attention_modules", "config_tree", "declared_attention_classes", "output_head_of", "reset_to_identity",
+           "sync_model", "uses_plugin", "warn_unused_settings"]
 
 
 def config_tree(config: PreTrainedConfig):
@@ -57,6 +59,47 @@ def declared_attention_classes(model: torch.nn.Module) -> tuple[type, ...]:
                 if isinstance(cls, type):
                     classes.append(cls)
     return tuple(dict.fromkeys(classes))
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` that call transformers' attention function, found from its declared
+    attention classes (`declared_attention_classes`).
+
+    A declared module is the caller when it holds a `config`: every caller in transformers picks the
+    function with `ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)`, so a
+    module without one cannot call it. Some models declare a wrapper instead (T5's
+    `T5LayerSelfAttention` holds a layer norm, a dropout and the `T5Attention` that calls the
+    function; SAM's two-way block holds three attentions and an MLP): then the callers are the
+    wrapper's outermost descendants that hold a `config` and an `is_causal` (what transformers' SDPA
+    function reads from its `module`; set by 460 of the 470 callers in 5.25, and not by the MLPs that
+    hold a config too). A model that declares no attention class at all (in 5.25 LongT5, Pix2Struct and
+    Falcon, which record attentions by hand) is searched whole by that same rule.
+    """
+    declared = declared_attention_classes(model)
+    if not declared:
+        return list(_callers_below(model))
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        if isinstance(module, declared):
+            for caller in ((module,) if _holds_config(module) else _callers_below(module)):
+                found.setdefault(id(caller), caller)
+    return list(found.values())
+
+
+def _holds_config(module: torch.nn.Module) -> bool:
+    return isinstance(getattr(module, "config", None), PreTrainedConfig)
+
+
+def _callers_below(parent: torch.nn.Module):
+    """The outermost descendants of `parent` that hold a config and an `is_causal` (not a model:
+    `PreTrainedModel` holds both)."""
+    for child in parent.children():
+        if isinstance(child, MethodLayer):
+            continue
+        if _holds_config(child) and hasattr(child, "is_causal") and not isinstance(child, PreTrainedModel):
+            yield child
+        else:
+            yield from _callers_below(child)
 
 
 def output_head_of(model: PreTrainedModel) -> torch.nn.Module | None:
@@ -133,6 +176,7 @@ def sync_model(model: PreTrainedModel) -> None:
     Refuses, before changing anything, to drop or reshape trained parameters."""
     resolve = _Resolver(model.config)
     declared = declared_attention_classes(model)
+    callers = {id(m) for m in attention_modules(model)}
     head = output_head_of(model)
     counts: dict[str, int] = {}
     attached: set[str] = set()
@@ -147,7 +191,7 @@ def sync_model(model: PreTrainedModel) -> None:
         if settings is not None and settings.target_modules is not None:
             is_attention = settings.targets(path)
         else:
-            is_attention = isinstance(module, declared)
+            is_attention = id(module) in callers
         if not is_attention:
             layers = {}
         elif method is not None:
@@ -180,8 +224,8 @@ def sync_model(model: PreTrainedModel) -> None:
     # With target_modules a nested model (LlamaModel inside LlamaForCausalLM) may match nothing on its
     # own paths; an attention module left without its layer then raises at its first forward.
     if root_layers and not counts.get(root_method.name) and root_settings.target_modules is None:
-        where = (f"none of its modules is one of {[c.__name__ for c in declared]}" if declared else
-                 f"{type(model).__name__} declares no attention classes (_can_record_outputs['attentions'])")
+        where = (f"none of its modules is one of {[c.__name__ for c in declared]}" if declared else f"{type(model).__name__} declares no attention classes (_can_record_outputs["
+                 "'attentions']) and holds no module with a `config` and an `is_causal`")
         raise ValueError(
             f"attn_implementation={root_method.name!r} found no attention module to attach to: {where}. Name the "
             f"modules that call transformers' AttentionInterface with config.{root_method.name}"
