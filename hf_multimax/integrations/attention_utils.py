@@ -10,8 +10,22 @@ from ..layers.base import MethodLayer
 from ..layers.settings import ConfigSettings
 from ..ops.backends import AttentionCall
 
-__all__ = ["attention_call", "call_is_causal", "layer_outputs", "plugin_mask", "prepare_inputs", "settings_of",
-           "split_float_mask"]
+__all__ = ["REFUSED_KWARGS", "SCORE_BIAS_KWARGS", "attention_call", "call_is_causal", "layer_outputs", "plugin_mask",
+           "prepare_inputs", "refuse_unsupported", "score_bias_kwargs", "settings_of", "split_float_mask"]
+
+# Attention-function kwargs that carry an additive score bias, added to the scaled scores before the
+# normaliser (transformers 5.25: `position_bias` of T5 and its copies mt5, umt5, longt5,
+# switch_transformers, udop, pix2struct, pop2piano, and of layoutlmv3, seamless_m4t(_v2),
+# wav2vec2_bert, wav2vec2_conformer, inkling(2), pp_doclayout_v2; found by reading every model's
+# attention call and eager function). They are part of the true scores, so the modulator sees them
+# (DESIGN amendment 7); masks still apply after it.
+SCORE_BIAS_KWARGS = ("position_bias",)
+
+# Attention-function kwargs carrying what no plugin method computes: refused, never dropped.
+REFUSED_KWARGS = {
+    "s_aux": "attention sinks (gpt-oss and others: an extra logit per head in the normaliser)",
+    "sinks": "attention sinks (inkling2: an extra logit per head and query in the normaliser)",
+}
 
 
 def settings_of(module: torch.nn.Module, settings_cls: type[ConfigSettings]) -> ConfigSettings:
@@ -77,6 +91,40 @@ def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     return keep, (bias if bool(bias.any()) else None)
 
 
+def refuse_unsupported(kwargs: dict, method: str) -> None:
+    """Raise for a kwarg in `REFUSED_KWARGS` that carries a value (transformers passes some as None)."""
+    for name, what in REFUSED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"attn_implementation={method!r} got `{name}`, {what}, which it does not compute; ignoring it would "
+                "change the model's outputs. Use attn_implementation='eager' for this model"
+            )
+
+
+def score_bias_kwargs(kwargs: dict) -> list[str]:
+    """The names of the additive-bias kwargs this call carries (`SCORE_BIAS_KWARGS`, not None)."""
+    return [name for name in SCORE_BIAS_KWARGS if kwargs.get(name) is not None]
+
+
+def _score_bias(kwargs: dict, query: torch.Tensor, k_len: int) -> torch.Tensor | None:
+    """The sum of the call's additive-bias kwargs, checked to broadcast to the scores `[B, H, Q, K]`."""
+    total = None
+    B, H, Q = query.shape[:3]
+    for name in score_bias_kwargs(kwargs):
+        bias = kwargs[name]
+        fits = torch.is_tensor(bias) and bias.is_floating_point() and bias.dim() == 4 and bias.shape[0] in (1, B) \
+            and bias.shape[1] in (1, H) and bias.shape[2] in (1, Q) and bias.shape[3] == k_len
+        if not fits:
+            what = (f"of shape {tuple(bias.shape)} and dtype {bias.dtype}" if torch.is_tensor(bias)
+                    else f"of type {type(bias).__name__}")
+            raise ValueError(
+                f"{name} {what} does not fit the scores [{B}, {H}, {Q}, {k_len}]: a floating 4-D tensor "
+                "that broadcasts to them is expected (as SDPA requires)"
+            )
+        total = bias if total is None else total + bias
+    return total
+
+
 def call_is_causal(module: torch.nn.Module, kwargs: dict) -> bool:
     """The one causality rule of every plugin attention, as transformers' SDPA function: an explicit
     `is_causal` kwarg (None counts as absent), else the module's `is_causal`, else causal."""
@@ -94,27 +142,34 @@ def prepare_inputs(module, query, key, value, attention_mask, kwargs):
     module's own causality apply, aligned as SDPA aligns it: a single query sees every key, several
     queries see keys `0..i` (top-left). transformers leaves the mask out only where that is right,
     e.g. a static cache's prefill, whose keys past the queries are the buffer's empty rest: those are
-    dropped here.
+    dropped here (and the bias's columns for them, as SDPA drops them).
+
+    The additive bias is the sum of the bias kwargs (`SCORE_BIAS_KWARGS`) and of the finite values of
+    a float mask: SDPA adds both to the scaled scores, so at identity MultiMax computes what it does.
     """
     causal = call_is_causal(module, kwargs)
     q_len, k_len = query.shape[-2], key.shape[-2]
+    score_bias = _score_bias(kwargs, query, k_len)
     if attention_mask is None:
         if causal and 1 < q_len < k_len:
             key, value = key[..., :q_len, :], value[..., :q_len, :]
-        return key, value, None, None, causal
+            score_bias = None if score_bias is None else score_bias[..., :q_len]
+        return key, value, None, score_bias, causal
     if attention_mask.shape[-1] != k_len or attention_mask.dim() != 4:
         raise ValueError(
             f"attention_mask of shape {tuple(attention_mask.shape)} does not fit {k_len} keys: a 4-D mask "
             f"[batch, 1 or heads, {q_len}, {k_len}] is expected (as SDPA requires)"
         )
     if attention_mask.dtype == torch.bool:
-        return key, value, attention_mask, None, False
+        return key, value, attention_mask, score_bias, False
     if not attention_mask.is_floating_point():
         raise ValueError(
             f"attention_mask of dtype {attention_mask.dtype} is not supported: pass a boolean mask (True = attend) "
             "or an additive float mask (0 = attend, -inf or finfo.min = masked)"
         )
     keep, bias = split_float_mask(attention_mask)
+    if score_bias is not None:
+        bias = score_bias if bias is None else score_bias + bias
     return key, value, keep, bias, False
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.entmax import naive_entmax_attention
-from .attention_utils import prepare_inputs
+from .attention_utils import prepare_inputs, refuse_unsupported
 
 __all__ = ["entmax_attention_forward"]
 
@@ -13,8 +13,7 @@ __all__ = ["entmax_attention_forward"]
 def entmax_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, normalizer,
                              **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers `AttentionInterface` function; `normalizer` is bound at registration."""
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"{normalizer} attention does not support attention sinks (s_aux)")
+    refuse_unsupported(kwargs, normalizer)
     key, value, mask, bias, is_causal = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     out, probs = naive_entmax_attention(
         query, key, value, normalizer=normalizer, scale=scaling, mask=mask, bias=bias, is_causal=is_causal,

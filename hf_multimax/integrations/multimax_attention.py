@@ -13,7 +13,8 @@ import torch
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
 from ..ops.backends import DISABLE_ENV
 from ..ops.multimax import BACKENDS
-from .attention_utils import attention_call, layer_outputs, prepare_inputs, settings_of
+from .attention_utils import attention_call, layer_outputs, prepare_inputs, refuse_unsupported, score_bias_kwargs, \
+    settings_of
 
 __all__ = ["multimax_attention_forward", "multimax_params"]
 
@@ -59,10 +60,11 @@ def multimax_attention_forward(
 
     Returns `(out [B, Q, H, Dv], probs [B, H, Q, K] or None)`.
     """
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("multimax does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
+    refuse_unsupported(kwargs, "multimax")
+    # The prepared decoding kernel takes no bias: a call with one (T5's position_bias) takes the full path.
     decoding = not torch.compiler.is_compiling() and attention_mask is None and not torch.is_grad_enabled() \
-        and not module.training and not kwargs.get("output_attentions") and query.device.type == "cpu"
+        and not module.training and not kwargs.get("output_attentions") and query.device.type == "cpu" \
+        and not score_bias_kwargs(kwargs)
     if decoding:
         plan = module.__dict__.get("_hf_multimax_plan")
         if plan is not None and plan.holds(module, kwargs.get("softcap")):
@@ -82,7 +84,7 @@ def multimax_attention_forward(
     dropout = dropout if module.training else 0.0
     call = attention_call(query, key, value, theta, affine, want_probs=bool(kwargs.get("output_attentions")),
                           dropout=dropout)
-    backend = BACKENDS.resolve(settings.backend, call)
+    backend = _resolve_backend(settings.backend, call, bias)
     if decoding and backend.prepare_inference is not None:
         _InferencePlan.build(module, settings, call, kwargs.get("softcap"))
     out, probs = backend.kernel(
@@ -99,6 +101,28 @@ def multimax_attention_forward(
         dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), probs
+
+
+# The backends whose kernels differentiate the additive score bias. The others take it as a constant
+# (chunked, fused and triton return no gradient for it), which would leave a learned position bias
+# (T5's relative_attention_bias) untrained without a word.
+# TODO(issue 27): an AttentionCall field for it in ops/backends.py, so each backend declares it there.
+_BIAS_GRAD_BACKENDS = ("eager",)
+
+
+def _resolve_backend(requested: str, call, bias: torch.Tensor | None):
+    """`BACKENDS.resolve`, except that a call whose bias needs a gradient runs on a backend that gives it."""
+    if bias is None or not (torch.is_grad_enabled() and bias.requires_grad):
+        return BACKENDS.resolve(requested, call)
+    if requested == "auto":
+        return BACKENDS.resolve(_BIAS_GRAD_BACKENDS[0], call)
+    if requested not in _BIAS_GRAD_BACKENDS:
+        raise ValueError(
+            f"multimax backend={requested!r} cannot train the additive score bias this call carries (e.g. T5's "
+            f"position_bias): its kernel returns no gradient for it. Use backend 'auto' (it picks one that does) or "
+            f"one of {_BIAS_GRAD_BACKENDS}, or freeze the bias's parameters"
+        )
+    return BACKENDS.resolve(requested, call)
 
 
 class _InferencePlan:

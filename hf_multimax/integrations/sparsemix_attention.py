@@ -18,7 +18,8 @@ from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
 from ..ops.sparsemix import BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention
-from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_inputs, settings_of
+from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_inputs, refuse_unsupported, \
+    score_bias_kwargs, settings_of
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
 from .sparsemix_decoding import cached_key_summary
@@ -111,8 +112,7 @@ def sparsemix_attention_forward(
 
     Returns `(out [B, Q, H, Dv], None)` (probabilities only from the dense MultiMax path).
     """
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("sparsemix does not support attention sinks (s_aux) yet; use attn_implementation='eager'")
+    refuse_unsupported(kwargs, "sparsemix")
     settings = settings_of(module, SparseMixSettings)
     weights = layer_outputs(module, SparseMixScorer, settings)
     selector = getattr(module, SparseMixScorer.attr).structure[0]  # what "auto" resolved to for this layer
@@ -150,7 +150,14 @@ def sparsemix_attention_forward(
         return _tie(out, kl), probs
 
     if bias is not None:
-        raise ValueError("sparsemix does not support additive position biases in the attention mask; use 'multimax' or 'sdpa'")
+        # The block kernels (ops.sparsemix) gather keys per query block and take no bias; attending over the
+        # kept keys without it would change every score the bias shifts.
+        where = ", ".join(f"the {name} kwarg" for name in score_bias_kwargs(kwargs)) or "the attention mask"
+        raise ValueError(
+            f"sparsemix does not support an additive score bias ({where}) on its sparse path ({key.shape[-2]} keys, "
+            f"above the {settings.kept_blocks * settings.block_size} it runs densely); use attn_implementation "
+            "'multimax' or 'sdpa', or sparsemix with dense_warmup=True"
+        )
     if kwargs.get("softcap") is not None:
         raise ValueError("sparsemix does not support attention soft-capping (Gemma 2); use 'multimax' or 'eager'")
     if kwargs.get("output_attentions"):
