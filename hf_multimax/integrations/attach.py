@@ -241,12 +241,32 @@ def sync_model(model: PreTrainedModel) -> None:
         _ensure(head, MultiMaxModulator, head_settings.replace(per_head=False), head_path,
                 _saved_shapes(saved, head_path, MultiMaxModulator.attr))
         head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
+    _declare_fp32_layers(model)
     guard = model.__dict__.get("_hf_multimax_guard")
     if attached and guard is None:
         model._hf_multimax_guard = model.register_forward_pre_hook(_check_config_at_forward)
     elif not attached and guard is not None:
         guard.remove()
         del model._hf_multimax_guard
+
+
+def _declare_fp32_layers(model: PreTrainedModel) -> None:
+    """Name the attached layers (by attribute: `multimax`, `sparsemix`) in each model's
+    `_keep_in_fp32_modules_strict`, and only those.
+
+    The layers are created in fp32 and stay so under `from_pretrained(dtype=float16 or bfloat16)`: a
+    handful of numbers that steer every score. transformers keeps a parameter in fp32 at load, and
+    expects it to be fp32 (its `test_keep_in_fp32_modules`), exactly where those lists name it; the
+    strict list applies to both half dtypes. Set on the instances (post_init made them per-instance
+    sets), never on the classes: another model of the same class may not use the plugin.
+    """
+    ours = {cls.attr for cls in LAYER_CLASSES}
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        present = {type(m).attr for m in module.modules() if isinstance(m, MethodLayer)}
+        keep = set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+        module._keep_in_fp32_modules_strict = (keep - ours) | present
 
 
 def _set_host_hook(module: torch.nn.Module, hook) -> None:
