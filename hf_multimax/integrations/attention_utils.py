@@ -91,10 +91,11 @@ def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     return keep, (bias if bool(bias.any()) else None)
 
 
-def refuse_unsupported(kwargs: dict, method: str) -> None:
-    """Raise for a kwarg in `REFUSED_KWARGS` that carries a value (transformers passes some as None)."""
+def refuse_unsupported(kwargs: dict, method: str, computes: tuple[str, ...] = ()) -> None:
+    """Raise for a kwarg in `REFUSED_KWARGS` that carries a value (transformers passes some as None),
+    unless the method `computes` it."""
     for name, what in REFUSED_KWARGS.items():
-        if kwargs.get(name) is not None:
+        if kwargs.get(name) is not None and name not in computes:
             raise ValueError(
                 f"attn_implementation={method!r} got `{name}`, {what}, which it does not compute; ignoring it would "
                 "change the model's outputs. Use attn_implementation='eager' for this model"
@@ -173,11 +174,13 @@ def prepare_inputs(module, query, key, value, attention_mask, kwargs):
     return key, value, keep, bias, False
 
 
-def attention_call(query, key, *params, want_probs: bool = False, dropout: float = 0.0) -> AttentionCall:
+def attention_call(query, key, *params, want_probs: bool = False, dropout: float = 0.0,
+                   sink_logits: torch.Tensor | None = None) -> AttentionCall:
     """What the backend registry needs to know about this call (`params[0]` is the value, the rest the
-    modulator's learnable inputs, `None` for softmax)."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, *params))
+    modulator's learnable inputs, `None` for softmax; `sink_logits` the attention sinks, if any)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (query, key, *params, sink_logits))
     same = len(params) == 0 or params[0] is None or params[0].shape[-1] == query.shape[-1]
     modulated = any(t is not None for t in params[1:])
     return AttentionCall(query.device.type, query.shape[-2], key.shape[-2], needs_grad, want_probs, dropout, same,
-                         modulated)
+                         modulated, sink_logits is not None)

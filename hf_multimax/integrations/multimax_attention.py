@@ -60,11 +60,14 @@ def multimax_attention_forward(
 
     Returns `(out [B, Q, H, Dv], probs [B, H, Q, K] or None)`.
     """
-    refuse_unsupported(kwargs, "multimax")
-    # The prepared decoding kernel takes no bias: a call with one (T5's position_bias) takes the full path.
+    refuse_unsupported(kwargs, "multimax", computes=("s_aux",))
+    # gpt-oss's attention sinks: one logit per head in the softmax denominator (unmodulated: a learned
+    # logit, not a score), as its eager function does.
+    sink_logits = kwargs.get("s_aux")
+    # The prepared decoding kernel takes no bias and no sinks: such calls take the full path.
     decoding = not torch.compiler.is_compiling() and attention_mask is None and not torch.is_grad_enabled() \
         and not module.training and not kwargs.get("output_attentions") and query.device.type == "cpu" \
-        and not score_bias_kwargs(kwargs)
+        and not score_bias_kwargs(kwargs) and sink_logits is None
     if decoding:
         plan = module.__dict__.get("_hf_multimax_plan")
         if plan is not None and plan.holds(module, kwargs.get("softcap")):
@@ -83,7 +86,7 @@ def multimax_attention_forward(
     key, value, mask, bias, is_causal = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     dropout = dropout if module.training else 0.0
     call = attention_call(query, key, value, theta, affine, want_probs=bool(kwargs.get("output_attentions")),
-                          dropout=dropout)
+                          dropout=dropout, sink_logits=sink_logits)
     backend = _resolve_backend(settings.backend, call, bias)
     if decoding and backend.prepare_inference is not None:
         _InferencePlan.build(module, settings, call, kwargs.get("softcap"))
@@ -99,6 +102,7 @@ def multimax_attention_forward(
         softcap=kwargs.get("softcap"),
         affine=affine,
         dropout_p=dropout,
+        **({} if sink_logits is None else {"sink_logits": sink_logits}),
     )
     return out.transpose(1, 2).contiguous(), probs
 
