@@ -18,6 +18,8 @@ LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_la
 
 
 def _pair(make, impls=("sdpa", "multimax")):
+    """One model per implementation. `make` must build each from its own config: transformers 5 keeps
+    the config object it is given, so a second model built from the same object switches the first."""
     models = {}
     for impl in impls:
         torch.manual_seed(0)
@@ -45,9 +47,9 @@ def test_one_token_forward_generate_and_training_step_equal_sdpa():
 
 
 def test_encoder_decoder_generate_without_input_ids():
-    config = tf.BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+    config = lambda: tf.BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
-    models = _pair(lambda impl: tf.AutoModelForSeq2SeqLM.from_config(config, attn_implementation=impl).eval())
+    models = _pair(lambda impl: tf.AutoModelForSeq2SeqLM.from_config(config(), attn_implementation=impl).eval())
     scores = {impl: m.generate(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
               for impl, m in models.items()}
     assert torch.equal(scores["multimax"].sequences, scores["sdpa"].sequences)
@@ -57,11 +59,11 @@ def test_encoder_decoder_generate_without_input_ids():
 
 def test_gradient_checkpointing_with_input_require_grads():
     # transformers' test_enable_input_require_grads_with_gradient_checkpointing, on Gemma 3's text model.
-    config = tf.Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = lambda: tf.Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4)
     ids = torch.randint(0, 100, (1, 1))
     grads = {}
-    for impl, model in _pair(lambda impl: tf.AutoModelForCausalLM.from_config(config, attn_implementation=impl)).items():
+    for impl, model in _pair(lambda impl: tf.AutoModelForCausalLM.from_config(config(), attn_implementation=impl)).items():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
         model.train()
@@ -73,10 +75,10 @@ def test_gradient_checkpointing_with_input_require_grads():
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_fusion_model_default_backend_equals_eager(grad):
-    config = MultimodalFusionConfig(modality_names=["a", "b"], modality_input_sizes=[5, 7], num_labels=3, hidden_size=12,
+    config = lambda: MultimodalFusionConfig(modality_names=["a", "b"], modality_input_sizes=[5, 7], num_labels=3, hidden_size=12,
                                     num_attention_heads=2, projection_hidden_size=8, attention_logit_scale=2.0)
     x = {"a": torch.randn(4, 3, 5), "b": torch.randn(4, 6, 7)}
-    models = _pair(lambda impl: tf.AutoModelForSequenceClassification.from_config(config, attn_implementation=impl).eval(),
+    models = _pair(lambda impl: tf.AutoModelForSequenceClassification.from_config(config(), attn_implementation=impl).eval(),
                    ("multimax:eager", "multimax"))
     logits = {}
     with torch.set_grad_enabled(grad):
