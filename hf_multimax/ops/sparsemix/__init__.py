@@ -2,7 +2,8 @@
 
 Every backend has the signature of `naive_sparsemix_attention` and matches it in outputs and in the
 gradients it computes (including MultiMax scalars when MultiMax is the normalizer; `fused` computes
-gradients with softmax only and refuses to train MultiMax, `flex` has no CPU backward).
+gradients with softmax only and refuses to train MultiMax, `flex` has no CPU backward and no attention
+sinks yet: its `supports` says so, and `auto` passes it over).
 """
 
 from ..backends import Backend, BackendRegistry
@@ -12,7 +13,7 @@ from ..multimax.flex import flex_is_available
 from ..multimax.fused import fused_is_available
 from .blocked import blocked_sparsemix_attention
 from .distill import dense_block_mass, sample_query_blocks, scorer_kl
-from .flex import flex_sparsemix_attention
+from .flex import NO_SINKS, flex_sparsemix_attention
 from .fused import fused_sparsemix_attention
 from .naive import naive_sparsemix_attention
 from .indexer import indexer_block_scores, indexer_keys, indexer_kl
@@ -36,6 +37,12 @@ def _fused_sparse_supports(call: AttentionCall) -> tuple[bool, str]:
     return fused_supports(call)
 
 
+def _flex_sparse_supports(call: AttentionCall) -> tuple[bool, str]:
+    if call.sink_logits:
+        return False, f"it {NO_SINKS}"
+    return flex_supports(call)
+
+
 BACKENDS = BackendRegistry(
     "sparsemix",
     [
@@ -49,7 +56,7 @@ BACKENDS = BackendRegistry(
         Backend("fused", fused_sparsemix_attention, priority=25, supports=_fused_sparse_supports,
                 available=fused_is_available),
         # Forward and backward on GPU; on this CPU `blocked` beat compiled flex's forward.
-        Backend("flex", flex_sparsemix_attention, priority=30, supports=flex_supports, available=flex_is_available,
+        Backend("flex", flex_sparsemix_attention, priority=30, supports=_flex_sparse_supports, available=flex_is_available,
                 preferred=lambda call: call.device == "cuda"),
     ],
 )

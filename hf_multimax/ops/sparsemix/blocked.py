@@ -4,6 +4,12 @@ backward (the FlashAttention recipe over gathered blocks). Extra memory is one t
 gathered keys and values of the whole sequence; key/value gradients are scattered back with
 `index_add_`. With softmax on CPU each tile runs torch's fused flash-attention kernels (forward and
 backward); MultiMax, and other devices, run the same tiles as explicit tensor code.
+
+Attention sinks are folded in from the rows' log-sum-exp (`ops.sink`): out * sigmoid(lse - sink). The
+backward needs no gradient of lse: with the sinked output O' and its gradient G, the tiles' backward
+run on (O', G * sigmoid) computes what the chain through lse adds, since rowsum(G sigma * O') =
+rowsum(G sigma * O) - rowsum(G * O) sigma (1 - sigma), the second term being lse's gradient (see
+`_sink_rows`). So torch's flash backward, which reads O only for rowsum(dO * O), serves unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..multimax.naive import naive_multimax_modulate_backward
+from ..sink import check_sink
 from .layout import SparseLayout
 from .naive import tile_scores
 
@@ -29,9 +36,39 @@ def _softmax_parts(y: torch.Tensor):
     return p, torch.where(has_key, denom, torch.ones_like(denom)), lse
 
 
+def _sink_rows(layout: SparseLayout, sink: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[H]` sink logits -> one per row of the blocked queries `[1, Hkv, 1, G * bs]` (rows are (query
+    head in the group, token))."""
+    bs = layout.geometry.block_size
+    return sink.to(dtype).view(layout.n_kv_heads, layout.groups, 1).expand(-1, -1, bs).reshape(1, layout.n_kv_heads, 1, -1)
+
+
+def _fold_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None, layout: SparseLayout):
+    """`(out * sigma, sigma)` for blocked outputs `[B, Hkv, nQB, G*bs, Dv]` and their rows' lse
+    `[B, Hkv, nQB, G*bs]` (fp32): sigma = sigmoid(lse - sink) is the mass the rows keep beside the sink
+    (lse = +inf or -inf where a row sees no key, whose output is zero either way)."""
+    if sink is None:
+        return out, None
+    sigma = torch.sigmoid(lse - _sink_rows(layout, sink, lse.dtype))
+    return (out.to(sigma.dtype) * sigma[..., None]).to(out.dtype), sigma
+
+
+def _sink_backward(grad_out: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor | None, sink: torch.Tensor | None,
+                   layout: SparseLayout):
+    """`(gradient for the unsinked tiles, the sink's gradient [H] or None)` from the gradient of the
+    sinked output `out`: d out'/d sink = -out' (1 - sigma), summed over every row of a head."""
+    if sigma is None:
+        return grad_out, None
+    acc = sigma.dtype
+    per_row = -(grad_out.to(acc) * out.to(acc)).sum(-1) * (1 - sigma)  # [B, Hkv, nQB, G*bs]
+    bs = layout.geometry.block_size
+    dsink = per_row.view(*per_row.shape[:3], layout.groups, bs).sum(dim=(0, 2, 4)).reshape(-1)
+    return (grad_out.to(acc) * sigma[..., None]).to(grad_out.dtype), dsink.to(sink.dtype)
+
+
 class _BlockedSparseMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_blocks, k_flat, v_flat, theta, affine, layout: SparseLayout, scale: float):
+    def forward(ctx, q_blocks, k_flat, v_flat, theta, affine, sink, layout: SparseLayout, scale: float):
         q_blocks, k_flat, v_flat = q_blocks.detach(), k_flat.detach(), v_flat.detach()
         B, Hkv, nQB, rows, _ = q_blocks.shape
         out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=layout.acc, device=q_blocks.device)
@@ -44,17 +81,19 @@ class _BlockedSparseMix(torch.autograd.Function):
             # Normalised after the product: Dv columns to divide instead of S * bs.
             pv = torch.matmul(p.flatten(3, 4), layout.gather(v_flat, c0, c1).to(layout.acc))
             out[:, :, c0:c1] = pv.div_(denom.flatten(3, 4))
-        ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse)
+        out, sigma = _fold_sink(out, lse.flatten(3, 5), sink, layout)
+        ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse, sigma, sink)
         ctx.layout, ctx.scale = layout, scale
         ctx.param_shapes = tuple(None if t is None else (t.shape, t.dtype) for t in (theta, affine))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_blocks, k_flat, v_flat, out, lse = ctx.saved_tensors
+        q_blocks, k_flat, v_flat, out, lse, sigma, sink = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         bs = layout.geometry.block_size
         acc = layout.acc
+        grad_out, dsink = _sink_backward(grad_out, out, sigma, sink, layout)
         grad_out = grad_out.to(acc)
         dq = torch.empty(q_blocks.shape, dtype=acc, device=q_blocks.device)
         dk = torch.zeros(k_flat.shape, dtype=acc, device=k_flat.device)
@@ -85,7 +124,7 @@ class _BlockedSparseMix(torch.autograd.Function):
             None if g is None else g.reshape(shape).to(dtype)
             for g, (shape, dtype) in zip((dtheta, daffine), (sh or (None, None) for sh in ctx.param_shapes))
         )
-        return dq, dk, dv, dtheta, daffine, None, None
+        return dq, dk, dv, dtheta, daffine, dsink, None, None
 
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -109,7 +148,7 @@ class _FlashBlockedSparseMix(torch.autograd.Function):
     kernel from the saved output and log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q_blocks, k_flat, v_flat, layout: SparseLayout, scale: float):
+    def forward(ctx, q_blocks, k_flat, v_flat, sink, layout: SparseLayout, scale: float):
         q_blocks, k_flat, v_flat = q_blocks.detach(), k_flat.detach(), v_flat.detach()
         B, Hkv, nQB, rows, _ = q_blocks.shape
         out = torch.empty(B, Hkv, nQB, rows, v_flat.shape[-1], dtype=q_blocks.dtype, device=q_blocks.device)
@@ -119,15 +158,17 @@ class _FlashBlockedSparseMix(torch.autograd.Function):
             o, l = _flash_forward(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
             out[:, :, c0:c1] = o.view(B, Hkv, c1 - c0, rows, -1)
             lse[:, :, c0:c1] = l.view(B, Hkv, c1 - c0, rows)
-        ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse)
+        out, sigma = _fold_sink(out, lse, sink, layout)
+        ctx.save_for_backward(q_blocks, k_flat, v_flat, out, lse, sigma, sink)
         ctx.layout, ctx.scale = layout, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_blocks, k_flat, v_flat, out, lse = ctx.saved_tensors
+        q_blocks, k_flat, v_flat, out, lse, sigma, sink = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         bs = layout.geometry.block_size
+        grad_out, dsink = _sink_backward(grad_out, out, sigma, sink, layout)
         grad_out = grad_out.to(q_blocks.dtype)
         dq = torch.empty_like(q_blocks)
         # Key/value gradients gather contributions from every tile that selected a block: fp32 at least.
@@ -145,7 +186,7 @@ class _FlashBlockedSparseMix(torch.autograd.Function):
             flat_idx = layout.flat_idx[:, :, c0:c1].reshape(-1)
             dk.index_add_(0, flat_idx, gk.reshape(-1, bs, dk.shape[-1]).to(acc))
             dv.index_add_(0, flat_idx, gv.reshape(-1, bs, dv.shape[-1]).to(acc))
-        return dq, dk.to(k_flat.dtype), dv.to(v_flat.dtype), None, None
+        return dq, dk.to(k_flat.dtype), dv.to(v_flat.dtype), dsink, None, None
 
 
 def _use_flash(layout: SparseLayout, query, key, value) -> bool:
@@ -170,6 +211,7 @@ def blocked_sparsemix_attention(
     is_causal: bool = False,
     theta: torch.Tensor | None = None,
     affine: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_sparsemix_attention`, with recomputation in backward.
 
@@ -185,10 +227,12 @@ def blocked_sparsemix_attention(
                           mask=mask, theta=theta, affine=affine)
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    if sink_logits is not None:
+        check_sink(sink_logits, layout.n_heads)
     # theta/affine reach the Function as inputs (for their gradients) and through the layout (shaped).
     q_blocks, k_flat, v_flat = layout.blocked_queries(query), layout.flat_blocks(key), layout.flat_blocks(value)
     if _use_flash(layout, query, key, value):
-        out = _FlashBlockedSparseMix.apply(q_blocks, k_flat, v_flat, layout, float(scale))
+        out = _FlashBlockedSparseMix.apply(q_blocks, k_flat, v_flat, sink_logits, layout, float(scale))
     else:
-        out = _BlockedSparseMix.apply(q_blocks, k_flat, v_flat, theta, affine, layout, float(scale))
+        out = _BlockedSparseMix.apply(q_blocks, k_flat, v_flat, theta, affine, sink_logits, layout, float(scale))
     return layout.unblock_queries(out).to(value.dtype), None

@@ -8,7 +8,9 @@ import torch
 from ..multimax.flex import _compiled_flex, _score_mod, flex_inputs
 from .layout import SparseLayout
 
-__all__ = ["flex_sparsemix_attention"]
+__all__ = ["NO_SINKS", "flex_sparsemix_attention"]
+
+NO_SINKS = "has no attention sinks (s_aux) yet: 'blocked', 'fused' (CPU) and 'eager' have"
 
 
 def _kv_blocks(idx: torch.Tensor, valid: torch.Tensor, n_k_blocks: int):
@@ -73,12 +75,16 @@ def flex_sparsemix_attention(
     is_causal: bool = False,
     theta: torch.Tensor | None = None,
     affine: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_sparsemix_attention`, through compiled FlexAttention.
 
     Raises:
-        ValueError: gradients needed on CPU (torch has no CPU FlexAttention backward).
+        ValueError: gradients needed on CPU (torch has no CPU FlexAttention backward); attention sinks.
     """
+    if sink_logits is not None:
+        # TODO(issue 29): fold them from flex's log-sum-exp (return_lse) once its gradient is checked on GPU.
+        raise ValueError(f"the flex SparseMix backend {NO_SINKS}")
     layout = SparseLayout(query, key, value, block_idx, block_valid, block_size=block_size, is_causal=is_causal,
                           mask=mask, theta=theta, affine=affine)
     query, key, value, theta, affine = flex_inputs(query, key, value, theta, affine, cpu_training_backend="blocked")

@@ -6,7 +6,8 @@ vectorised row code, masks and normalizer (softmax, or MultiMax when `theta` is 
 With softmax it also trains: the forward keeps the rows' log-sum-exp and the backward recomputes
 each tile over the same gathered blocks (FlashAttention-2's recipe), adding the key/value gradients
 back into the blocks in place. MultiMax's scalars have no gradient here: MultiMax trains on
-`blocked`.
+`blocked`. Attention sinks are folded in from the rows' log-sum-exp, in the backward too, as
+`blocked` does (its module docstring: the C++ backward runs on the sinked output unchanged).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..multimax.fused import _columns, load_fused_extension
 from ..naive_attention import check_qkv, post_mask
+from ..sink import check_sink, fold_sink
 from .layout import check_selection
 from .selection import BlockGeometry, block_geometry, slot_layout
 
@@ -37,30 +39,38 @@ class _FusedSparseMixSoftmax(torch.autograd.Function):
     view of `[B, Q, H, Dv]` memory, the layout attention functions return."""
 
     @staticmethod
-    def forward(ctx, query, key, value, block_idx, block_valid, mask, block_size: int, q_offset: int, causal: bool,
-                scale: float):
+    def forward(ctx, query, key, value, sink, block_idx, block_valid, mask, block_size: int, q_offset: int,
+                causal: bool, scale: float):
         q, k, v = query.detach().float().contiguous(), _rows(key.detach()), _rows(value.detach())
         no_modulator = torch.zeros(8, 1), torch.zeros(2, 1)
         out, lse = load_fused_extension().sparse_forward(
             q, k, v, *no_modulator, mask, block_idx, block_valid, block_size, q_offset, causal, scale, False, True,
         )
-        ctx.save_for_backward(q, k, v, out, lse, block_idx, block_valid, mask)
+        sigma = None
+        if sink is not None:
+            sigma = torch.sigmoid(lse - sink.float().view(1, -1, 1))  # [B, H, Q]: the mass kept beside the sink
+            out = out * sigma[..., None]
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, block_valid, mask, sigma, sink)
         ctx.args = block_size, q_offset, causal, scale
         ctx.dtypes = query.dtype, key.dtype, value.dtype
         return out.to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, block_idx, block_valid, mask = ctx.saved_tensors
+        q, k, v, out, lse, block_idx, block_valid, mask, sigma, sink = ctx.saved_tensors
         block_size, q_offset, causal, scale = ctx.args
         grad_out = grad_out.float()
+        dsink = None
+        if sigma is not None:  # d out / d sink = -out (1 - sigma); the tiles see the gradient of the unsinked output
+            dsink = (-(grad_out * out).sum(-1) * (1 - sigma)).sum(dim=(0, 2)).to(sink.dtype)
+            grad_out = grad_out * sigma[..., None]
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         dq, dk, dv = load_fused_extension().sparse_backward(
             q, k, v, mask, block_idx, block_valid, block_size, q_offset, causal, scale, out, grad_out, lse,
         )
         dq, dk, dv = (g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes))
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, dsink, None, None, None, None, None, None, None
 
 
 def fused_sparsemix_attention(
@@ -76,6 +86,7 @@ def fused_sparsemix_attention(
     is_causal: bool = False,
     theta: torch.Tensor | None = None,
     affine: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Same contract as `naive_sparsemix_attention` on CPU tensors; gradients with softmax only.
 
@@ -97,19 +108,24 @@ def fused_sparsemix_attention(
     scale = D ** -0.5 if scale is None else scale
     mask = None if mask is None else post_mask(mask, B, H, Q, K)
     block_idx, block_valid = block_idx.contiguous(), block_valid.contiguous()
+    if sink_logits is not None:
+        check_sink(sink_logits, H)
     modulated = theta is not None or affine is not None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, theta, affine)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (query, key, value, theta, affine, sink_logits)):
         if modulated:
             raise ValueError("the fused SparseMix backend trains softmax only; train MultiMax with backend 'blocked' "
                              "(or 'auto')")
-        out = _FusedSparseMixSoftmax.apply(query, key, value, block_idx, block_valid, mask, block_size,
+        out = _FusedSparseMixSoftmax.apply(query, key, value, sink_logits, block_idx, block_valid, mask, block_size,
                                            geometry.q_offset, bool(is_causal), float(scale))
         return out.to(value.dtype), None
     theta_c, affine_c = _columns(torch.zeros(8) if theta is None else theta, affine)
-    out, _ = load_fused_extension().sparse_forward(
+    out, lse = load_fused_extension().sparse_forward(
         query.float().contiguous(), _rows(key), _rows(value), theta_c, affine_c, mask, block_idx, block_valid,
         block_size, geometry.q_offset, bool(is_causal), float(scale), affine is not None, True,
     )
+    if sink_logits is not None:
+        out = fold_sink(out, lse, sink_logits)
     return out.to(value.dtype), None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..multimax.naive import naive_multimax_modulate
+from ..sink import check_sink
 from .layout import SparseLayout
 
 __all__ = ["naive_sparsemix_attention", "tile_scores"]
@@ -36,6 +37,7 @@ def naive_sparsemix_attention(
     is_causal: bool = False,
     theta: torch.Tensor | None = None,
     affine: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Attention of each query block over its selected key blocks only.
 
@@ -51,6 +53,9 @@ def naive_sparsemix_attention(
         theta (`torch.Tensor`, *optional*): `[8]` or `[8, H]` MultiMax scalars: the normalizer is
             MultiMax instead of softmax. Default: `None` (softmax).
         affine (`torch.Tensor`, *optional*): `[2]` or `[2, H]` MultiMax affine. Default: `None`.
+        sink_logits (`torch.Tensor`, *optional*): `[H]` attention sinks (gpt-oss's `s_aux`): each head's
+            logit joins the normaliser's denominator beside the selected keys, as a key without a
+            value, unmodulated (a learned logit, not a score). Default: `None`.
 
     Returns:
         `(out [B, H, Q, Dv] in value's dtype, None)`. Rows with no key to attend give zeros.
@@ -67,15 +72,25 @@ def naive_sparsemix_attention(
                           mask=mask, theta=theta, affine=affine)
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    sink = None
+    if sink_logits is not None:
+        check_sink(sink_logits, layout.n_heads)
+        # Per query head h = kv head * G + g, broadcast to the tile's [B, Hkv, c, G, bs, 1].
+        sink = sink_logits.to(layout.acc).view(1, layout.n_kv_heads, 1, layout.groups, 1, 1)
     q_blocks = layout.blocked_queries(query).to(layout.acc) * scale
     k_flat, v_flat = layout.flat_blocks(key), layout.flat_blocks(value)
     outs = []
     for c0, c1 in layout.chunks():
         _, y = tile_scores(layout, q_blocks[:, :, c0:c1], layout.gather(k_flat, c0, c1))
         keep = layout.keep(c0, c1)
-        has_key = keep.any(dim=-1, keepdim=True)
-        y = y.masked_fill(~keep, float("-inf")).masked_fill(~has_key, 0.0)
-        p = torch.softmax(y, dim=-1) * keep
+        if sink is None:
+            has_key = keep.any(dim=-1, keepdim=True)
+            y = y.masked_fill(~keep, float("-inf")).masked_fill(~has_key, 0.0)
+            p = torch.softmax(y, dim=-1) * keep
+        else:  # the sink is one more column of the softmax, dropped after it (a row with no key: all on it)
+            y = y.masked_fill(~keep, float("-inf"))
+            column = sink.expand(*y.shape[:-1], 1)
+            p = torch.softmax(torch.cat([y, column], dim=-1), dim=-1)[..., :-1]
         p = p.flatten(3, 4)  # [B, Hkv, c, G*bs, S*bs]
         outs.append(torch.matmul(p, layout.gather(v_flat, c0, c1).to(layout.acc)))
     out = layout.unblock_queries(torch.cat(outs, dim=2))

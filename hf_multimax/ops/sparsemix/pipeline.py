@@ -96,6 +96,7 @@ def select_sparsemix_blocks(
     mask: torch.Tensor | None = None,
     key_summary: torch.Tensor | None = None,
     select: Callable[..., tuple[torch.Tensor, torch.Tensor]] = select_blocks,
+    window: int | None = None,
 ) -> tuple[BlockGeometry, torch.Tensor, torch.Tensor]:
     """The key blocks each query block keeps (the selection is not differentiable: no graph).
 
@@ -116,13 +117,16 @@ def select_sparsemix_blocks(
             block_size, features)` for the block scorers, `indexer_keys(key, w_key)` for `"token"`.
         select (`Callable`): the top-k of the block scores: `select_blocks`, or its one-call C++ twin
             `fused_select_blocks` (CPU). Default: `select_blocks`.
+        window (`int`, *optional*): the model's causal sliding window (query q sees keys q - window + 1
+            .. q): no block wholly before a query block's window is kept, the sink block included.
+            Default: `None`.
 
     Returns:
         `(geometry, block_idx [B, Hkv, n_q_blocks, S], block_valid [B, Hkv, n_q_blocks, S])`.
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal)
+    geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal, window)
     if selector not in SELECTORS:
         raise ValueError(f"selector={selector!r} is not supported; allowed values: {tuple(SELECTORS)}")
     scores = SELECTORS[selector].block_scores(query, key, weights, geometry, scale, mask, key_summary)
@@ -148,8 +152,12 @@ def sparsemix_attention(
     affine: torch.Tensor | None = None,
     selector: str = "block",
     key_summary: torch.Tensor | None = None,
+    window: int | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scorer, selection and `kernel` (one of `BACKENDS`) in one call: `out [B, H, Q, Dv]`.
+    """Scorer, selection and `kernel` (one of `BACKENDS`) in one call: `out [B, H, Q, Dv]`. `window` as in
+    `select_sparsemix_blocks` (the mask hides the window's keys inside kept blocks); `sink_logits` `[H]`
+    attention sinks, passed to the kernel.
 
     Examples:
         >>> from hf_multimax.ops.sparsemix import BACKENDS
@@ -162,10 +170,10 @@ def sparsemix_attention(
         scale = query.shape[-1] ** -0.5
     _, block_idx, block_valid = select_sparsemix_blocks(
         query, key, weights, block_size=block_size, top_k=top_k, sink=sink, local=local, causal=causal,
-        scale=scale, selector=selector, mask=mask, key_summary=key_summary,
+        scale=scale, selector=selector, mask=mask, key_summary=key_summary, window=window,
         # The fused kernel's extension also selects: one call instead of ten small ops per decoding step.
         select=fused_select_blocks if kernel is fused_sparsemix_attention else select_blocks,
     )
     out, _ = kernel(query, key, value, block_idx, block_valid, block_size=block_size, scale=scale, mask=mask,
-                    is_causal=causal, theta=theta, affine=affine)
+                    is_causal=causal, theta=theta, affine=affine, sink_logits=sink_logits)
     return out

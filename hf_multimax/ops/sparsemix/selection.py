@@ -4,7 +4,8 @@ Blocks are aligned to absolute positions: key block j holds keys [j*B, (j+1)*B);
 at absolute positions `q_offset + i` (`q_offset = K - Q` for causal attention, so a KV-cache step
 sits at the end, else 0), so query block a holds the queries whose positions fall in [a*B, (a+1)*B).
 A query block keeps the sink block (0), its local block (a) and the `top_k` best-scored other blocks
-it may see (causal: no future blocks).
+it may see (causal: no future blocks; with a sliding window of W: no block that ends before the
+window of the block's first query, keys `q - W + 1 .. q`, as transformers' `sliding_window_overlay`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class BlockGeometry:
     block_size: int
     q_offset: int  # absolute position of query 0
     causal: bool
+    window: int | None = None  # causal sliding window: query q sees keys q - window + 1 .. q
 
     @property
     def q_block0(self) -> int:  # absolute index of the first query block
@@ -57,10 +59,13 @@ class BlockGeometry:
         return -(-self.k_len // self.block_size)
 
 
-def block_geometry(q_len: int, k_len: int, block_size: int, causal: bool) -> BlockGeometry:
+def block_geometry(q_len: int, k_len: int, block_size: int, causal: bool, window: int | None = None) -> BlockGeometry:
+    """The call's geometry; `window` (causal only) is a sliding window of that many keys per query."""
     if causal and q_len > k_len:
         raise ValueError(f"causal attention needs at least as many keys as queries, got Q={q_len}, K={k_len}")
-    return BlockGeometry(q_len, k_len, block_size, k_len - q_len if causal else 0, causal)
+    if window is not None and (not causal or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be a positive int of a causal call (causal={causal})")
+    return BlockGeometry(q_len, k_len, block_size, k_len - q_len if causal else 0, causal, window)
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, front_pad: int = 0, with_max: bool = True) -> torch.Tensor:
@@ -223,10 +228,32 @@ def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
 
 def candidate_blocks(geometry: BlockGeometry, *, sink: bool, local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(allowed, forced)`, both `[n_q_blocks, n_k_blocks]` bool: the blocks each query block may
-    see, and those it keeps whatever the scores (sink, local)."""
-    a = torch.arange(geometry.n_q_blocks, device=device)[:, None] + geometry.q_block0
-    j = torch.arange(geometry.n_k_blocks, device=device)[None, :]
-    allowed = (j <= a) if geometry.causal else torch.ones_like(j <= a)
+    see, and those it keeps whatever the scores (sink, local; the sink only while the window reaches it)."""
+    return _candidates(geometry.n_q_blocks, geometry.n_k_blocks, geometry.q_block0, geometry.causal,
+                       _window_in_blocks(geometry), sink=sink, local=local, device=device)
+
+
+def _window_in_blocks(g: BlockGeometry) -> tuple[int, int] | None:
+    """The sliding window counted in key blocks: `(first, reach)`. Query q sees keys from q - window + 1,
+    which block (q - window + 1) // bs holds: `first` is that block for the call's first query, and a
+    later query block a, whose first query is a * bs, reaches back to block a - reach. Both change once
+    per block while decoding (they key `_slot_layout`'s cache)."""
+    if g.window is None:
+        return None
+    bs = g.block_size
+    return (g.q_offset - g.window + 1) // bs, -((1 - g.window) // bs)
+
+
+def _candidates(nQB: int, nKB: int, q_block0: int, causal: bool, window: tuple[int, int] | None, *, sink: bool,
+                local: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.arange(nQB, device=device)[:, None] + q_block0
+    j = torch.arange(nKB, device=device)[None, :]
+    allowed = (j <= a) if causal else torch.ones_like(j <= a)
+    if window is not None:
+        first, reach = window
+        lowest = (a - reach).clamp_min(0)
+        lowest[0] = max(first, 0)  # the first query block's first query may sit past its start
+        allowed &= j >= lowest
     forced = torch.zeros_like(allowed)
     if sink:
         forced |= (j == 0) & allowed
@@ -277,16 +304,17 @@ def slot_layout(scores: torch.Tensor, geometry: BlockGeometry, *, sink: bool, lo
         raise ValueError(f"scores must be [B, Hkv, {geometry.n_q_blocks}, {geometry.n_k_blocks}] for this geometry, "
                          f"got {tuple(scores.shape)}")
     nQB, nKB = scores.shape[-2:]
-    return _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, sink, local, scores.device)
+    return _slot_layout(nQB, nKB, geometry.q_block0, geometry.causal, _window_in_blocks(geometry), sink, local,
+                        scores.device)
 
 
 @functools.lru_cache(maxsize=32)
-def _slot_layout(nQB: int, nKB: int, q_block0: int, causal: bool, sink: bool, local: bool, device: torch.device):
+def _slot_layout(nQB: int, nKB: int, q_block0: int, causal: bool, window: tuple[int, int] | None, sink: bool,
+                 local: bool, device: torch.device):
     """What `select_blocks` needs of the geometry alone: the blocks top-k may not pick `[nQB, nKB]`, and
     the fixed slots (sink, local) `[nQB, 2]` with their validity. Cached (read-only tensors): while
     decoding the geometry changes once per block, and these are a dozen small ops per call."""
-    in_blocks = BlockGeometry(nQB, nKB, 1, q_block0, causal)  # the same geometry counted in blocks
-    allowed, forced = candidate_blocks(in_blocks, sink=sink, local=local, device=device)
+    allowed, forced = _candidates(nQB, nKB, q_block0, causal, window, sink=sink, local=local, device=device)
     a = torch.arange(nQB, device=device) + q_block0
     sink_idx = torch.zeros(nQB, dtype=torch.long, device=device)
     local_idx = a.clamp(max=nKB - 1)
