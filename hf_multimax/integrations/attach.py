@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from transformers import PreTrainedConfig, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..layers.base import MethodLayer
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
@@ -179,7 +179,7 @@ def sync_model(model: PreTrainedModel) -> None:
     callers = {id(m) for m in attention_modules(model)}
     head = output_head_of(model)
     counts: dict[str, int] = {}
-    attached: set[str] = set()
+    attached: dict[str, type[MethodLayer]] = {}
     to_attach, to_detach, host_hooks = [], [], []
     for path, module in model.named_modules():
         if module is head or isinstance(module, MethodLayer) or hasattr(module, "original_module"):
@@ -199,7 +199,7 @@ def sync_model(model: PreTrainedModel) -> None:
         for cls in LAYER_CLASSES:
             if cls in layers:
                 to_attach.append((module, cls, layers[cls], path))
-                attached.add(cls.attr)
+                attached[cls.attr] = cls
             elif _layer_at(module, cls.attr) is not None:
                 to_detach.append((module, cls, path))
         host_hooks.append((module, method.host_hook if method is not None and is_attention else None))
@@ -231,10 +231,15 @@ def sync_model(model: PreTrainedModel) -> None:
             f"modules that call transformers' AttentionInterface with config.{root_method.name}"
             "['target_modules'] (a list of names or a regex on the full module path, as in PEFT)"
         )
-    for attr in attached:
-        # Converting a plain checkpoint: its layers are missing by design (identity init), not worth a
-        # MISSING report. A checkpoint that holds some of them must hold all: the rest are reported.
-        if not any(f".{attr}." in key for key in saved):
+    saved_settings = _saved_settings_keys(model.config._name_or_path or "") if saved else set()
+    for attr, cls in attached.items():
+        if any(f".{attr}." in key for key in saved):
+            continue  # a checkpoint that holds some of them must hold all: transformers reports the rest
+        if cls.settings_cls.config_key in saved_settings:
+            _warn_lost_layers(model, cls, [path for _, c, _, path in to_attach if c is cls])
+        else:
+            # Converting a plain checkpoint: its layers are missing by design (identity init), not worth a
+            # MISSING report.
             model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
     if head is not None and head_settings is not None and head_settings.output_head and not head_attached:
         head_path = next(path for path, module in model.named_modules() if module is head)
@@ -319,22 +324,29 @@ def _warn_once(message: str) -> None:  # nested models run post_init once each
     logger.warning(message)
 
 
+def _checkpoint_file(name_or_path: str, name: str) -> str | None:
+    """The local path of the file `name` of the checkpoint `from_pretrained` is loading: in its folder,
+    or for a Hub id in the cache (from_pretrained fetches config and weights before building the model)."""
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, name)
+    else:
+        try:
+            path = try_to_load_from_cache(name_or_path, name)
+        except ValueError:  # not a valid repo id either
+            return None
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
 def _checkpoint_shapes(name_or_path: str) -> dict[str, tuple]:
     """Name -> shape of the tensors of the safetensors checkpoint `from_pretrained` is loading (read
     from the headers: cheap, and never cached, as a folder can be saved again), or nothing when there
     is no local or cached checkpoint (a model built from a config)."""
-    if not name_or_path:
-        return {}
     files = []
     for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
-        if os.path.isdir(name_or_path):
-            path = os.path.join(name_or_path, name)
-        else:  # a Hub id: from_pretrained has fetched the weights into the cache before building the model
-            try:
-                path = try_to_load_from_cache(name_or_path, name)
-            except ValueError:  # not a valid repo id either
-                return {}
-        if not isinstance(path, str) or not os.path.isfile(path):
+        path = _checkpoint_file(name_or_path, name)
+        if path is None:
             continue
         if name == SAFE_WEIGHTS_INDEX_NAME:
             with open(path) as f:
@@ -347,6 +359,43 @@ def _checkpoint_shapes(name_or_path: str) -> dict[str, tuple]:
         with safe_open(path, "pt") as f:
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     return shapes
+
+
+def _saved_settings_keys(name_or_path: str) -> set[str]:
+    """The settings keys (`"multimax"`, `"sparsemix"`) that the checkpoint's config.json holds, at its top
+    level or in a sub-config: written there by the plugin when it saved the model."""
+    path = _checkpoint_file(name_or_path, CONFIG_NAME)
+    if path is None:
+        return set()
+    with open(path) as f:
+        stack, keys = [json.load(f)], set()
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            keys.update(key for key in node if isinstance(node[key], dict))
+            stack.extend(node.values())
+    return keys & {method.settings.config_key for method in METHODS.values() if method.settings is not None}
+
+
+_LOST_REPORTED: set[tuple[str, str]] = set()
+
+
+def _warn_lost_layers(model: PreTrainedModel, cls: type[MethodLayer], paths: list[str]) -> None:
+    """A checkpoint saved with the plugin's settings whose weights hold none of the layers (they are left
+    out of the ignore list, so transformers' load report lists them as MISSING): say what that means."""
+    key = (model.config._name_or_path, cls.attr)
+    if key in _LOST_REPORTED:  # a nested model's post_init (LlamaModel in LlamaForCausalLM) found them first
+        return
+    _LOST_REPORTED.add(key)
+    shown = ", ".join(f"{p}.{cls.attr}" for p in paths[:2]) + (f" and {len(paths) - 2} more" if len(paths) > 2 else "")
+    logger.warning(
+        f"{model.config._name_or_path}: config.json holds the plugin's {cls.settings_cls.config_key!r} settings, "
+        f"so it was saved with its {cls.title}, but its weights hold none of them ({len(paths)} layers: {shown}). "
+        f"They start at identity: whatever training they had is lost, and the model computes what it computed "
+        f"before any {cls.title} were trained. "
+        "Were the weights saved or converted by something that drops the plugin's tensors (a filtered state dict, "
+        "a conversion script)? Save with model.save_pretrained to keep them."
+    )
 
 
 def _refuse_to_lose_training(to_attach, to_detach) -> None:

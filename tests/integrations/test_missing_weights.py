@@ -1,7 +1,12 @@
 """Plugin weights missing from a checkpoint that holds plugin weights are reported as transformers
-reports missing weights; converting a plain checkpoint (which never had them) reports nothing; a
-checkpoint written when the shared scalars were 0-dim still loads (they are 1-D now)."""
+reports missing weights; a checkpoint the plugin saved (its settings in config.json) whose weights lost
+all of them is reported too, with a warning saying what it means; converting a plain checkpoint
+(which never had them) reports nothing; a checkpoint written when the shared scalars were 0-dim
+still loads (they are 1-D now)."""
 
+import logging
+
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -33,6 +38,28 @@ def test_plugin_weights_missing_from_a_plugin_checkpoint_are_reported(tmp_path):
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert sorted(info["missing_keys"]) == dropped and len(dropped) == 8
     assert reloaded.model.layers[0].self_attn.multimax.t1.item() == 0.25, "what is there still loads"
+
+
+@pytest.mark.parametrize("method", ["multimax", "sparsemix"])
+def test_a_plugin_checkpoint_that_lost_all_plugin_weights_is_reported(method, tmp_path, caplog):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), attn_implementation=method)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".{method}." in name:
+                p.fill_(0.25)  # trained: what the filtered file below loses
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(k for k in weights if f".{method}." in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="hf_multimax"):
+        reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == dropped and len(dropped) >= 2
+    assert reloaded.model.layers[0].self_attn.get_submodule(method).is_identity()
+    lost = [r.getMessage() for r in caplog.records if "weights hold none of them" in r.getMessage()]
+    assert len(lost) == 1, "one warning, though the inner LlamaModel's post_init sees the checkpoint too"
+    assert f"config.json holds the plugin's {method!r} settings" in lost[0] and "2 layers" in lost[0]
+    assert f"layers.0.self_attn.{method}" in lost[0]
 
 
 def test_checkpoint_with_0dim_scalars_loads_into_1d_parameters(tmp_path):
