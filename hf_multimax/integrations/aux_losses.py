@@ -64,8 +64,11 @@ def active_aux_losses(name: str) -> AuxLosses | None:
     """The collector of this context, or None, said once per process: a training forward that
     computes `name` outside `collect_aux_losses()` would otherwise drop it without a word."""
     aux = _ACTIVE.get()
-    # A checkpointed layer recomputed during backward runs after the block closed: nothing is lost.
-    if aux is None and torch._C._current_graph_task_id() == -1:
+    # Only a forward that builds a graph trains: a train-mode model run under torch.no_grad() (a model
+    # from from_config is in train mode) loses nothing. A checkpointed layer recomputed during backward
+    # runs after the block closed: nothing is lost either. (A reentrant checkpoint's forward runs under
+    # no_grad, so it goes unwarned; transformers' gradient checkpointing is non-reentrant by default.)
+    if aux is None and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
         _warn_uncollected(name)
     return aux
 

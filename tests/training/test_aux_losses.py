@@ -64,6 +64,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         assert_close(g / scale, reference[name] / scale, what=f"grad {name}")
 
 
+def test_uncollected_term_warns_only_where_gradients_flow(caplog):
+    from hf_multimax.integrations.aux_losses import _warn_uncollected
+
+    model, ids = build(), tokens(1)  # from_config: train mode
+    _warn_uncollected.cache_clear()  # said once per process: start from not yet said
+    with caplog.at_level("WARNING", logger="hf_multimax"), torch.no_grad():
+        model(ids)  # an inference forward on a train-mode model: nothing to learn, nothing lost
+    assert not [r for r in caplog.records if "outside `hf_multimax.collect_aux_losses()`" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="hf_multimax"):
+        model(ids)  # a training forward: the KL term would be dropped
+    assert [r for r in caplog.records if "outside `hf_multimax.collect_aux_losses()`" in r.getMessage()]
+
+
 def test_two_threads_on_one_model_keep_their_own_terms():
     model = build()
     inputs = {0: tokens(1, seed=1), 1: tokens(1, seed=2)}
