@@ -18,6 +18,23 @@ Two more only improve what users are told:
 - `_from_config`: `from_config(config, multimax={...})` puts the settings in the config, as
   `from_pretrained(..., multimax={...})` does, instead of passing them to the model's `__init__`.
 
+Continuous batching (`generate_batch`, `transformers serve --continuous-batching`) lets only eager, sdpa
+and flash through, and builds its block-diagonal mask of the packed requests for eager and sdpa alone;
+it has no registration point for other implementations, so two more call-throughs, for plugin
+configs only:
+
+- `ContinuousBatchingManager.switch_to_cb_friendly_attn`: keeps the plugin's implementation (the
+  original raises for it, or would switch to flash and drop trained scalars);
+- `attn_mask_is_needed` (as `input_outputs` imported it): the packed batch's mask is built for the
+  plugin too, so no request attends another's tokens.
+
+`attn_implementation=None` (what `transformers serve` and other loaders pass when the user named
+none) is read as "the saved one" for a checkpoint whose `config.json` names a plugin method, where
+transformers would write the None over it, load softmax and drop the trained layers as unexpected
+keys: `PreTrainedConfig.from_dict` (the Auto classes load the config through it) and
+`PreTrainedModel.from_pretrained` (a model class sets the kwarg on the config it loaded) drop the None
+there. For a config loaded from a checkpoint, None and no kwarg are the same except for a saved name.
+
 `PreTrainedConfig.multimax` / `.sparsemix` become properties (None by default): known config
 attributes, so `from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the
 config, and setting one on a composite model's config sets it on every sub-config too (as
@@ -32,10 +49,12 @@ import inspect
 import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
+from transformers.generation.continuous_batching import continuous_api as cb_api
+from transformers.generation.continuous_batching import input_outputs as cb_inputs
 
 from ..layers.base import MethodLayer
 from .attach import config_tree, sync_model, uses_plugin, warn_unused_settings
-from .methods import METHODS
+from .methods import METHODS, method_of
 
 __all__ = ["check_transformers", "install_hooks", "uninstall_hooks"]
 
@@ -46,9 +65,25 @@ EXPECTED_SIGNATURES = {
     "set_attn_implementation": ["self", "attn_implementation", "allow_all_kernels"],
     "get_correct_attn_implementation": ["self", "requested_attention", "is_init_check"],
     "_from_config": ["config", "kwargs"],
+    # Only its first argument and its **kwargs are relied on ("..." stands for any in between).
+    "from_pretrained": ["pretrained_model_name_or_path", "...", "kwargs"],
 }
+# Continuous batching's, by (owner, name): the manager's method and the module-level function.
+CB_SIGNATURES = {
+    (cb_api.ContinuousBatchingManager, "switch_to_cb_friendly_attn"): ["self", "model", "auto_switch_to_flash"],
+    (cb_inputs, "attn_mask_is_needed"): ["config"],
+}
+CONFIG_SIGNATURES = {"from_dict": ["config_dict", "kwargs"]}
 _ORIGINALS: dict[str, object] = {}
+_CONFIG_ORIGINALS: dict[str, object] = {}
+_CB_ORIGINALS: dict[tuple, object] = {}
 _CONFIG_ATTRS: list[str] = []
+
+
+def _matches(found: list[str] | None, expected: list[str]) -> bool:
+    if found is None or "..." not in expected:
+        return found == expected
+    return found[:1] == expected[:1] and found[-1:] == expected[-1:]
 
 
 def check_transformers() -> None:
@@ -58,8 +93,19 @@ def check_transformers() -> None:
         # The originals once installed; bound (no `cls`) for classmethods.
         method = _ORIGINALS[name].__get__(None, PreTrainedModel) if name in _ORIGINALS else getattr(PreTrainedModel, name, None)
         found = list(inspect.signature(method).parameters) if callable(method) else None
-        if found != expected:
+        if not _matches(found, expected):
             problems.append(f"PreTrainedModel.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
+    for name, expected in CONFIG_SIGNATURES.items():
+        method = _CONFIG_ORIGINALS[name].__get__(None, PreTrainedConfig) if name in _CONFIG_ORIGINALS else \
+            getattr(PreTrainedConfig, name, None)
+        found = list(inspect.signature(method).parameters) if callable(method) else None
+        if found != expected:
+            problems.append(f"PreTrainedConfig.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
+    for (owner, name), expected in CB_SIGNATURES.items():
+        function = _CB_ORIGINALS.get((owner, name), getattr(owner, name, None))
+        found = list(inspect.signature(function).parameters) if callable(function) else None
+        if found != expected:
+            problems.append(f"{owner.__name__}.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
     if not isinstance(getattr(PreTrainedConfig, "_attn_implementation", None), property):
         problems.append("PreTrainedConfig._attn_implementation is not a property")
     if problems:
@@ -126,6 +172,37 @@ def _from_config(cls, config, **kwargs):
     return _ORIGINALS["_from_config"].__func__(cls, config, **kwargs)
 
 
+def _from_pretrained(cls, *args, **kwargs):
+    if "attn_implementation" in kwargs and kwargs["attn_implementation"] is None:
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig) or uses_plugin(config):
+            kwargs.pop("attn_implementation")  # the loaded (or given) config's own choice stands
+    return _ORIGINALS["from_pretrained"].__func__(cls, *args, **kwargs)
+
+
+def _config_from_dict(cls, config_dict, **kwargs):
+    if "attn_implementation" in kwargs and kwargs["attn_implementation"] is None \
+            and method_of(config_dict.get("attn_implementation")) is not None:
+        kwargs.pop("attn_implementation")  # None means "not chosen": the checkpoint's own method stands
+    return _CONFIG_ORIGINALS["from_dict"].__func__(cls, config_dict, **kwargs)
+
+
+def _switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True):
+    if uses_plugin(model.config):
+        return None  # the plugin's functions take the packed batch as sdpa's does: nothing to switch
+    return _CB_ORIGINALS[(cb_api.ContinuousBatchingManager, "switch_to_cb_friendly_attn")](self, model, auto_switch_to_flash)
+
+
+def _attn_mask_is_needed(config) -> bool:
+    return uses_plugin(config) or _CB_ORIGINALS[(cb_inputs, "attn_mask_is_needed")](config)
+
+
+_CB_WRAPPERS = {
+    (cb_api.ContinuousBatchingManager, "switch_to_cb_friendly_attn"): _switch_to_cb_friendly_attn,
+    (cb_inputs, "attn_mask_is_needed"): _attn_mask_is_needed,
+}
+
+
 def _settings_property(key: str) -> property:
     def get(config):
         return config.__dict__.get(key)
@@ -141,7 +218,7 @@ def _settings_property(key: str) -> property:
 
 
 def install_hooks() -> None:
-    """Wrap the five methods (see the module docstring), once."""
+    """Wrap the methods (see the module docstring), once."""
     if _ORIGINALS:
         return
     check_transformers()
@@ -151,10 +228,16 @@ def install_hooks() -> None:
         ("set_attn_implementation", _set_attn_implementation),
         ("get_correct_attn_implementation", _get_correct_attn_implementation),
         ("_from_config", classmethod(_from_config)),
+        ("from_pretrained", classmethod(_from_pretrained)),
     ):
         original = PreTrainedModel.__dict__[name]
         _ORIGINALS[name] = original
         setattr(PreTrainedModel, name, wrapper)
+    _CONFIG_ORIGINALS["from_dict"] = PreTrainedConfig.__dict__["from_dict"]
+    PreTrainedConfig.from_dict = classmethod(_config_from_dict)
+    for (owner, name), wrapper in _CB_WRAPPERS.items():
+        _CB_ORIGINALS[(owner, name)] = getattr(owner, name)
+        setattr(owner, name, wrapper)
     for method in METHODS.values():
         if method.settings is not None and not hasattr(PreTrainedConfig, method.name):
             setattr(PreTrainedConfig, method.name, _settings_property(method.name))
@@ -166,6 +249,12 @@ def uninstall_hooks() -> None:
     for name, original in _ORIGINALS.items():
         setattr(PreTrainedModel, name, original)
     _ORIGINALS.clear()
+    for name, original in _CONFIG_ORIGINALS.items():
+        setattr(PreTrainedConfig, name, original)
+    _CONFIG_ORIGINALS.clear()
+    for (owner, name), original in _CB_ORIGINALS.items():
+        setattr(owner, name, original)
+    _CB_ORIGINALS.clear()
     for attr in _CONFIG_ATTRS:
         delattr(PreTrainedConfig, attr)
     _CONFIG_ATTRS.clear()

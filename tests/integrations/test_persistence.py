@@ -10,7 +10,14 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hf_multimax import MultiMaxModulator, MultiMaxSettings
 from tests.conftest import assert_close
@@ -74,6 +81,26 @@ def test_train_save_reload_round_trip(vanilla_llama, tmp_path):
             assert torch.equal(p, trained[n]), n
     ids = torch.randint(0, 100, (2, 7))
     assert_close(reloaded(ids).logits, model(ids).logits, what="reloaded logits")
+
+
+def test_attn_implementation_none_keeps_the_saved_method(vanilla_llama, tmp_path):
+    # `transformers serve` and other loaders pass attn_implementation=None when the user named none:
+    # "not chosen", so a plugin checkpoint loads with its method and trained scalars, through a model
+    # class and through the Auto classes; an explicit name still wins.
+    model = AutoModelForCausalLM.from_pretrained(vanilla_llama, attn_implementation="multimax")
+    train_steps(model)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 100, (2, 7))
+    for cls in (AutoModelForCausalLM, LlamaForCausalLM):
+        reloaded = cls.from_pretrained(tmp_path, attn_implementation=None)
+        assert reloaded.config._attn_implementation == "multimax", cls.__name__
+        assert_close(reloaded(ids).logits, model(ids).logits, what=f"{cls.__name__} logits")
+    config = AutoConfig.from_pretrained(tmp_path, attn_implementation=None)
+    assert config._attn_implementation == "multimax"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="multimax:eager").config.multimax[
+        "backend"] == "eager"
+    plain = AutoModelForCausalLM.from_pretrained(vanilla_llama, attn_implementation=None)  # not a plugin checkpoint
+    assert plain.config._attn_implementation == "sdpa"
 
 
 def test_settings_persist_and_select_backend_at_load(vanilla_llama, tmp_path):
