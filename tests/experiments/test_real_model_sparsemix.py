@@ -1,0 +1,158 @@
+"""SparseMix on the real model (`experiments/real_model_sparsemix.py`): the shortcuts the experiment
+takes are exact (the captured queries and keys give the training forward's KL term; the cached
+targets give the library's KL), the passkey prompts are what they claim, and the quick run writes
+every field end to end."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from experiments.real_model_sparsemix import (
+    _layer_kl,
+    capture_queries_keys,
+    cached_kl,
+    kl_targets,
+    passkey_prompts,
+    run,
+    warmup_kl,
+    zero_attention_forward,
+)
+
+SPARSEMIX = {"block_size": 8, "top_k": 2, "kl_query_blocks": 3}
+
+
+def tiny_models():
+    """A 2-layer Llama with GQA (4 query, 2 key/value heads): dense SDPA, and SparseMix in dense
+    warm-up with the same weights and a scorer away from its zero start."""
+    import hf_multimax  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    sparse_config = copy.deepcopy(config)
+    sparse_config.sparsemix = {**SPARSEMIX, "dense_warmup": True}
+    sparse = AutoModelForCausalLM.from_config(sparse_config, attn_implementation="sparsemix")
+    sparse.load_state_dict(dense.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer in sparse.model.layers:
+            layer.self_attn.sparsemix.w_key.normal_(std=0.3)
+    return dense, sparse
+
+
+def test_captured_queries_and_keys_give_the_training_forwards_kl_term():
+    import hf_multimax
+
+    dense, sparse = tiny_models()
+    hf_multimax.freeze_all_but_scorers(sparse)
+    ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(1))
+    sparse.train()
+    torch.manual_seed(5)
+    with hf_multimax.collect_aux_losses() as aux:
+        sparse(input_ids=ids)
+    forward_loss = aux.loss()
+    forward_loss.backward()
+    forward_grads = [p.grad.clone() for p in sparse.parameters() if p.requires_grad]
+    sparse.zero_grad()
+
+    store = {}
+    with torch.no_grad(), capture_queries_keys(dense, store):
+        dense(input_ids=ids)
+    assert dense.config._attn_implementation == "sdpa", "the capture is undone"
+    torch.manual_seed(5)  # the same query blocks, drawn layer by layer
+    loss = warmup_kl(sparse, store, SPARSEMIX["kl_query_blocks"])
+    loss.backward()
+    torch.testing.assert_close(loss, forward_loss, rtol=1e-6, atol=1e-7)
+    for g, ref in zip((p.grad for p in sparse.parameters() if p.requires_grad), forward_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_cached_targets_give_the_librarys_kl():
+    from hf_multimax import SparseMixSettings
+
+    dense, sparse = tiny_models()
+    settings = SparseMixSettings.from_dict(sparse.config.sparsemix)
+    ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(2))  # a partial last block
+    store = {}
+    with torch.no_grad(), capture_queries_keys(dense, store):
+        dense(input_ids=ids)
+    for i, layer in enumerate(sparse.model.layers):
+        q, k = store[i]
+        targets = kl_targets(q, k, settings, layer.self_attn.scaling)
+        n = len(targets["blocks"])
+        assert n == 100 // 8 + 1 - 2  # every block past the sink and the first chooser
+        torch.manual_seed(7)
+        library = _layer_kl(layer, q, k, settings, n)  # every eligible block, in a random order
+        torch.testing.assert_close(cached_kl(layer, q, k, targets, settings), library, rtol=1e-6, atol=1e-7)
+        from hf_multimax.ops.sparsemix import SELECTORS, block_geometry
+
+        some = torch.tensor([n - 1, 0, n // 2])  # a subset, as the library samples them
+        library = SELECTORS[layer.self_attn.sparsemix.selector].kl(
+            q, k, layer.self_attn.sparsemix(), block_geometry(100, 100, 8, True), targets["blocks"][some],
+            scale=layer.self_attn.scaling, sink=True, local=True, mask=None, score_mod=None,
+            target_power=settings.kl_target_power)
+        torch.testing.assert_close(cached_kl(layer, q, k, targets, settings, blocks=some), library, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_attention_returns_zeros_of_the_output_shape():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 6)
+    out, probs = zero_attention_forward(None, q, k, v, None)
+    assert out.shape == (2, 5, 4, 6) and not out.any() and probs is None
+
+
+@pytest.mark.slow  # the real tokenizer (converts the GGUF on a fresh machine)
+def test_passkey_prompts_have_the_length_the_key_and_aligned_prefixes():
+    from experiments.real_text import token_windows
+    from experiments.smollm2 import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    haystack = token_windows(tokenizer, "heldout", length=3000, count=1)[0].tolist()
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    prefix, prompts = passkey_prompts(tokenizer, haystack, 2048, depths, "70513", 32)
+    assert [d for d, _, _ in prompts] == depths
+    positions = [p for _, p, _ in prompts]
+    assert positions == sorted(positions) and positions[0] < 32 and positions[-1] > 2048 - 200
+    for _, p, ids in prompts:
+        assert len(ids) == 2048 and (len(prefix) + p) % 32 == 0 and ids[: len(prefix)] == prefix
+        text = tokenizer.decode(ids)
+        assert text.count("70513") == 2 and text.startswith("<|im_start|>system")
+        assert text.endswith("What is the pass key? Answer with the number only.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow  # ~2 min on a busy 2-core VM: SmolLM2 forwards at 512 tokens, the speed stage included
+def test_quick_run_writes_every_field(tmp_path):
+    out = tmp_path / "quick.json"
+    run(quick=True, output=str(out))
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and (tmp_path / "quick.png").exists()
+    assert result["sparsemix_settings"]["block_size"] == 16 and result["sparsemix_settings"]["top_k"] == 2
+    rows = result["perplexity"]["rows"]
+    assert [r["length"] for r in rows] == [128, 256, 512]
+    for r in rows:
+        for scorer in ("untrained", "warm"):
+            lo, hi = r[scorer]["ratio_ci95"]
+            assert r[scorer]["ppl"] > 1 and lo <= r[scorer]["ratio"] <= hi and 0 <= r[scorer]["argmax_agreement"] <= 1
+    # one forward serves every length: a position's output does not depend on later tokens
+    assert result["nested_window_max_abs_nll_diff"] < 1e-4
+    assert result["warmup"]["steps"] == 2 and result["warmup"]["trainable_parameters"] > 0
+    mass = result["dropped_mass"]
+    for name in ("untrained", "warm", "oracle"):
+        assert len(mass[name]["per_layer_mean"]) == 30
+        assert all(0 <= v <= 1 for v in mass[name]["by_length"].values())
+    # the oracle keeps the blocks of most mass: it drops the least
+    assert all(mass["oracle"]["by_length"][L] <= mass["untrained"]["by_length"][L] + 1e-6 for L in mass["oracle"]["by_length"])
+    passkey = result["passkey"]
+    assert len(passkey["rows"]) == 2 * 3 and {r["model"] for r in passkey["rows"]} == {"sdpa", "sparsemix"}
+    assert all(len(r["key"]) == 5 and isinstance(r["correct"], bool) for r in passkey["rows"])
+    checked = [r for r in passkey["rows"] if "one_shot_first_logits_max_abs_diff" in r]
+    assert len(checked) == 2 and all(r["one_shot_first_logits_max_abs_diff"] < 1e-3 for r in checked)
+    speed = result["speed"]
+    assert {"loads", "load_at_start", "waited_s", "machine", "profiles"} <= set(speed)
+    (prefill,) = speed["prefill"]
+    assert prefill["sparsemix_speedup"] > 0 and prefill["amdahl_limit"] > 0 and prefill["threads"] == 1
+    assert speed["decode"][0]["amdahl_limit"] > 0 and "prefill_sparsemix" in speed["profiles"]
+    assert {"ppl_ratio_after_warmup_at_longest", "passkey_gap_points", "prefill_speedup_1_threads",
+            "decode_speedup_1_threads"} <= set(result["targets"])
