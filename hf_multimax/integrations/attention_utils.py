@@ -3,15 +3,19 @@ its learnable layer fetched through whatever wraps it, the mask and the one caus
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 
 from ..layers.base import MethodLayer
 from ..layers.settings import ConfigSettings
 from ..ops.backends import AttentionCall
 
-__all__ = ["REFUSED_KWARGS", "SCORE_BIAS_KWARGS", "attention_call", "call_is_causal", "layer_outputs", "plugin_mask",
-           "prepare_inputs", "refuse_unsupported", "score_bias_kwargs", "settings_of", "split_float_mask"]
+__all__ = ["EAGER_MASK_MODEL_TYPES", "REFUSED_KWARGS", "SCORE_BIAS_KWARGS", "SELECTION_KWARGS", "attention_call",
+           "call_is_causal", "fold_selection", "layer_outputs", "plugin_mask", "prepare_inputs", "refuse_unsupported",
+           "score_bias_kwargs", "settings_of", "split_float_mask"]
 
 # Attention-function kwargs that carry an additive score bias, added to the scaled scores before the
 # normaliser (transformers 5.25: `position_bias` of T5 and its copies mt5, umt5, longt5,
@@ -21,11 +25,81 @@ __all__ = ["REFUSED_KWARGS", "SCORE_BIAS_KWARGS", "attention_call", "call_is_cau
 # (DESIGN amendment 7); masks still apply after it.
 SCORE_BIAS_KWARGS = ("position_bias",)
 
-# Attention-function kwargs carrying what no plugin method computes: refused, never dropped.
+# Attention-function kwargs carrying what not every plugin method computes: refused, never dropped, by those
+# that do not (`refuse_unsupported(..., computes=)`: MultiMax and SparseMix compute `s_aux`).
 REFUSED_KWARGS = {
     "s_aux": "attention sinks (gpt-oss and others: an extra logit per head in the normaliser)",
     "sinks": "attention sinks (inkling2: an extra logit per head and query in the normaliser)",
 }
+
+
+def _implicit_keep(module, kwargs: dict, q_len: int, k_len: int, device) -> torch.Tensor:
+    """The keep mask `[1, 1, Q, K]` that `prepare_inputs` applies when HF passes no mask: causal calls of
+    several queries see keys `0..i` (top-left), a single query sees every key."""
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if call_is_causal(module, kwargs) and q_len > 1:
+        keep = keep.tril()
+    return keep[None, None]
+
+
+def _fold_token_indices(module, query, key, attention_mask, indices, kwargs):
+    """DeepSeek Sparse Attention's `indices` `[B, Q, top_k]` (key positions, the same for every head):
+    the keys not selected are masked, as deepseek_v32's eager/SDPA branch does (boolean and, or finfo.min)."""
+    B, _, Q, _ = query.shape
+    K = key.shape[-2]
+    if not (torch.is_tensor(indices) and not indices.is_floating_point() and indices.dim() == 3
+            and tuple(indices.shape[:2]) == (B, Q)):
+        what = f"of shape {tuple(indices.shape)}, {indices.dtype}" if torch.is_tensor(indices) else \
+            f"of type {type(indices).__name__}"
+        raise ValueError(f"indices {what} is not a selection of keys per query: an integer tensor [{B}, {Q}, top_k] "
+                         "is expected (DeepSeek Sparse Attention's indexer output)")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= K):
+        raise ValueError(f"indices hold positions outside the {K} keys (min {int(indices.min())}, max "
+                         f"{int(indices.max())}): each must be a key position in [0, {K})")
+    selected = torch.zeros(B, 1, Q, K, dtype=torch.bool, device=indices.device)
+    selected.scatter_(-1, indices.long().unsqueeze(1), True)
+    if attention_mask is None:
+        return _implicit_keep(module, kwargs, Q, K, selected.device) & selected
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & selected
+    return attention_mask.masked_fill(~selected, torch.finfo(attention_mask.dtype).min)
+
+
+def _fold_block_indices(module, query, key, attention_mask, block_indices, kwargs):
+    """MiniMax-M3's `block_indices` `[B, Hkv, Q, top_k]`, folded by the module's own indexer
+    (`indexer.build_block_mask`, what its eager/SDPA branch calls) with the position ids it computes."""
+    build = getattr(getattr(module, "indexer", None), "build_block_mask", None)
+    if build is None:
+        raise ValueError(
+            f"{type(module).__name__} passed block_indices but has no `indexer.build_block_mask` to fold them into the "
+            "mask (the only known source is MiniMax-M3's indexer); use attn_implementation='eager' or 'sdpa'"
+        )
+    Q, K = query.shape[-2], key.shape[-2]
+    # As MiniMaxM3VLAttention.forward computes them for its indexer (read only without a mask).
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(K - Q, K, device=query.device)
+    position_ids = (position_ids if position_ids.ndim > 1 else position_ids.unsqueeze(0)).expand(query.shape[0], -1)
+    return build(block_indices, attention_mask, K, query.dtype, query.device, position_ids)
+
+
+# Attention-function kwargs that carry the model's own selection of keys (a sparse-attention indexer's top-k),
+# as name -> the function that folds it into the attention mask the way the model's eager/SDPA branch does
+# (above). transformers 5.25 folds the selection into the mask for eager and SDPA and hands it to every
+# other implementation as a kwarg, leaving the mask dense (found by reading every model's attention call):
+# - `indices`, `[B, Q, top_k]` key positions shared by the heads (DeepSeek Sparse Attention's lightning
+#   indexer): deepseek_v32, glm_moe_dsa, axk2, dots3_note, hy_v4, hy_v4_vl, mistral_large4;
+# - `block_indices`, `[B, Hkv, Q, top_k]` key blocks per kv head, -1 for none: minimax_m3_vl (its indexer's
+#   `build_block_mask` folds them).
+# glm5_next and deepseek_v4 fold their indexers' selections into the mask for every implementation (see
+# `EAGER_MASK_MODEL_TYPES`). A kwarg whose name says it selects keys but that is not listed here is refused.
+SELECTION_KWARGS = {"indices": _fold_token_indices, "block_indices": _fold_block_indices}
+
+# Models whose attention edits the mask assuming eager's additive float format, which they are only ever
+# given (their classes support no SDPA): deepseek_v4 appends its compressed entries' columns (the
+# indexer's selection, 0 / -inf) cast to the mask's dtype and pads decoding steps with 0.0 = attend; on a
+# boolean mask both invert. The plugin's mask function builds eager's mask for them.
+EAGER_MASK_MODEL_TYPES = ("deepseek_v4",)
 
 
 def settings_of(module: torch.nn.Module, settings_cls: type[ConfigSettings]) -> ConfigSettings:
@@ -76,7 +150,10 @@ def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], setting
 def plugin_mask(*args, **kwargs):
     """The mask function registered beside every plugin attention: boolean 4-D (True = attend), or
     None where SDPA gets None too (unpadded causal input: the attention function applies the
-    module's causality itself, which lets the fast kernels skip future key blocks)."""
+    module's causality itself, which lets the fast kernels skip future key blocks). Models in
+    `EAGER_MASK_MODEL_TYPES` get eager's additive float mask, always built."""
+    if getattr(kwargs.get("config"), "model_type", None) in EAGER_MASK_MODEL_TYPES:
+        return eager_mask(*args, **kwargs)
     return sdpa_mask(*args, **kwargs)
 
 
@@ -93,13 +170,41 @@ def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
 
 def refuse_unsupported(kwargs: dict, method: str, computes: tuple[str, ...] = ()) -> None:
     """Raise for a kwarg in `REFUSED_KWARGS` that carries a value (transformers passes some as None),
-    unless the method `computes` it."""
+    unless the method `computes` it, and for one whose name says it selects keys but that
+    `SELECTION_KWARGS` does not know (a new model's indexer: dropping it would attend densely)."""
     for name, what in REFUSED_KWARGS.items():
         if kwargs.get(name) is not None and name not in computes:
             raise ValueError(
                 f"attn_implementation={method!r} got `{name}`, {what}, which it does not compute; ignoring it would "
                 "change the model's outputs. Use attn_implementation='eager' for this model"
             )
+    for name, value in kwargs.items():
+        if value is not None and _names_a_selection(name) and name not in SELECTION_KWARGS:
+            raise ValueError(
+                f"attn_implementation={method!r} got `{name}`, which looks like a selection of keys (a sparse-attention "
+                f"indexer's) that it does not know how to fold into the mask; the known ones are "
+                f"{tuple(SELECTION_KWARGS)}. Ignoring it would attend to every key. Use attn_implementation='eager' or "
+                "'sdpa' for this model"
+            )
+
+
+@functools.lru_cache(maxsize=256)
+def _names_a_selection(name: str) -> bool:
+    return re.search(r"indices|index|topk|top_k|select", name) is not None
+
+
+def fold_selection(module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                   kwargs: dict) -> tuple[torch.Tensor | None, dict]:
+    """`(attention_mask, kwargs)` with the call's selection kwargs (`SELECTION_KWARGS`) folded into the mask
+    as the model's eager/SDPA branch folds them, and taken out of the kwargs; both unchanged without one."""
+    names = [name for name in SELECTION_KWARGS if kwargs.get(name) is not None]
+    if not names:
+        return attention_mask, kwargs
+    for name in names:
+        attention_mask = SELECTION_KWARGS[name](module, query, key, attention_mask, kwargs[name], kwargs)
+    return attention_mask, {k: v for k, v in kwargs.items() if k not in SELECTION_KWARGS}
+
+
 
 
 def score_bias_kwargs(kwargs: dict) -> list[str]:
@@ -147,7 +252,9 @@ def prepare_inputs(module, query, key, value, attention_mask, kwargs):
 
     The additive bias is the sum of the bias kwargs (`SCORE_BIAS_KWARGS`) and of the finite values of
     a float mask: SDPA adds both to the scaled scores, so at identity MultiMax computes what it does.
+    A selection kwarg (`SELECTION_KWARGS`) is folded into the mask first, as eager/SDPA get it.
     """
+    attention_mask, kwargs = fold_selection(module, query, key, attention_mask, kwargs)
     causal = call_is_causal(module, kwargs)
     q_len, k_len = query.shape[-2], key.shape[-2]
     score_bias = _score_bias(kwargs, query, k_len)

@@ -13,8 +13,8 @@ import torch
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
 from ..ops.backends import DISABLE_ENV
 from ..ops.multimax import BACKENDS
-from .attention_utils import attention_call, layer_outputs, prepare_inputs, refuse_unsupported, score_bias_kwargs, \
-    settings_of
+from .attention_utils import attention_call, fold_selection, layer_outputs, prepare_inputs, refuse_unsupported, \
+    score_bias_kwargs, settings_of
 
 __all__ = ["multimax_attention_forward", "multimax_params"]
 
@@ -61,6 +61,9 @@ def multimax_attention_forward(
     Returns `(out [B, Q, H, Dv], probs [B, H, Q, K] or None)`.
     """
     refuse_unsupported(kwargs, "multimax", computes=("s_aux",))
+    # A sparse-attention indexer's selection (DeepSeek-V3.2's `indices`, MiniMax-M3's `block_indices`) joins
+    # the mask, as the model's eager/SDPA branch folds it; the call then has a mask (no decoding plan).
+    attention_mask, kwargs = fold_selection(module, query, key, attention_mask, kwargs)
     # gpt-oss's attention sinks: one logit per head in the softmax denominator (unmodulated: a learned
     # logit, not a score), as its eager function does.
     sink_logits = kwargs.get("s_aux")

@@ -5,6 +5,16 @@ transformers' SDPA function (softmax) or our MultiMax function, so the converted
 exactly what the dense one does. Longer inputs: the scorer picks blocks, the chosen backend runs
 exact attention over them (`ops.sparsemix.sparsemix_attention`). In training the scorer's KL term
 goes to the caller's `collect_aux_losses()` block.
+
+What the model hands over is kept on both paths: attention sinks (`s_aux`) join the normaliser; a
+sliding window (`sliding_window`, causal) bounds the blocks the selection may keep, the sink block
+included (the mask hides the window's keys inside the kept blocks).
+
+Models with their own sparse-attention indexer (DeepSeek-V3.2's `indices`, MiniMax-M3's
+`block_indices`; `SELECTION_KWARGS`) always run the dense path with the indexer's selection folded into
+the mask, as their eager/SDPA branch does: the indexer already sparsifies, as the model was trained to,
+and a second selection by the scorer on top would change which keys each query reads. The scorer is not
+used on such models (no KL term either).
 """
 
 from __future__ import annotations
@@ -18,8 +28,8 @@ from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
 from ..ops.sparsemix import BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention
-from .attention_utils import attention_call, call_is_causal, layer_outputs, prepare_inputs, refuse_unsupported, \
-    score_bias_kwargs, settings_of
+from .attention_utils import SELECTION_KWARGS, attention_call, call_is_causal, fold_selection, layer_outputs, \
+    prepare_inputs, refuse_unsupported, score_bias_kwargs, settings_of
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
 from .sparsemix_decoding import cached_key_summary
@@ -80,6 +90,24 @@ def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
     return last, hides_nothing
 
 
+_AHEAD = "_hf_multimax_sees_ahead"  # attribute of a mask tensor: (version, query offset, any key ahead)
+
+
+def _sees_ahead(mask: torch.Tensor, q_offset: int) -> bool:
+    """Whether the mask lets query i see a key after position q_offset + i: keys that are not in
+    positional order (deepseek_v4 appends its compressed entries after its window's keys), where the
+    causal block geometry, which places query i there, would hide keys the model attends. Kept on the
+    mask tensor: every layer of a forward is handed the same mask."""
+    known = getattr(mask, _AHEAD, None)
+    if known is not None and known[:2] == (mask._version, q_offset):
+        return known[2]
+    q_len, k_len = mask.shape[-2:]
+    ahead = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu_(q_offset + 1)
+    result = bool((mask & ahead).any())
+    setattr(mask, _AHEAD, (mask._version, q_offset, result))
+    return result
+
+
 def _drop_empty_cache_tail(key, value, mask):
     """A static cache hands over its whole buffer, the rest of it hidden from every query. SparseMix
     places the queries at the end of the keys (its block geometry), so the keys stop at the last one
@@ -89,6 +117,19 @@ def _drop_empty_cache_tail(key, value, mask):
     if last < key.shape[-2]:
         key, value, mask = key[..., :last, :], value[..., :last, :], mask[..., :last]
     return key, value, None if hides_nothing else mask
+
+
+def _window(kwargs: dict, causal: bool) -> int | None:
+    """The causal sliding window the model hands over (`sliding_window`: Mistral, Gemma 2/3, Qwen2,
+    gpt-oss, ...; transformers builds the mask with `sliding_window_overlay`, keys q - window + 1 .. q).
+    Bidirectional windows are left to the mask: their kwarg's meaning differs between models
+    (ModernBERT passes one more than its mask's half-width)."""
+    window = kwargs.get("sliding_window")
+    if window is None or not causal:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window={window!r} is not a window: a positive int (keys per query) is expected")
+    return window
 
 
 def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
@@ -112,21 +153,27 @@ def sparsemix_attention_forward(
 
     Returns `(out [B, Q, H, Dv], None)` (probabilities only from the dense MultiMax path).
     """
-    refuse_unsupported(kwargs, "sparsemix")
+    refuse_unsupported(kwargs, "sparsemix", computes=("s_aux",))
+    model_selects = any(kwargs.get(name) is not None for name in SELECTION_KWARGS)
+    attention_mask, kwargs = fold_selection(module, query, key, attention_mask, kwargs)
+    sink_logits = kwargs.get("s_aux")  # gpt-oss's attention sinks: one logit per head in the denominator
     settings = settings_of(module, SparseMixSettings)
     weights = layer_outputs(module, SparseMixScorer, settings)
     selector = getattr(module, SparseMixScorer.attr).structure[0]  # what "auto" resolved to for this layer
     causal = call_is_causal(module, kwargs)
+    window = _window(kwargs, causal)
     cache_keys = key  # what the KV cache holds (the decoding summary is kept on it)
     key, value, mask, bias, _ = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     # The dense path takes HF's inputs as they are; the sparse path drops a static cache's empty tail.
     dense_inputs = key, value, mask
+    full_mask = mask
     if mask is not None and query.shape[-2] < key.shape[-2]:
         key, value, mask = _drop_empty_cache_tail(key, value, mask)
-    geometry = block_geometry(query.shape[-2], key.shape[-2], settings.block_size, causal)
+    geometry = block_geometry(query.shape[-2], key.shape[-2], settings.block_size, causal, window)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    long_input = geometry.n_k_blocks > settings.kept_blocks
+    # A model's own indexer has selected already (module docstring): dense path, no KL term.
+    long_input = geometry.n_k_blocks > settings.kept_blocks and not model_selects
     multimax = settings.normalizer == "multimax"
     theta, affine = multimax_params(module, query.shape[1]) if multimax else (None, None)
 
@@ -140,9 +187,12 @@ def sparsemix_attention_forward(
         if multimax:
             out, probs = multimax_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                                     dropout=dropout, **kwargs)
-        elif kwargs.get("output_attentions"):  # SDPA keeps no probabilities: the reference computes them
+        elif kwargs.get("output_attentions") or sink_logits is not None:
+            # SDPA keeps no probabilities and has no sinks: the reference computes them (materialising the
+            # scores, as transformers' eager function does for these models).
             out, probs = naive_attention(query, key, value, scale=scaling, mask=mask, bias=bias,
-                                         is_causal=causal and mask is None, dropout_p=dropout if module.training else 0.0)
+                                         is_causal=causal and mask is None, dropout_p=dropout if module.training else 0.0,
+                                         sink_logits=sink_logits)
             out = out.transpose(1, 2).contiguous()
         else:
             out, probs = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -160,6 +210,13 @@ def sparsemix_attention_forward(
         )
     if kwargs.get("softcap") is not None:
         raise ValueError("sparsemix does not support attention soft-capping (Gemma 2); use 'multimax' or 'eager'")
+    if causal and full_mask is not None and query.shape[-2] > 1 and _sees_ahead(full_mask, geometry.q_offset):
+        raise ValueError(
+            f"{type(module).__name__}'s attention mask lets queries see keys after their own position (keys not in "
+            "positional order, as deepseek_v4's compressed entries): sparsemix's causal block geometry would hide "
+            f"them on its sparse path ({key.shape[-2]} keys, above the {settings.kept_blocks * settings.block_size} it "
+            "runs densely); use attn_implementation 'multimax', or sparsemix with dense_warmup=True"
+        )
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True needs dense probabilities, which sparsemix never materialises on long inputs")
     if module.training and dropout > 0.0:
@@ -167,7 +224,8 @@ def sparsemix_attention_forward(
             f"sparsemix does not apply attention dropout on the sparse path (got dropout={dropout}); set the model's "
             "attention dropout to 0 for training on long inputs"
         )
-    backend = BACKENDS.resolve(settings.backend, attention_call(query, key, value, theta, affine))
+    backend = BACKENDS.resolve(settings.backend, attention_call(query, key, value, theta, affine,
+                                                                sink_logits=sink_logits))
     summary = None
     if not torch.is_grad_enabled():  # inference: the cache's key summary grows step by step
         summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=selector,
@@ -178,6 +236,6 @@ def sparsemix_attention_forward(
     out = sparsemix_attention(
         query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,
-        selector=selector, key_summary=summary,
+        selector=selector, key_summary=summary, window=window, sink_logits=sink_logits,
     )
     return _tie(out.transpose(1, 2).contiguous(), kl), None
