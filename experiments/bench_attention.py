@@ -3,33 +3,43 @@
 B=1, H=8, D=64, causal, order-2 scalars away from identity. For each sequence length: forward time
 (no grad) and forward+backward time (median of repeats after a warm-up; the first call's extra
 time, mostly compilation, is reported separately), and peak memory of forward+backward (peak RSS
-growth, each in a fresh process). Also an end-to-end `generate` tokens/s on a tiny Llama.
+growth, each in a fresh process). Then the model-level rows of `bench_models.py` (forward,
+forward+backward, `generate` tokens/s, MiniLM, peak memory: what a user of the model pays).
+Writes JSON and a PNG chart (from the repository root):
+
+    .venv/bin/python -m experiments.bench_attention              # full sweep, 512..16384 (benchmarks/results/)
+    .venv/bin/python -m experiments.bench_attention --quick      # smoke run: tiny sizes, claims nothing
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
 
 from hf_multimax.ops.multimax import BACKENDS
 
+from .bench_models import FULL_MODELS, QUICK_MODELS, bench_models, models_summary
 from .harness import (
+    HelpFormatter,
     forward_backward_step,
     machine,
+    output_path,
     peak_memory_mib,
     plot_against_baseline,
     sweep,
     time_forward_backward,
-    timed,
+    write_results,
 )
 
-__all__ = ["MAX_LEN", "QUICK", "bench_attention", "summary"]
+__all__ = ["MAX_LEN", "QUICK", "bench_attention", "main", "summary"]
 
 H, D = 8, 64
 # Where each backend stops being run (memory or time): eager materialises H*L*L fp32 scores several times.
 MAX_LEN = {"eager": 2048, "chunked": 16384, "fused": 16384, "flex": 16384, "sdpa": 16384}
 # The CI smoke run: tiny sizes, one repeat.
-QUICK = {"lengths": [128, 256], "memory_lengths": [256], "repeats": 1, "generate_tokens": 4}
+QUICK = {"lengths": [128, 256], "memory_lengths": [256], "repeats": 1}
 
 
 def make_inputs(length: int, requires_grad: bool, seed: int = 0) -> list[torch.Tensor]:
@@ -56,25 +66,7 @@ def memory_step(backend: str, length: int):
     return forward_backward_step(lambda *x: run(backend, *x), make_inputs(64, True), make_inputs(length, True))
 
 
-def generate_throughput(impl: str, new_tokens: int, repeats: int) -> float:
-    import hf_multimax  # noqa: F401  (registers attn_implementation="multimax")
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
-    prompt = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
-
-    def gen():
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-
-    median, _ = timed(gen, repeats)
-    return new_tokens / median
-
-
-def bench_attention(lengths, memory_lengths, backends, repeats: int, generate_tokens: int) -> dict:
+def bench_attention(lengths, memory_lengths, backends, repeats: int) -> dict:
     """Every measurement of the module docstring for `backends` (names in `MAX_LEN`; SDPA, the
     baseline, is always measured)."""
     unknown = sorted(set(backends) - set(MAX_LEN))
@@ -85,14 +77,12 @@ def bench_attention(lengths, memory_lengths, backends, repeats: int, generate_to
     sweep(rows, [(n, b) for n in lengths for b in backends if n <= MAX_LEN[b]],
           lambda b, n: time_backend(b, n, repeats), "timing")
     sweep(rows, [(n, b) for n in memory_lengths for b in backends if b != "flex" and n <= MAX_LEN[b]],
-          lambda b, n: {"peak_mib": peak_memory_mib(f"{__name__}:memory_step", b, n)}, "peak memory")
-    tokens = {impl: generate_throughput(impl, generate_tokens, repeats) for impl in ("sdpa", "multimax")}
+          lambda b, n: {"peak_mib": peak_memory_mib("experiments.bench_attention:memory_step", b, n)}, "peak memory")
     return {
         "machine": machine(),
         "shape": {"B": 1, "H": H, "D": D, "causal": True},
         "backends": backends,
         "rows": [rows[n] for n in sorted(rows)],
-        "generate_tokens_per_s": {**tokens, "ratio": tokens["multimax"] / tokens["sdpa"]},
     }
 
 
@@ -107,7 +97,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def summary(results: dict) -> str:
-    """Per length, each backend's ratios to SDPA; then the `generate` ratio."""
+    """Per length, each backend's ratios to SDPA."""
     lines = []
     for row in results["rows"]:
         sdpa = row.get("sdpa", {})
@@ -119,5 +109,36 @@ def summary(results: dict) -> str:
             if ratios:
                 cells.append(f"{b}: " + ", ".join(ratios))
         lines.append(f"L={row['length']}: " + " | ".join(cells))
-    lines.append(f"generate tokens/s multimax/sdpa: {results['generate_tokens_per_s']['ratio']:.2f}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_attention", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
+    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[2048, 8192], help="lengths whose peak memory is measured (fresh process each)")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "eager", "chunked", "fused", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the baseline)")
+    parser.add_argument("--no_models", action="store_true", help="skip the model-level rows (experiments/bench_models.py)")
+    parser.add_argument("--no_busy", action="store_true", help="skip the generate row with the other core busy")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/bench_attention.json; with --quick outputs/bench_attention_quick.json)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat; claims nothing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    results = bench_attention(args.lengths, args.memory_lengths, args.backends, args.repeats)
+    if not args.no_models:
+        sizes = QUICK_MODELS if args.quick else FULL_MODELS
+        results["models"] = bench_models(**sizes, busy=not (args.quick or args.no_busy))
+    results["quick"] = args.quick
+    write_results(results, output_path("bench_attention", "quick" if args.quick else None, args.output), plot)
+    print(summary(results))
+    if "models" in results:
+        print(models_summary(results["models"]))
+    if args.quick:
+        print("SMOKE RUN (--quick): tiny sizes and one repeat; these ratios are not measurements of the targets.")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -3,19 +3,24 @@
 A model whose config names no plugin method must be built exactly as without the plugin (the
 wrapped `post_init` returns at once), so the first two should agree within noise; a MultiMax build
 is timed for scale. Each process first builds a 1-layer model, so lazy imports of the modeling code
-are not timed. The variants are interleaved, one thread each.
+are not timed. The variants are interleaved, one thread each. Writes JSON and a PNG chart (from the
+repository root):
+
+    .venv/bin/python -m experiments.bench_build_time              # 7 fresh processes per variant
+    .venv/bin/python -m experiments.bench_build_time --quick      # smoke run: 2 processes, 8 layers, no claim
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
 import sys
 
-from .harness import machine
+from .harness import HelpFormatter, machine, output_path, write_results
 
-__all__ = ["QUICK", "VARIANTS", "bench_build_time", "plot", "summary"]
+__all__ = ["QUICK", "VARIANTS", "bench_build_time", "main", "plot", "summary"]
 
 QUICK = {"repeats": 2, "layers": 8}
 
@@ -76,3 +81,23 @@ def summary(results: dict) -> str:
     parts = [f"{n} {results['median_s'][n]:.3f} s ({results['ratio_to_without_plugin'][n]:.2f}x)" for n in results["median_s"]]
     return (f"{head}{results['layers']}-layer Llama build, median of {results['repeats']} fresh processes, 1 thread: "
             + " | ".join(parts))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_build_time", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="fresh processes per variant, interleaved")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama model")
+    parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/bench_build_time.json; with --quick outputs/bench_build_time_quick.json)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 processes, 8 layers, claims nothing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    results = bench_build_time(args.repeats, args.layers, quick=args.quick)
+    write_results(results, output_path("bench_build_time", "quick" if args.quick else None, args.output), plot)
+    print(summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,16 +1,25 @@
 """MultiMax on a CUDA GPU: the Triton and flex kernels against `naive` (outputs and every gradient),
 then forward and forward+backward time against SDPA (FlashAttention) in bf16, B=1, H=16, D=64,
-causal, L = 1k..32k, ratios to SDPA in the same run.
+causal, L = 1k..32k, ratios to SDPA in the same run. Writes JSON (from the repository root):
+
+    .venv/bin/python -m experiments.bench_gpu              # benchmarks/results/bench_gpu.json
+    .venv/bin/python -m experiments.bench_gpu --quick      # two lengths: a smoke run, claims nothing
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from hf_multimax.ops.multimax import flex_multimax_attention, naive_multimax_attention, triton_multimax_attention
 
-__all__ = ["GPU_QUICK", "bench_gpu", "check_gpu_kernels", "gpu_summary"]
+from .harness import HelpFormatter, output_path
+
+__all__ = ["GPU_QUICK", "bench_gpu", "check_gpu_kernels", "gpu_summary", "main"]
 
 KERNELS = {"triton": triton_multimax_attention, "flex": flex_multimax_attention}
 GPU_QUICK = {"lengths": [1024, 2048], "repeats": 3}
@@ -83,3 +92,34 @@ def gpu_summary(results: dict) -> str:
                  f"{row[name]['forward_backward_s'] / s['forward_backward_s']:.2f}x" for name in KERNELS]
         lines.append(f"L={row['length']}: " + " | ".join(cells))
     return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_gpu", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                        help="sequence lengths to time")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/bench_gpu.json; with --quick outputs/bench_gpu_quick.json)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: two lengths, three repeats")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device: this benchmark measures the GPU kernels (the CPU ones: python -m experiments.bench_attention)")
+    if args.quick:
+        vars(args).update(GPU_QUICK)
+    checks = check_gpu_kernels()
+    for case, diffs in checks.items():
+        print(case, " ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
+    results = {"checks": checks, **bench_gpu(args.lengths, args.repeats), "quick": args.quick}
+    output = Path(output_path("bench_gpu", "quick" if args.quick else None, args.output))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1))
+    print(gpu_summary(results))
+    print(f"wrote {output}")
+    if args.quick:
+        print("SMOKE RUN (--quick): two lengths; these ratios are not measurements of the targets.")
+    return results
+
+
+if __name__ == "__main__":
+    main()

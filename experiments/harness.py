@@ -5,6 +5,7 @@ written next to each other."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -19,9 +20,12 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = [
+    "RESULTS",
     "ROOT",
+    "HelpFormatter",
     "forward_backward_step",
     "machine",
+    "output_path",
     "peak_memory_mib",
     "plot_against_baseline",
     "sweep",
@@ -31,6 +35,20 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root, where `experiments` is importable
+RESULTS = "benchmarks/results"  # the shipped results, relative to the repository root the studies run from
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module's docstring as written (its example commands keep their lines), and every flag's default."""
+
+
+def output_path(name: str, preset: str | None = None, given: str | None = None) -> str:
+    """Where a run writes its JSON: `given` (`--output`) if any; a full run into the results folder,
+    next to the shipped results it replaces (`benchmarks/results/<name>.json`); a smoke or check run
+    (`preset`, e.g. `"quick"`) into `outputs/<name>_<preset>.json`, so it never overwrites a measurement."""
+    if given:
+        return given
+    return f"outputs/{name}_{preset}.json" if preset else f"{RESULTS}/{name}.json"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:

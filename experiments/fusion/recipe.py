@@ -1,5 +1,5 @@
 """One training run of the fusion model with one of three methods (joint, RollingQ, attribution
-regularization) on one task, the way docs/methods.md's synthetic benchmark was validated: per-token MLP
+regularization) on one task, the way docs/methods.md's synthetic benchmark was validated (results: docs/fusion.md): per-token MLP
 encoders (width 32), single-head CLS attention with logits x4, SGD lr 0.01 momentum 0.9, 30 epochs,
 the first 5 with the weaker modality replaced by noise."""
 
@@ -30,7 +30,7 @@ TASK_DEFAULTS = {"synthetic": {"epochs": 30, "batch_size": 64}, "digits": {"epoc
 
 @dataclass
 class FusionArguments:
-    """Settings of one run (`scripts/train_fusion.py --help` lists them)."""
+    """Settings of one run (`python -m experiments.fusion --help` lists them)."""
 
     task: str = field(default="synthetic", metadata={"help": f"One of {sorted(TASKS)}."})
     method: str = field(default="joint", metadata={"help": f"One of {list(METHODS)}."})

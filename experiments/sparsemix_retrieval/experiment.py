@@ -44,7 +44,7 @@ DIRECTION = {"eval_length": 512, "eval_sequences": 32, "curriculum": "128:400,51
 
 @dataclass
 class RetrievalExperimentArguments:
-    """Settings of one run (`scripts/sparsemix_retrieval.py --help` lists them)."""
+    """Settings of one run (`python -m experiments.sparsemix_retrieval --help` lists them)."""
 
     seed: int = field(default=0, metadata={"help": "Seed of model init, data and shuffling."})
     eval_length: int = field(default=4096, metadata={"help": "Sequence length of the evaluation and sparse stages."})

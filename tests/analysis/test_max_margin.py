@@ -52,15 +52,18 @@ def test_closed_form_gradient_matches_autograd():
 
 def test_reproduction_quick_mode_rises_monotonically(tmp_path):
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    out = tmp_path / "mm.json"
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "scripts/reproduce_max_margin.py", "--quick", "--output", str(out)],
-                         cwd=root, capture_output=True, text=True, timeout=300)
+    # From an empty folder (the repository on PYTHONPATH): the smoke run writes its own file there.
+    run = subprocess.run([sys.executable, "-m", "experiments.max_margin", "--quick"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "outputs" / "max_margin_quick.json"
+    assert json.loads(out.read_text())["quick"] is True
     curve = json.loads(out.read_text())["curves"]["local"]
     means = [curve[str(s)]["mean"] for s in (10, 100, 300)]
     assert means[0] < means[1] < means[2] and means[2] > 0.9, means

@@ -1,10 +1,9 @@
 """The fusion recipe end to end with the real Trainer: a quick version of the synthetic benchmark
-(directions only), the training script, and checkpoints that load in a fresh process (saved, and
+(directions only), its entry point (`python -m experiments.fusion`), and checkpoints that load in a fresh process (saved, and
 pushed through push_to_hub to a local stand-in for the Hub)."""
 
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -96,8 +95,9 @@ class FakeHub:
 
 def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    script = runpy.run_path(str(ROOT / "scripts" / "train_fusion.py"), run_name="train_fusion")
-    script["main"](["--method", "rollingq", "--num_train", "300", "--num_test", "100", "--epochs", "3",
+    from experiments.fusion.__main__ import main
+
+    main(["--method", "rollingq", "--num_train", "300", "--num_test", "100", "--epochs", "3",
                     "--warmup_noise_epochs", "0", "--rollingq_beta", "0", "--disable_tqdm", "True",
                     "--output_dir", str(out)])
     assert {"config.json", "model.safetensors", "results.json", "modeling_multimodal_fusion.py",

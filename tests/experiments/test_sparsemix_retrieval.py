@@ -1,16 +1,13 @@
 """The SparseMix retrieval experiment: a deterministic task whose answer sits in another block than
 the query, and the whole pipeline (dense -> sparse -> warm-up -> fine-tuning) in its quick mode."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from experiments.sparsemix_retrieval import RetrievalTask
-
-ROOT = Path(__file__).resolve().parents[2]
+from experiments.sparsemix_retrieval.__main__ import main
 
 
 def test_generator_is_deterministic_and_seed_dependent():
@@ -43,11 +40,8 @@ def test_answer_is_recoverable_from_a_needle_in_another_block(length, segment):
 
 
 def test_quick_pipeline_writes_every_field(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("sparsemix_retrieval", ROOT / "scripts" / "sparsemix_retrieval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "retrieval.json"
-    script.main(["--quick", "--output", str(out), "--threads", "1"])
+    main(["--quick", "--output", str(out), "--threads", "1"])
     result = json.loads(out.read_text())
     acc = result["accuracy"]
     assert set(acc) == {"dense", "sparse_untrained_scorer", "sparse_after_warmup", "sparse_after_finetune"}
@@ -75,11 +69,8 @@ def test_direction_trained_selector_finds_needles_the_untrained_one_misses(selec
     """`--direction` (~1 min each): a small dense model that learns the lookup, then the selector's
     dense warm-up. The trained selector must keep the needle's block far more often than the untrained
     one (the full-size targets are the README's; this asserts the direction only)."""
-    spec = importlib.util.spec_from_file_location("sparsemix_retrieval", ROOT / "scripts" / "sparsemix_retrieval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "direction.json"
-    result = script.main(["--direction", "--selector", selector, "--output", str(out), "--threads", "1"])
+    result = main(["--direction", "--selector", selector, "--output", str(out), "--threads", "1"])
     assert result["accuracy"]["dense"] > 0.6, "the dense teacher must have learned the lookup for the check to mean anything"
     before = result["needle_block_recall"]["untrained_scorer"]["layer0_any_head"]
     after = result["needle_block_recall"]["after_warmup"]["layer0_any_head"]

@@ -14,7 +14,7 @@ from .triton_kernel import triton_is_available, triton_multimax_attention
 from .naive import THETA_NAMES, naive_multimax_attention, naive_multimax_modulate
 
 # Without the fused kernel: below this many scores per (batch, head) materialising them is cheap and
-# eager beats chunked; measured crossover on a 2-core CPU with scripts/bench_attention.py.
+# eager beats chunked; measured crossover on a 2-core CPU with experiments/bench_attention.py.
 AUTO_MIN_SCORES = 512 * 512
 
 
@@ -64,7 +64,7 @@ BACKENDS = BackendRegistry(
         Backend("chunked", chunked_multimax_attention, priority=20, supports=_fused_supports,
                 preferred=lambda call: call.q_len * call.k_len >= AUTO_MIN_SCORES, reads_lengths=True),
         # One C++ call per layer, forward and backward; measured faster than eager and chunked at every
-        # length from 1 (decoding) to 4096 (docs/bench_attention.md), so `auto` takes it on CPU whenever
+        # length from 1 (decoding) to 4096 (docs/benchmarks.md), so `auto` takes it on CPU whenever
         # it can serve the call and could be built.
         Backend("fused", fused_multimax_attention, priority=25, supports=fused_supports, available=fused_is_available,
                 prepare_inference=prepare_fused_inference),
