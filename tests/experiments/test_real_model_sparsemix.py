@@ -94,7 +94,8 @@ def test_cached_targets_give_the_librarys_kl():
             q, k, layer.self_attn.sparsemix(), block_geometry(100, 100, 8, True), targets["blocks"][some],
             scale=layer.self_attn.scaling, sink=True, local=True, mask=None, score_mod=None,
             target_power=settings.kl_target_power)
-        torch.testing.assert_close(cached_kl(layer, q, k, targets, settings, blocks=some), library, rtol=1e-6, atol=1e-7)
+        cached = cached_kl(layer, q, k, targets, settings, blocks=some)
+        torch.testing.assert_close(cached, library, rtol=1e-6, atol=1e-7)
 
 
 def test_zero_attention_returns_zeros_of_the_output_shape():
@@ -143,7 +144,8 @@ def test_quick_run_writes_every_field(tmp_path):
         assert len(mass[name]["per_layer_mean"]) == 30
         assert all(0 <= v <= 1 for v in mass[name]["by_length"].values())
     # the oracle keeps the blocks of most mass: it drops the least
-    assert all(mass["oracle"]["by_length"][L] <= mass["untrained"]["by_length"][L] + 1e-6 for L in mass["oracle"]["by_length"])
+    oracle, untrained = mass["oracle"]["by_length"], mass["untrained"]["by_length"]
+    assert all(oracle[L] <= untrained[L] + 1e-6 for L in oracle)
     passkey = result["passkey"]
     assert len(passkey["rows"]) == 2 * 3 and {r["model"] for r in passkey["rows"]} == {"sdpa", "sparsemix"}
     assert all(len(r["key"]) == 5 and isinstance(r["correct"], bool) for r in passkey["rows"])
