@@ -190,7 +190,19 @@ def refuse_unsupported(kwargs: dict, method: str, computes: tuple[str, ...] = ()
 
 @functools.lru_cache(maxsize=256)
 def _names_a_selection(name: str) -> bool:
-    return re.search(r"indices|index|topk|top_k|select", name) is not None
+    return re.search(r"indices|index|topk|top_k|select", name) is not None and name not in _transformers_kwargs()
+
+
+@functools.cache
+def _transformers_kwargs() -> frozenset[str]:
+    """What transformers' own kwarg types declare, which it passes through every attention call: packing,
+    and continuous batching's paged cache, whose `read_index`/`write_index` address the cache and
+    `logits_indices` the rows whose logits are kept; none selects keys. (Imported on the first
+    selection-like name: the continuous-batching module is slow to import and rarely needed.)"""
+    from transformers.generation.continuous_batching.input_outputs import PagedAttentionArgs
+    from transformers.utils.generic import TransformersKwargs
+
+    return frozenset(PagedAttentionArgs.__annotations__) | frozenset(TransformersKwargs.__annotations__)
 
 
 def fold_selection(module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -40,7 +40,9 @@ class SparseMixSettings(ConfigSettings):
             less often, 32-needle recall 0.923 of dense against 0.968 at 32 with the same 640 keys).
         top_k (`int`): key blocks chosen by the scorer for each query block, besides the sink and
             local blocks. Default: `18` (with the sink and local blocks, 640 keys).
-        sink (`bool`): always keep the first key block. Default: `True`.
+        sink (`bool`): always keep the first key block (while the model's sliding window, if any,
+            reaches it; not to be confused with attention sinks, `s_aux`, which are always kept).
+            Default: `True`.
         local (`bool`): always keep the query block's own key block. Default: `True`.
         selector (`str`): what ranks the key blocks:
             - `"block"`: the block scorer (pooled queries and keys, cheap, any architecture);
@@ -74,7 +76,8 @@ class SparseMixSettings(ConfigSettings):
             learns from the KL term; see `freeze_all_but_scorers`. Default: `False`.
 
     Inputs shorter than `(top_k + sink + local) * block_size` keys run the dense path: every block
-    would be kept anyway.
+    would be kept anyway. So do models whose own indexer selects the keys (DeepSeek-V3.2, MiniMax-M3:
+    `integrations.sparsemix_attention`).
     """
 
     config_key: ClassVar[str] = "sparsemix"

@@ -24,7 +24,7 @@ from transformers.models.mistral_large4.configuration_mistral_large4 import Mist
 from transformers.models.mistral_large4.modeling_mistral_large4 import MistralLarge4TextModel
 
 from hf_multimax import collect_aux_losses
-from hf_multimax.integrations.attention_utils import plugin_mask
+from hf_multimax.integrations.attention_utils import plugin_mask, refuse_unsupported
 from hf_multimax.integrations.entmax_attention import entmax_attention_forward
 
 L = 24  # tokens: index_topk=4 keys (DSA) or 2 blocks of 4 (MiniMax-M3) out of 24, so the selection matters
@@ -242,3 +242,13 @@ def test_unknown_or_malformed_selections_raise(kwargs, match):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=match):
         entmax_attention_forward(_Module(), q, k, v, None, normalizer="sparsemax", **kwargs)
+
+
+def test_transformers_own_index_kwargs_are_not_selections():
+    """Continuous batching passes its paged cache's addresses and the rows whose logits are kept through
+    every attention call (`read_index`, `write_index`, `logits_indices`): not selections of keys."""
+    kwargs = dict(read_index=[torch.arange(6)], write_index=[torch.arange(6)], logits_indices=torch.tensor([5]))
+    for method in ("multimax", "sparsemix", "sparsemax"):
+        refuse_unsupported(kwargs, method)
+    with pytest.raises(ValueError, match="`kv_index`, which looks like a selection"):
+        refuse_unsupported(dict(kv_index=torch.arange(6)), "multimax")
