@@ -35,7 +35,8 @@ Stages (in this order; each writes the JSON when it ends, so a stopped run keeps
    in the model's chat format (`tokenizer.apply_chat_template`), greedy answer; exact match = the
    first number in the answer is the key. The haystack before the key is prefilled once per (model,
    L) and extended depth by depth (copies of the cache; prefix lengths are multiples of the block
-   size, so a chunked SparseMix prefill selects exactly as a one-shot one; checked on one cell).
+   size, so a chunked SparseMix prefill selects exactly as a one-shot one; checked on one cell);
+   the rest of each prompt is prefilled on two threads, the answer decoded on one (`num_threads`).
 5. `speed` (last; waits up to `--max_wait` s for `os.getloadavg()[0] < 1`): whole-model prefill
    (`logits_to_keep=1`, no cache) at each L and thread count, SDPA / SparseMix / a zero-cost
    attention function (registered through `AttentionInterface`, returns zeros of the output's shape:
@@ -152,6 +153,45 @@ def _register_zero_attention() -> str:
     return ZERO
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """`torch.set_num_threads(n)` while open. Phases of many small operations (the scorer steps,
+    greedy decoding) run on one thread: on a shared, oversubscribed machine every parallel region of
+    two threads waits for the one that is descheduled, which costs small operations many times their
+    work; large products keep both threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def block_mass_rows(query: torch.Tensor, key: torch.Tensor, blocks: list[int], block_size: int, scale: float,
+                    chunk: int = 16) -> torch.Tensor:
+    """Dense causal attention probability of every row of query blocks `blocks` (queries and keys of
+    one sequence from position 0, `[1, H, L, D]` / `[1, Hkv, L, D]`) summed per key block:
+    `[H, len(blocks), block_size, n_k_blocks]`, `chunk` blocks per product. What
+    `ops.sparsemix.distill.dense_block_mass` computes for one block before pooling (it is checked
+    against it through the KL in the tests)."""
+    H, Hkv, L = query.shape[1], key.shape[1], key.shape[-2]
+    if query.shape[-2] != L or L % block_size:
+        raise ValueError(f"queries and keys must both be the whole sequence, a multiple of {block_size}: "
+                         f"got {query.shape[-2]} and {L}")
+    n_kb = L // block_size
+    k = key[0].repeat_interleave(H // Hkv, dim=0)  # [H, L, D]
+    out = []
+    for i in range(0, len(blocks), chunk):
+        part = blocks[i : i + chunk]
+        rows = torch.cat([torch.arange(a * block_size, (a + 1) * block_size) for a in part])
+        scores = torch.matmul(query[0, :, rows], k.transpose(-1, -2)) * scale  # [H, rows, L]
+        future = torch.arange(L)[None, :] > rows[:, None]
+        probs = scores.masked_fill_(future, float("-inf")).softmax(-1)
+        out.append(probs.view(H, len(part), block_size, n_kb, block_size).sum(-1))
+    return torch.cat(out, dim=1)
+
+
 # 1. perplexity
 
 
@@ -221,23 +261,24 @@ def warmup_kl(model, captured: dict, n_blocks: int) -> torch.Tensor:
 @torch.no_grad()
 def kl_targets(query, key, settings, scale: float) -> dict:
     """The library KL's target (`ops.sparsemix.distill.scorer_kl`) for every query block that has a
-    block to choose: the detached dense block mass (`dense_block_mass`, max-pooled over the block's
-    queries), `** kl_target_power` renormalised over the candidates. `{"blocks" [n], "candidates"
-    [n, nKB], "target" [B, Hkv, n, nKB]}`."""
+    block to choose: the detached dense block mass (as `dense_block_mass`: mean over the query heads
+    of a key/value head, max-pooled over the block's queries; here by `block_mass_rows`, many blocks
+    per product), `** kl_target_power` renormalised over the candidates. `{"blocks" [n], "candidates"
+    [n, nKB], "target" [1, Hkv, n, nKB]}`."""
     from hf_multimax.ops.sparsemix import block_geometry
-    from hf_multimax.ops.sparsemix.distill import dense_block_mass
     from hf_multimax.ops.sparsemix.selection import candidate_blocks
 
     geometry = block_geometry(query.shape[-2], key.shape[-2], settings.block_size, True)
     allowed, forced = candidate_blocks(geometry, sink=settings.sink, local=settings.local)
     cand = allowed & ~forced
     blocks = cand.any(-1).nonzero()[:, 0]
-    targets = []
-    for a in blocks.tolist():
-        mass = dense_block_mass(query, key, geometry, a, scale=scale)
-        log_t = (settings.kl_target_power * mass.clamp_min(1e-30).log()).masked_fill(~cand[a], float("-inf"))
-        targets.append(torch.softmax(log_t, dim=-1) * (mass * cand[a]).sum(-1, keepdim=True).gt(0))
-    return {"blocks": blocks, "candidates": cand[blocks], "target": torch.stack(targets, dim=2)}
+    rows = block_mass_rows(query, key, blocks.tolist(), settings.block_size, scale)  # [H, n, bs, nKB]
+    H, Hkv = query.shape[1], key.shape[1]
+    mass = rows.view(Hkv, H // Hkv, *rows.shape[1:]).mean(1).amax(2)[None]  # [1, Hkv, n, nKB]
+    c = cand[blocks]  # [n, nKB]
+    log_t = (settings.kl_target_power * mass.clamp_min(1e-30).log()).masked_fill(~c, float("-inf"))
+    target = torch.softmax(log_t, dim=-1) * (mass * c).sum(-1, keepdim=True).gt(0)
+    return {"blocks": blocks, "candidates": c, "target": target}
 
 
 def cached_kl(layer, query, key, targets: dict, settings, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,6 +331,8 @@ def warm_up_scorers(model, windows: torch.Tensor, *, steps: int, lr: float, log_
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     losses = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for step in range(steps):
         window = cached[step % len(cached)]
         loss = torch.stack([cached_kl(layers[i], q, k, t, settings) * settings.kl_weight
@@ -302,6 +345,7 @@ def warm_up_scorers(model, windows: torch.Tensor, *, steps: int, lr: float, log_
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"warm-up step {step}: KL {loss.item():.4f}", flush=True)
+    torch.set_num_threads(threads)
     for p in model.parameters():
         p.requires_grad_(False)
     k = min(len(cached), steps)  # one pass over the windows
@@ -355,41 +399,38 @@ def dropped_mass(captured: dict, weight_sets: dict, *, selector: str, settings, 
     `stride`-th; averaged over rows and heads, per layer, and over the query blocks of each L's scored
     half."""
     from hf_multimax.ops.sparsemix import block_geometry, select_sparsemix_blocks
-    from hf_multimax.ops.sparsemix.distill import dense_rows
     from hf_multimax.ops.sparsemix.selection import candidate_blocks
 
     bs, k_top = settings.block_size, settings.top_k
     names = [*weight_sets, "oracle"]
-    per_block = {name: {} for name in names}  # name -> q block -> [layer values]
+    per_block = {name: {} for name in names}  # name -> q block -> [per-layer values]
     for li in sorted(captured):
         q, k = captured[li]
         L = q.shape[-2]
         H, Hkv = q.shape[1], k.shape[1]
         g = block_geometry(L, L, bs, True)
         allowed, forced = candidate_blocks(g, sink=settings.sink, local=settings.local)
-        chosen = {}
+        sampled = list(range(settings.kept_blocks, g.n_q_blocks, stride))
+        a = torch.tensor(sampled)
+        keeps = {}
         for name, weights in weight_sets.items():
             _, idx, valid = select_sparsemix_blocks(q, k, weights[li], block_size=bs, top_k=k_top, sink=settings.sink,
                                                     local=settings.local, causal=True, scale=scale, selector=selector)
-            chosen[name] = (idx[0], valid[0])  # [Hkv, nQB, S]
-        for a in range(settings.kept_blocks, g.n_q_blocks, stride):
-            probs = dense_rows(q, k, g, a, scale=scale)[0]  # [H, rows, L]
-            pad = g.n_k_blocks * bs - L
-            mass = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (g.n_k_blocks, bs)).sum(-1)  # [H, rows, nKB]
-            group = mass.view(Hkv, H // Hkv, *mass.shape[1:])  # [Hkv, H/Hkv, rows, nKB]
-            keeps = {}
-            for name, (idx, valid) in chosen.items():
-                keep = torch.zeros(Hkv, g.n_k_blocks, dtype=torch.bool)
-                for h in range(Hkv):
-                    keep[h, idx[h, a][valid[h, a]]] = True
-                keeps[name] = keep
-            score = group.mean((1, 2)).masked_fill(~(allowed[a] & ~forced[a]), -1.0)  # [Hkv, nKB]
-            top = score.topk(min(k_top, g.n_k_blocks), -1)
-            best = torch.zeros(Hkv, g.n_k_blocks, dtype=torch.bool).scatter_(1, top.indices, top.values >= 0)
-            keeps["oracle"] = best | forced[a]
-            for name, keep in keeps.items():
-                kept = (group * keep[:, None, None, :]).sum(-1)  # [Hkv, H/Hkv, rows]
-                per_block[name].setdefault(a, []).append((1 - kept).mean().item())
+            idx, valid = idx[0][:, a], valid[0][:, a]  # [Hkv, n, S]
+            keep = torch.zeros(Hkv, len(sampled), g.n_k_blocks + 1, dtype=torch.bool)
+            keep.scatter_(2, idx.masked_fill(~valid, g.n_k_blocks), True)  # invalid slots to a spare column
+            keeps[name] = keep[..., :-1]
+        mass = block_mass_rows(q, k, sampled, bs, scale)  # [H, n, bs, nKB]
+        group = mass.view(Hkv, H // Hkv, *mass.shape[1:])  # [Hkv, H/Hkv, n, bs, nKB]
+        cand = (allowed & ~forced)[a]  # [n, nKB]
+        score = group.mean((1, 3)).masked_fill(~cand, -1.0)  # [Hkv, n, nKB]
+        top = score.topk(k_top, -1)
+        best = torch.zeros_like(score, dtype=torch.bool).scatter_(2, top.indices, top.values >= 0)
+        keeps["oracle"] = best | forced[a]
+        for name, keep in keeps.items():
+            dropped = 1 - (group * keep[:, None, :, None, :]).sum(-1)  # [Hkv, H/Hkv, n, bs]
+            for j, blk in enumerate(sampled):
+                per_block[name].setdefault(blk, []).append(dropped[:, :, j].mean().item())
     out = {"query_blocks_sampled_every": stride, "first_sampled_query_block": settings.kept_blocks}
     for name in names:
         blocks = per_block[name]
@@ -472,9 +513,12 @@ def passkey(models: dict, tokenizer, haystack: list[int], *, length: int, depths
                           use_cache=True, logits_to_keep=1)
                     done = p
                 full = torch.tensor([ids])
-                out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), cache=copy.deepcopy(cache),
-                                     max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
-                                     output_logits=check_one_shot)
+                branch = copy.deepcopy(cache)  # the rest of the prompt but its last token, then greedy decoding
+                model(input_ids=full[:, len(prefix) + p : -1], cache=branch, use_cache=True, logits_to_keep=1)
+                with num_threads(1):
+                    out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), cache=branch,
+                                         max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                                         output_logits=check_one_shot)
                 answer = _answer(tokenizer, out.sequences[0, length:])
                 row = {"length": length, "depth": depth, "trial": trial, "model": name, "key": key,
                        "key_position": len(prefix) + p, "answer": answer, "correct": _first_number(answer) == key}

@@ -13,6 +13,7 @@ from experiments.real_model_sparsemix import (
     _layer_kl,
     capture_queries_keys,
     cached_kl,
+    dropped_mass,
     kl_targets,
     passkey_prompts,
     run,
@@ -75,7 +76,7 @@ def test_cached_targets_give_the_librarys_kl():
 
     dense, sparse = tiny_models()
     settings = SparseMixSettings.from_dict(sparse.config.sparsemix)
-    ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(2))  # a partial last block
+    ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(2))
     store = {}
     with torch.no_grad(), capture_queries_keys(dense, store):
         dense(input_ids=ids)
@@ -83,7 +84,7 @@ def test_cached_targets_give_the_librarys_kl():
         q, k = store[i]
         targets = kl_targets(q, k, settings, layer.self_attn.scaling)
         n = len(targets["blocks"])
-        assert n == 100 // 8 + 1 - 2  # every block past the sink and the first chooser
+        assert n == 96 // 8 - 2  # every block past the sink and the first chooser
         torch.manual_seed(7)
         library = _layer_kl(layer, q, k, settings, n)  # every eligible block, in a random order
         torch.testing.assert_close(cached_kl(layer, q, k, targets, settings), library, rtol=1e-6, atol=1e-7)
@@ -91,11 +92,46 @@ def test_cached_targets_give_the_librarys_kl():
 
         some = torch.tensor([n - 1, 0, n // 2])  # a subset, as the library samples them
         library = SELECTORS[layer.self_attn.sparsemix.selector].kl(
-            q, k, layer.self_attn.sparsemix(), block_geometry(100, 100, 8, True), targets["blocks"][some],
+            q, k, layer.self_attn.sparsemix(), block_geometry(96, 96, 8, True), targets["blocks"][some],
             scale=layer.self_attn.scaling, sink=True, local=True, mask=None, score_mod=None,
             target_power=settings.kl_target_power)
         cached = cached_kl(layer, q, k, targets, settings, blocks=some)
         torch.testing.assert_close(cached, library, rtol=1e-6, atol=1e-7)
+
+
+def test_dropped_mass_matches_a_loop_over_the_librarys_dense_rows():
+    from hf_multimax import SparseMixSettings
+    from hf_multimax.ops.sparsemix import block_geometry, select_sparsemix_blocks
+    from hf_multimax.ops.sparsemix.distill import dense_rows
+
+    dense, sparse = tiny_models()
+    settings = SparseMixSettings.from_dict(sparse.config.sparsemix)
+    ids = torch.randint(0, 100, (1, 128), generator=torch.Generator().manual_seed(3))
+    store = {}
+    with torch.no_grad(), capture_queries_keys(dense, store):
+        dense(input_ids=ids)
+    weights = [tuple(w.detach() for w in layer.self_attn.sparsemix()) for layer in sparse.model.layers]
+    scale = sparse.model.layers[0].self_attn.scaling
+    got = dropped_mass(store, {"trained": weights}, selector="block_rotary", settings=settings, scale=scale,
+                       lengths=[64, 128], stride=3)
+    assert got["first_sampled_query_block"] == 4 and got["query_blocks_sampled_every"] == 3
+    g = block_geometry(128, 128, 8, True)
+    expected = []
+    for li, (q, k) in sorted(store.items()):
+        _, idx, valid = select_sparsemix_blocks(q, k, weights[li], block_size=8, top_k=2, causal=True, scale=scale,
+                                                selector="block_rotary")
+        for a in range(4, 16, 3):
+            probs = dense_rows(q, k, g, a, scale=scale)[0]  # [H, rows, K]
+            kept = torch.zeros(4, 8)
+            for h in range(4):
+                blocks = idx[0, h // 2, a][valid[0, h // 2, a]]
+                kept[h] = probs[h].view(8, 16, 8)[:, blocks].sum((-1, -2))
+            expected.append((li, a, (1 - kept).mean().item()))
+    for li in range(2):
+        ref = sum(v for layer, _, v in expected if layer == li) / 4
+        assert abs(got["trained"]["per_layer_mean"][li] - ref) < 1e-5
+    # the oracle keeps the blocks of most mass: it drops the least
+    assert all(got["oracle"]["by_length"][L] <= got["trained"]["by_length"][L] + 1e-6 for L in ("64", "128"))
 
 
 def test_zero_attention_returns_zeros_of_the_output_shape():
