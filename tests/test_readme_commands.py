@@ -41,7 +41,8 @@ QUICK = {
 def commands_in(text: str) -> list[str]:
     """The commands of a markdown text: lines of bash blocks and indented command lines, comments cut,
     the set-up lines' `bash scripts/setup.sh && ...` split and the test command left out."""
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    blocks = [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]  # continued lines
+    lines = [line for block in blocks for line in block.splitlines()]
     lines += [line for line in text.splitlines() if re.match(r"^    (\.venv/bin/|[A-Z_]+=\S* \.venv/bin/)", line)]
     commands = []
     for line in lines:
