@@ -1,5 +1,8 @@
 """What the fine-tuning scripts share: HF-style argument dataclasses, model loading with the chosen
-attention, datasets (local files, the Hub when there is a network, or generated offline) and metrics."""
+attention, datasets (local files, the Hub when there is a network, or generated offline) and metrics.
+
+Library, not a study: `finetune.py` runs these offline defaults for `scripts/finetune_*.py` and for an
+installed wheel, which has no `experiments/` (the studies import them from here, never the reverse)."""
 
 from __future__ import annotations
 
