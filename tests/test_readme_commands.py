@@ -95,7 +95,7 @@ def test_every_readme_command_runs(tmp_path):
     from tests.training.test_ddp import free_port
 
     commands = readme_commands()
-    assert len(commands) >= 5
+    assert len(commands) >= 3  # demo, fine-tune, publish
     # Run from an empty folder, so that their outputs land there: the studies find the repository on PYTHONPATH.
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for command in commands:
