@@ -139,6 +139,35 @@ def _tie(out: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
     return out if kl is None else out + 0.0 * kl.to(out.dtype)
 
 
+# What a packed batch (continuous batching's paged cache, or packed training inputs) hands the attention
+# function about its layout and its cache; a call for one of its sequences alone takes none of it.
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "logits_indices",
+                   "logits_processor_args", "read_index", "write_index", "block_table", "position_ids", "is_causal")
+
+
+def _each_sequence(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """A packed batch (one row holding several sequences, `cu_seq_lens_q`/`_k` their boundaries), one
+    sequence at a time: SparseMix ranks and keeps key blocks of the sequence's own keys, as that
+    sequence's own forward does (over the packed row, blocks would straddle sequences, and another
+    sequence's blocks would take top-k slots). Each sequence's queries are the last of its keys, and
+    its slice of the block-diagonal mask is its own mask."""
+    cu_q, cu_k = (kwargs[name].tolist() for name in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    if query.shape[0] != 1 or len(cu_q) != len(cu_k):
+        raise ValueError(
+            f"a packed batch is one row with one boundary list per side; got query batch {query.shape[0]}, "
+            f"{len(cu_q)} query and {len(cu_k)} key boundaries"
+        )
+    own = {name: value for name, value in kwargs.items() if name not in _PACKING_KWARGS}
+    out = query.new_zeros(1, query.shape[2], query.shape[1], value.shape[-1])  # [1, Q, H, Dv]; padding rows stay 0
+    for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        if q1 <= q0:
+            continue  # a padding entry
+        mask = None if attention_mask is None else attention_mask[..., q0:q1, k0:k1]
+        out[:, q0:q1], _ = sparsemix_attention_forward(
+            module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], mask, scaling, dropout, **own)
+    return out, None
+
+
 def sparsemix_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -154,6 +183,8 @@ def sparsemix_attention_forward(
     Returns `(out [B, Q, H, Dv], None)` (probabilities only from the dense MultiMax path).
     """
     refuse_unsupported(kwargs, "sparsemix", computes=("s_aux",))
+    if torch.is_tensor(kwargs.get("cu_seq_lens_q")) and torch.is_tensor(kwargs.get("cu_seq_lens_k")):
+        return _each_sequence(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     model_selects = any(kwargs.get(name) is not None for name in SELECTION_KWARGS)
     attention_mask, kwargs = fold_selection(module, query, key, attention_mask, kwargs)
     sink_logits = kwargs.get("s_aux")  # gpt-oss's attention sinks: one logit per head in the denominator

@@ -19,12 +19,13 @@ GREEDY = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id
 
 def trained(impl):
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**LLAMA), attn_implementation=impl).eval()
+    # SparseMix with blocks of 4 and top-1: prompts past 12 tokens take its sparse path.
+    extra = {"sparsemix": {"block_size": 4, "top_k": 1}} if impl.startswith("sparsemix") else {}
+    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**LLAMA), attn_implementation=impl, **extra).eval()
     with torch.no_grad():  # far from identity: a dropped modulator or a cross-request leak changes tokens
-        for layer in model.modules():
-            if isinstance(layer, MultiMaxModulator):
-                for p in layer.parameters():
-                    p.normal_(0.0, 0.5)
+        for name, p in model.named_parameters():
+            if ".multimax." in name or ".sparsemix." in name:
+                p.normal_(0.0, 0.5 if ".multimax." in name else 1.0)
     return model
 
 
@@ -35,17 +36,23 @@ def alone(model, prompt):
 
 
 PROMPTS = [[5, 17, 3, 99, 42], [8, 1, 64, 23, 7, 7, 30, 11, 2], [71, 9, 4]]
+# Past SparseMix's dense threshold at blocks of 4, top-1 (12 keys): its sparse path runs, per request.
+LONG_PROMPTS = [list(range(1, 26)), [(7 * i) % 97 + 1 for i in range(31)], [(3 * i) % 89 + 2 for i in range(18)]]
 
 
-@pytest.mark.parametrize("impl", ["multimax", "multimax:eager", "multimax:chunked"])
-def test_generate_batch_gives_each_request_its_own_tokens(impl):
+@pytest.mark.parametrize("impl, prompts", [("multimax", PROMPTS), ("multimax:eager", PROMPTS),
+                                           ("multimax:chunked", PROMPTS), ("sparsemix", LONG_PROMPTS),
+                                           ("sparsemix", PROMPTS)],
+                         ids=["multimax", "multimax-eager", "multimax-chunked", "sparsemix-sparse", "sparsemix-dense"])
+def test_generate_batch_gives_each_request_its_own_tokens(impl, prompts):
     model = trained(impl)
-    outputs = model.generate_batch(PROMPTS, generation_config=GenerationConfig(**GREEDY))
+    outputs = model.generate_batch(prompts, generation_config=GenerationConfig(**GREEDY))
     got = sorted((o.prompt_ids, o.generated_tokens) for o in outputs.values())
-    want = sorted((p, alone(model, p)) for p in PROMPTS)
+    want = sorted((p, alone(model, p)) for p in prompts)
     assert got == want
-    assert model.config._attn_implementation == "multimax"  # not switched (no scalars dropped)
-    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".multimax." in n)
+    method = impl.split(":")[0]
+    assert model.config._attn_implementation == method  # not switched (no trained layer dropped)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if f".{method}." in n)
 
 
 def test_requests_arriving_one_after_another():
