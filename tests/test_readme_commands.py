@@ -20,7 +20,8 @@ FINETUNE = ["--max_steps", "2", "--num_generated_train", "32", "--num_generated_
             "--per_device_train_batch_size", "8", "--report_to", "none"]
 # Each program's quick flags: a script by its path, a study (`-m experiments.<name>`) by its module.
 QUICK = {
-    "scripts/demo.py": ["--steps", "2"],
+    # The demo runs from the repository root (scripts/demo.py says why): its output goes to the test's folder by name.
+    "scripts/demo.py": ["--steps", "2", "--output_dir", "{tmp}/outputs/demo"],
     "scripts/finetune_text_classification.py": FINETUNE,
     "scripts/finetune_causal_lm.py": FINETUNE,
     "scripts/finetune_image_classification.py": FINETUNE,
@@ -78,7 +79,7 @@ def program_of(command: str) -> tuple[dict, list[str], str, list[str]]:
     return env, [launcher, *flags], words[0], words[1:]
 
 
-def as_quick_run(command: str, port: int) -> tuple[list[str], dict]:
+def as_quick_run(command: str, port: int, tmp: Path) -> tuple[list[str], dict]:
     env, launcher, program, args = program_of(command)
     assert program in QUICK, f"command {command!r}: add its quick flags to QUICK in {Path(__file__).name}"
     if launcher[0] == ".venv/bin/python":
@@ -87,7 +88,7 @@ def as_quick_run(command: str, port: int) -> tuple[list[str], dict]:
         argv = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1", "--master_port", str(port),
                 *launcher[1:]]
     target = ["-m", program] if not program.startswith("scripts/") else [str(ROOT / program)]
-    return argv + target + args + QUICK[program], env
+    return argv + target + args + [flag.format(tmp=tmp) for flag in QUICK[program]], env
 
 
 @pytest.mark.slow  # ~2 min: every script once; CI runs it (`pytest -m slow`)
@@ -99,8 +100,9 @@ def test_every_readme_command_runs(tmp_path):
     # Run from an empty folder, so that their outputs land there: the studies find the repository on PYTHONPATH.
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for command in commands:
-        argv, env = as_quick_run(command, free_port())
+        argv, env = as_quick_run(command, free_port(), tmp_path)
         run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env={**base_env, **env}, timeout=600)
         assert run.returncode == 0, f"{command}\n{run.stderr[-3000:]}"
+    assert (tmp_path / "outputs" / "demo" / "config.json").exists(), "the demo's trained model"
     assert (tmp_path / "outputs" / "text" / "README.md").exists(), "the fine-tuned model's card"
     assert (tmp_path / "outputs" / "upload" / "README.md").exists(), "the staged upload"
