@@ -1,0 +1,96 @@
+"""`publish` against a loopback Hub (tests/hub/hub_server.py) with huggingface_hub's real client over HTTP,
+then `from_pretrained("user/...")` from that server in a fresh process with an empty HF_HOME."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_multimax.hub import publish
+
+from .hub_server import LoopbackHub
+
+pytestmark = pytest.mark.slow
+
+REPO = "user/tiny-multimax"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with LoopbackHub(tmp_path / "hub_storage") as server:
+        env = {"HF_ENDPOINT": server.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_loopback_dummy",
+               "HF_HOME": str(tmp_path / "hf_home")}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        # huggingface_hub reads the endpoint and offline flag into constants at import: point them here too.
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        server.env = env
+        yield server
+
+
+def _trained_tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax", multimax={"order": 1})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 100, (4, 16))
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_publish_over_http_and_load_back_in_a_fresh_process(hub, tmp_path):
+    model = _trained_tiny_llama()
+    t1 = model.model.layers[0].self_attn.multimax.t1.detach().clone()
+    assert not torch.equal(t1, torch.zeros_like(t1)), "training should move the MultiMax scalars off identity"
+    ids = torch.arange(2, 34).reshape(2, 16) % 100
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    plan = publish(model, REPO, local_dir=str(tmp_path / "stage"), training_data="random tokens, 3 Adam steps")
+    assert plan["commit_url"].startswith(f"{hub.endpoint}/{REPO}/commit/")
+    methods = {(m, p.split(REPO)[-1].split("/")[1] if REPO in p else p) for m, p in hub.requests}
+    assert ("POST", "commit") in methods and ("POST", "preupload") in methods
+
+    script = f"""
+import json, torch, hf_multimax
+from huggingface_hub import hf_hub_download
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({REPO!r}).eval()
+ids = torch.arange(2, 34).reshape(2, 16) % 100
+with torch.no_grad():
+    torch.save(m(input_ids=ids).logits, {str(tmp_path / "logits.pt")!r})
+torch.save(m.model.layers[0].self_attn.multimax.t1.detach(), {str(tmp_path / "t1.pt")!r})
+card = open(hf_hub_download({REPO!r}, "README.md"), encoding="utf-8").read()
+print(json.dumps({{"attn": m.config._attn_implementation, "multimax": m.config.multimax,
+                  "module": type(m.model.layers[0].self_attn.multimax).__name__, "card": card}}))
+"""
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, **hub.env}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+
+    assert loaded["attn"] == "multimax" and loaded["module"] == "MultiMaxModulator"
+    assert loaded["multimax"] == model.config.multimax
+    assert torch.equal(torch.load(tmp_path / "t1.pt"), t1)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    staged_card = (tmp_path / "stage" / "README.md").read_text(encoding="utf-8")
+    assert loaded["card"] == staged_card
+    assert "random tokens, 3 Adam steps" in ModelCard(loaded["card"]).data.to_dict()["training_data"]
+    # Everything came over HTTP from this server into the empty HF_HOME, not from a local folder.
+    resolved = {p.rsplit("/", 1)[-1] for m, p in hub.requests if m == "GET" and "/resolve/" in p}
+    assert {"config.json", "model.safetensors", "README.md"} <= resolved
