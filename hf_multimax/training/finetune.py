@@ -96,6 +96,8 @@ def _train_and_evaluate(trainer, training_args, probe=None, perplexity: bool = F
         metrics.update(eval_metrics)
     if training_args.do_train:  # the card records what the run knows: base model, data, its metrics
         trainer.create_model_card(finetuned_from=base_model, dataset=data)
+        if training_args.push_to_hub:  # save_model pushed before the card knew them: push the final folder
+            trainer.push_to_hub(finetuned_from=base_model, dataset=data)
     return metrics
 
 
