@@ -389,6 +389,10 @@ def _scorer_state(model) -> list[tuple]:
 # 3. attention mass outside the kept blocks
 
 
+DISTANCES = {"previous block": (1, 1), "2-7 blocks back": (2, 7), "8-63 blocks back": (8, 63),
+             "64+ blocks back": (64, 1 << 30)}  # where the dropped mass lies, in blocks before the query's
+
+
 @torch.no_grad()
 def dropped_mass(captured: dict, weight_sets: dict, *, selector: str, settings, scale: float, lengths: list[int],
                  stride: int) -> dict:
@@ -397,13 +401,15 @@ def dropped_mass(captured: dict, weight_sets: dict, *, selector: str, settings, 
     `top_k` allowed blocks of highest dense mass, mean over its rows and query heads, plus sink and
     local). Query blocks past the first `kept_blocks` (earlier ones keep everything), every
     `stride`-th; averaged over rows and heads, per layer, and over the query blocks of each L's scored
-    half."""
+    half; and split by how far the dropped key blocks are from the query's block (`DISTANCES`, mean
+    over layers and sampled blocks: the parts sum to the overall mean)."""
     from hf_multimax.ops.sparsemix import block_geometry, select_sparsemix_blocks
     from hf_multimax.ops.sparsemix.selection import candidate_blocks
 
     bs, k_top = settings.block_size, settings.top_k
     names = [*weight_sets, "oracle"]
     per_block = {name: {} for name in names}  # name -> q block -> [per-layer values]
+    by_distance = {name: {} for name in names}  # name -> distance bucket -> mass (mean over layers, blocks)
     for li in sorted(captured):
         q, k = captured[li]
         L = q.shape[-2]
@@ -427,10 +433,14 @@ def dropped_mass(captured: dict, weight_sets: dict, *, selector: str, settings, 
         top = score.topk(k_top, -1)
         best = torch.zeros_like(score, dtype=torch.bool).scatter_(2, top.indices, top.values >= 0)
         keeps["oracle"] = best | forced[a]
+        distance = a[:, None] - torch.arange(g.n_k_blocks)[None, :]  # [n, nKB] in blocks
         for name, keep in keeps.items():
-            dropped = 1 - (group * keep[:, None, :, None, :]).sum(-1)  # [Hkv, H/Hkv, n, bs]
+            outside = (group * ~keep[:, None, :, None, :]).mean((0, 1, 3))  # [n, nKB]: per row, mean over heads
             for j, blk in enumerate(sampled):
-                per_block[name].setdefault(blk, []).append(dropped[:, :, j].mean().item())
+                per_block[name].setdefault(blk, []).append(outside[j].sum().item())
+            for label, (lo, hi) in DISTANCES.items():
+                share = outside[(distance >= lo) & (distance <= hi)].sum().item() / len(sampled)
+                by_distance[name][label] = by_distance[name].get(label, 0.0) + share / len(captured)
     out = {"query_blocks_sampled_every": stride, "first_sampled_query_block": settings.kept_blocks}
     for name in names:
         blocks = per_block[name]
@@ -440,6 +450,7 @@ def dropped_mass(captured: dict, weight_sets: dict, *, selector: str, settings, 
             "by_length": {str(L): round(statistics.mean(statistics.mean(v) for a, v in blocks.items()
                                                          if L // 2 <= a * bs < L), 5)
                           for L in lengths if any(L // 2 <= a * bs < L for a in blocks)},
+            "by_key_distance_in_blocks": {k: round(v, 5) for k, v in by_distance[name].items()},
         }
     return out
 
@@ -661,7 +672,7 @@ def _plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     ppl = results.get("perplexity", {}).get("rows", [])
     ax = axes[0]
     for key, label in (("untrained", "SparseMix, untrained scorer"), ("warm", "SparseMix, after scorer warm-up")):
@@ -671,10 +682,21 @@ def _plot(results: dict, path: str) -> None:
     ax.axhline(1.0, color="gray", linestyle="--", label="dense SDPA")
     ax.axhline(TARGETS["ppl_ratio_8k_after_warmup"], color="red", linestyle=":", label="target at 8k")
     ax.set_xscale("log", base=2)
+    ax.set_xticks([r["length"] for r in ppl], [str(r["length"]) for r in ppl])
     ax.set_xlabel("context length (held-out text, second half scored)")
     ax.set_title("perplexity / dense")
     ax.legend(fontsize=8)
     ax = axes[1]
+    mass = results.get("dropped_mass", {})
+    for name, label in (("untrained", "untrained scorer"), ("warm", "after warm-up"),
+                        ("oracle", "oracle (top-k by dense mass)")):
+        if mass.get(name, {}).get("per_layer_mean"):
+            ax.plot(mass[name]["per_layer_mean"], marker=".", label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("dense attention mass outside the kept blocks")
+    ax.set_title("mass SparseMix drops (held-out, sampled query blocks)")
+    ax.legend(fontsize=8)
+    ax = axes[2]
     cells = results.get("passkey", {}).get("summary", {}).get("cells", [])
     for name, marker in (("sdpa", "o"), ("sparsemix", "x")):
         for length in sorted({c["length"] for c in cells}):
@@ -686,7 +708,7 @@ def _plot(results: dict, path: str) -> None:
     ax.set_ylabel("exact match (%)")
     ax.set_title(f"passkey ({results.get('passkey', {}).get('trials', '?')} trial(s) per cell)")
     ax.legend(fontsize=7, ncol=2)
-    ax = axes[2]
+    ax = axes[3]
     for t in sorted({r["threads"] for r in results.get("speed", {}).get("prefill", [])}):
         rows = [r for r in results["speed"]["prefill"] if r["threads"] == t]
         line, = ax.plot([r["length"] for r in rows], [r["sparsemix_speedup"] for r in rows], marker="o",
@@ -697,6 +719,9 @@ def _plot(results: dict, path: str) -> None:
         ax.scatter([r["context"]], [r["sparsemix_speedup"]], marker="s", label=f"decode, {r['threads']} thread(s)")
     ax.axhline(1.0, color="gray", linestyle="--")
     ax.set_xscale("log", base=2)
+    lengths = sorted({r["length"] for r in results.get("speed", {}).get("prefill", [])})
+    if lengths:
+        ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.set_xlabel("context length")
     ax.set_title("speed-up over SDPA, whole model")
     ax.legend(fontsize=7)

@@ -132,6 +132,9 @@ def test_dropped_mass_matches_a_loop_over_the_librarys_dense_rows():
         assert abs(got["trained"]["per_layer_mean"][li] - ref) < 1e-5
     # the oracle keeps the blocks of most mass: it drops the least
     assert all(got["oracle"]["by_length"][L] <= got["trained"]["by_length"][L] + 1e-6 for L in ("64", "128"))
+    for name in ("trained", "oracle"):  # the split by key distance adds up to the whole
+        parts = got[name]["by_key_distance_in_blocks"]
+        assert abs(sum(parts.values()) - sum(got[name]["per_layer_mean"]) / 2) < 1e-4
 
 
 def test_zero_attention_returns_zeros_of_the_output_shape():
