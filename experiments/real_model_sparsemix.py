@@ -524,19 +524,26 @@ def passkey(models: dict, tokenizer, haystack: list[int], *, length: int, depths
                           use_cache=True, logits_to_keep=1)
                     done = p
                 full = torch.tensor([ids])
-                branch = copy.deepcopy(cache)  # the rest of the prompt but its last token, then greedy decoding
-                model(input_ids=full[:, len(prefix) + p : -1], cache=branch, use_cache=True, logits_to_keep=1)
-                with num_threads(1):
-                    out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), cache=branch,
-                                         max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
-                                         output_logits=check_one_shot)
-                answer = _answer(tokenizer, out.sequences[0, length:])
+                # The rest of the prompt in one prefill (its last token too: SparseMix selects for a
+                # block of queries in a prefill and for one query in a decoding step, so the first
+                # answer token comes from the prefill, as generate(prompt) gives it), then greedy decoding.
+                branch = copy.deepcopy(cache)
+                logits = model(input_ids=full[:, len(prefix) + p :], cache=branch, use_cache=True,
+                               logits_to_keep=1).logits[0, -1]
+                first = logits.argmax().view(1, 1)
+                answer_ids = first[0]
+                if first.item() != tokenizer.eos_token_id and new_tokens > 1:
+                    seq = torch.cat([full, first], dim=1)
+                    with num_threads(1):
+                        out = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), cache=branch,
+                                             max_new_tokens=new_tokens - 1, do_sample=False)
+                    answer_ids = out[0, length:]
+                answer = _answer(tokenizer, answer_ids)
                 row = {"length": length, "depth": depth, "trial": trial, "model": name, "key": key,
                        "key_position": len(prefix) + p, "answer": answer, "correct": _first_number(answer) == key}
                 if check_one_shot and depth == 0.5:
-                    one = model.generate(input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=1,
-                                         do_sample=False, return_dict_in_generate=True, output_logits=True)
-                    row["one_shot_first_logits_max_abs_diff"] = float((one.logits[0] - out.logits[0]).abs().max())
+                    one = model(input_ids=full, use_cache=False, logits_to_keep=1).logits[0, -1]
+                    row["one_shot_first_logits_max_abs_diff"] = float((one - logits).abs().max())
                 rows.append(row)
             print(f"passkey L={length} trial {trial} {name}: "
                   f"{sum(r['correct'] for r in rows if r['model'] == name and r['trial'] == trial)}/{len(prompts)} "
