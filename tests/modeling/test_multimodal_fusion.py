@@ -207,12 +207,12 @@ def test_encoder_modality_with_frozen_encoder(tmp_path):
         model(modality_inputs={"text": text, "b": torch.randn(2, 4, 6)})
 
 
-def test_readme_fusion_example_runs():
+def test_docs_fusion_example_runs():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "multimodal_fusion" in b]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "fusion.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL) if "multimodal_fusion" in b]
     assert len(blocks) == 1
     namespace = {}
     exec(compile(blocks[0], "README fusion block", "exec"), namespace)
