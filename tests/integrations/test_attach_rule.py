@@ -40,3 +40,23 @@ def test_model_declaring_no_attention_class_is_searched():
     )
     model = tf.Pix2StructForConditionalGeneration._from_config(config, attn_implementation="multimax")
     assert hosts(model) == {"Pix2StructVisionAttention": 2, "Pix2StructTextAttention": 4}
+
+
+def test_composite_top_level_name_alone_governs_no_module():
+    # transformers accepts a composite config naming the plugin at the top level only, its sub-configs
+    # (which the attention modules read) another implementation: nothing to attach, nothing to refuse
+    # (transformers' test_can_set_attention_dynamically_composite_model, gemma3 image-text).
+    import transformers as tf
+
+    text = tf.Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4)
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=16, patch_size=4)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                             boi_token_index=297, eoi_token_index=298)
+    model = tf.Gemma3ForConditionalGeneration(config)
+    model.set_attn_implementation({"": "multimax", "text_config": "sdpa", "vision_config": "sdpa"})
+    assert model.config._attn_implementation == "multimax" and model.config.text_config._attn_implementation == "sdpa"
+    assert not [n for n, _ in model.named_modules() if n.endswith(".multimax")]
+    model.set_attn_implementation({"": "sdpa"})
+    assert model.config._attn_implementation == "sdpa"
