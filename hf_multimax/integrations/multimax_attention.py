@@ -67,9 +67,12 @@ def multimax_attention_forward(
     # gpt-oss's attention sinks: one logit per head in the softmax denominator (unmodulated: a learned
     # logit, not a score), as its eager function does.
     sink_logits = kwargs.get("s_aux")
+    # transformers records attentions asked for by the forward's kwarg or by config.output_attentions
+    # (which reaches the attention function only through the config).
+    want_probs = bool(kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False))
     # The prepared decoding kernel takes no bias and no sinks: such calls take the full path.
     decoding = not torch.compiler.is_compiling() and attention_mask is None and not torch.is_grad_enabled() \
-        and not module.training and not kwargs.get("output_attentions") and query.device.type == "cpu" \
+        and not module.training and not want_probs and query.device.type == "cpu" \
         and not score_bias_kwargs(kwargs) and sink_logits is None
     if decoding:
         plan = module.__dict__.get("_hf_multimax_plan")
@@ -88,7 +91,7 @@ def multimax_attention_forward(
 
     key, value, mask, bias, is_causal = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     dropout = dropout if module.training else 0.0
-    call = attention_call(query, key, value, theta, affine, want_probs=bool(kwargs.get("output_attentions")),
+    call = attention_call(query, key, value, theta, affine, want_probs=want_probs,
                           dropout=dropout, sink_logits=sink_logits)
     backend = _resolve_backend(settings.backend, call, bias)
     if decoding and backend.prepare_inference is not None:

@@ -96,3 +96,20 @@ def test_output_attentions_returns_modulated_probabilities(llama):
     assert probs.shape == (1, 4, 7, 7)
     assert_close(probs.sum(-1), torch.ones(1, 4, 7), what="rows sum to 1")
     assert torch.equal(probs[0, :, 0, 1:], torch.zeros(4, 6))  # causal: nothing above the diagonal
+
+
+def test_attentions_requested_by_the_config_are_returned():
+    # transformers records attentions asked for by config.output_attentions as well as by the forward's
+    # kwarg (transformers' test_retain_grad_hidden_states_attentions); the flag is allowed on an eager
+    # config, which a model then switches to multimax.
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    config.output_attentions = True
+    model = tf.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("multimax")
+    ids = torch.randint(3, 99, (2, 7))
+    with torch.no_grad():
+        attentions = model(ids).attentions
+    assert len(attentions) == 2 and attentions[0].shape == (2, 4, 7, 7)
