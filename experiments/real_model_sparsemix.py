@@ -600,7 +600,7 @@ def speed(models: dict, ids: torch.Tensor, *, lengths: list[int], threads: list[
         torch.set_num_threads(t)
         loads[f"threads_{t}_before"] = _loads()
         for name, model in models.items():  # warm-up: first calls allocate and build
-            _prefill_s(model, ids[:, : min(lengths)])
+            _prefill_s(model, ids[:, : min(min(lengths), 1024)])
         for L in lengths:
             times = {name: [] for name in models}
             for _ in range(repeats):
