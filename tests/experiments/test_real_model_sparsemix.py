@@ -191,7 +191,7 @@ def test_quick_run_writes_every_field(tmp_path):
     checked = [r for r in passkey["rows"] if "one_shot_first_logits_max_abs_diff" in r]
     assert len(checked) == 2 and all(r["one_shot_first_logits_max_abs_diff"] < 1e-3 for r in checked)
     speed = result["speed"]
-    assert {"loads", "load_at_start", "waited_s", "machine", "profiles"} <= set(speed)
+    assert {"loads", "load_at_start", "load_at_end", "quiet", "waited_s", "machine", "profiles"} <= set(speed)
     (prefill,) = speed["prefill"]
     assert prefill["sparsemix_speedup"] > 0 and prefill["amdahl_limit"] > 0 and prefill["threads"] == 1
     assert speed["decode"][0]["amdahl_limit"] > 0 and "prefill_sparsemix" in speed["profiles"]
