@@ -197,3 +197,7 @@ def test_quick_run_writes_every_field(tmp_path):
     assert speed["decode"][0]["amdahl_limit"] > 0 and "prefill_sparsemix" in speed["profiles"]
     assert {"ppl_ratio_after_warmup_at_longest", "passkey_gap_points", "prefill_speedup_1_threads",
             "decode_speedup_1_threads"} <= set(result["targets"])
+    # a quick run's dense model may retrieve no key at all: then the gap is unmeasured, never "met"
+    gap = result["targets"]["passkey_gap_points"]
+    dense_hits = any(r["correct"] for r in passkey["rows"] if r["model"] == "sdpa")
+    assert (gap["measured"] is None and gap["met"] is None) != dense_hits
