@@ -22,8 +22,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..layers.base import MethodLayer
-from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
-from .methods import LAYER_CLASSES, METHODS, method_of
+from .methods import HEAD_LAYER_CLASSES, LAYER_CLASSES, METHODS, method_of
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ class _Resolver:
 
 def sync_model(model: PreTrainedModel) -> None:
     """Give every attention module the layers its config's method needs (identity init), keep those
-    that fit, remove those no longer asked for; the same for the MultiMax output head. Idempotent.
+    that fit, remove those no longer asked for; the same for the method's output-head layer. Idempotent.
     Refuses, before changing anything, to drop or reshape trained parameters."""
     resolve = _Resolver(model.config)
     declared = declared_attention_classes(model)
@@ -205,10 +204,12 @@ def sync_model(model: PreTrainedModel) -> None:
         host_hooks.append((module, method.host_hook if method is not None and is_attention else None))
 
     root_method, root_settings, root_layers = resolve(model.config)
-    head_settings = root_layers.get(MultiMaxModulator)
-    head_attached = head is not None and _layer_at(head, MultiMaxModulator.attr) is not None
-    if head_attached and not (head_settings and head_settings.output_head):
-        to_detach.append((head, MultiMaxModulator, "the output head"))
+    head_cls = root_method.output_head if root_method is not None else None  # declared on its Method entry
+    head_settings = root_layers.get(head_cls)
+    head_attached = next((c for c in HEAD_LAYER_CLASSES if head is not None and _layer_at(head, c.attr) is not None),
+                         None)
+    if head_attached and not (head_attached is head_cls and head_settings and head_settings.output_head):
+        to_detach.append((head, head_attached, "the output head"))
     _refuse_to_lose_training(to_attach, to_detach)
     saved = _checkpoint_shapes(getattr(model.config, "_name_or_path", "") or "")
     for module, cls, settings, path in to_attach:
@@ -247,9 +248,10 @@ def sync_model(model: PreTrainedModel) -> None:
             model._keys_to_ignore_on_load_missing.add(rf"\.{attr}\.")
     if head is not None and head_settings is not None and head_settings.output_head and not head_attached:
         head_path = next(path for path, module in model.named_modules() if module is head)
-        _ensure(head, MultiMaxModulator, head_settings.replace(per_head=False), head_path,
-                _saved_shapes(saved, head_path, MultiMaxModulator.attr))
-        head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, config=model.config))
+        _ensure(head, head_cls, head_settings.replace(per_head=False), head_path,
+                _saved_shapes(saved, head_path, head_cls.attr))
+        head._multimax_hook = head.register_forward_hook(functools.partial(_modulate_logits, cls=head_cls,
+                                                                           config=model.config))
     _declare_fp32_layers(model)
     guard = model.__dict__.get("_hf_multimax_guard")
     if attached and guard is None:
@@ -292,13 +294,17 @@ def _set_host_hook(module: torch.nn.Module, hook) -> None:
 
 def _check_config_at_forward(model, args):
     """What the attention functions cannot see from inside the model, checked by the outermost one."""
-    values = model.config.__dict__.get("multimax")  # what the config property returns, read directly
-    settings = MultiMaxSettings.from_dict(values) if values else None
-    head = output_head_of(model) if settings is not None and settings.output_head else None
-    if settings is not None and settings.output_head and (head is None or _layer_at(head, "multimax") is None):
+    for cls in HEAD_LAYER_CLASSES:
+        values = model.config.__dict__.get(cls.settings_cls.config_key)  # what the property returns, read directly
+        if not (values and cls.settings_cls.from_dict(values).output_head):
+            continue
+        head = output_head_of(model)
+        if head is not None and _layer_at(head, cls.attr) is not None:
+            continue
+        key = cls.settings_cls.config_key
         raise ValueError(
-            f"config.multimax['output_head'] is True but {type(model).__name__} has no MultiMax scalars on its "
-            + ("output head; apply the change with model.set_attn_implementation('multimax')" if head is not None else
+            f"config.{key}['output_head'] is True but {type(model).__name__} has no {cls.title} on its "
+            + (f"output head; apply the change with model.set_attn_implementation('{key}')" if head is not None else
                "output head, as it has none (an LM head, `classifier` or `score`); set output_head=False")
         )
     # transformers 5 builds models around the config object it is given: a second model built from
@@ -456,10 +462,11 @@ def reset_to_identity(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def _modulate_logits(head, args, output, *, config):
-    if not MultiMaxSettings.from_config(config).output_head:
+def _modulate_logits(head, args, output, *, cls, config):
+    if not cls.settings_cls.from_config(config).output_head:
+        key = cls.settings_cls.config_key
         raise ValueError(
-            "config.multimax['output_head'] is False but the output head holds MultiMax scalars; apply the change "
-            "with model.set_attn_implementation('multimax')"
+            f"config.{key}['output_head'] is False but the output head holds {cls.title}; apply the change "
+            f"with model.set_attn_implementation('{key}')"
         )
-    return head.multimax(output)
+    return getattr(head, cls.attr)(output)

@@ -3,7 +3,8 @@
 A method is its attention implementation name (also its config key), its HF-signature attention
 function and the mask function registered beside it, its settings class, its backends, and the
 learnable layers it attaches to each attention module (which can depend on its settings: SparseMix
-with the MultiMax normalizer also needs MultiMax scalars). The integration code (`register()`
+with the MultiMax normalizer also needs MultiMax scalars), and the layer it may put on the model's
+output head. The integration code (`register()`
 in `__init__`, `attach`) is generic over this table; adding a method is one entry here plus its ops, layer and
 attention-function files.
 """
@@ -28,7 +29,7 @@ from .multimax_attention import multimax_attention_forward
 from .sparsemix_attention import sparsemix_attention_forward
 from .sparsemix_decoding import note_cache_keys
 
-__all__ = ["LAYER_CLASSES", "METHODS", "Method", "method_of"]
+__all__ = ["HEAD_LAYER_CLASSES", "LAYER_CLASSES", "METHODS", "Method", "method_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Method:
         host_hook (`Callable`, *optional*): a forward pre-hook (with kwargs) on each attention module
             the method runs in, for what the attention function is not handed (SparseMix: which
             KV-cache keys the module held before this call's update).
+        output_head (`type[MethodLayer]`, *optional*): the layer (one of `layers(settings)`) it also
+            attaches to the model's output head (LM head, `classifier` or `score`) when that layer's
+            settings say `output_head=True`, as a forward hook on the logits. None: never the head.
     """
 
     name: str
@@ -55,6 +59,7 @@ class Method:
     backends: BackendRegistry | None = None
     layers: Callable[[ConfigSettings], tuple[type[MethodLayer], ...]] = lambda settings: ()
     host_hook: Callable | None = None
+    output_head: type[MethodLayer] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -71,10 +76,10 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("multimax", multimax_attention_forward, settings=MultiMaxSettings, backends=MULTIMAX_BACKENDS,
-               layers=lambda s: (MultiMaxModulator,)),
+               layers=lambda s: (MultiMaxModulator,), output_head=MultiMaxModulator),
         Method("sparsemix", sparsemix_attention_forward, settings=SparseMixSettings, backends=SPARSEMIX_BACKENDS,
                layers=lambda s: (SparseMixScorer, MultiMaxModulator) if s.normalizer == "multimax" else (SparseMixScorer,),
-               host_hook=note_cache_keys),
+               host_hook=note_cache_keys, output_head=MultiMaxModulator),  # with the MultiMax normalizer
         # Baselines for MultiMax (need the entmax extra at call time); no learnable state.
         *(Method(n, functools.partial(entmax_attention_forward, normalizer=n)) for n in ENTMAX_NORMALIZERS),
     )
@@ -83,6 +88,11 @@ METHODS: dict[str, Method] = {
 # Every learnable layer class a method attaches (each method's default settings name all of its own).
 LAYER_CLASSES: tuple[type[MethodLayer], ...] = tuple(
     dict.fromkeys(cls for m in METHODS.values() if m.settings is not None for cls in m.layers(m.settings()))
+)
+
+# Every layer class a method may put on the output head.
+HEAD_LAYER_CLASSES: tuple[type[MethodLayer], ...] = tuple(
+    dict.fromkeys(m.output_head for m in METHODS.values() if m.output_head is not None)
 )
 
 
