@@ -32,7 +32,7 @@ from .attention_utils import SELECTION_KWARGS, attention_call, call_is_causal, f
     prepare_inputs, refuse_unsupported, score_bias_kwargs, settings_of
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
-from .sparsemix_decoding import cached_key_summary
+from .sparsemix_decoding import DECODING_KWARG, cached_key_summary
 
 __all__ = ["sparsemix_attention_forward"]
 
@@ -182,6 +182,7 @@ def sparsemix_attention_forward(
 
     Returns `(out [B, Q, H, Dv], None)` (probabilities only from the dense MultiMax path).
     """
+    cache_slot = kwargs.pop(DECODING_KWARG, None)  # from the module's pre-hook: where the key summary lives
     refuse_unsupported(kwargs, "sparsemix", computes=("s_aux",))
     if torch.is_tensor(kwargs.get("cu_seq_lens_q")) and torch.is_tensor(kwargs.get("cu_seq_lens_k")):
         return _each_sequence(module, query, key, value, attention_mask, scaling, dropout, kwargs)
@@ -193,7 +194,7 @@ def sparsemix_attention_forward(
     selector = getattr(module, SparseMixScorer.attr).structure[0]  # what "auto" resolved to for this layer
     causal = call_is_causal(module, kwargs)
     window = _window(kwargs, causal)
-    cache_keys = key  # what the KV cache holds (the decoding summary is kept on it)
+    cache_keys = key  # what the KV cache holds (the decoding summary is kept as its summary)
     key, value, mask, bias, _ = prepare_inputs(module, query, key, value, attention_mask, kwargs)
     # The dense path takes HF's inputs as they are; the sparse path drops a static cache's empty tail.
     dense_inputs = key, value, mask
@@ -259,7 +260,7 @@ def sparsemix_attention_forward(
                                                                 sink_logits=sink_logits))
     summary = None
     if not torch.is_grad_enabled():  # inference: the cache's key summary grows step by step
-        summary = cached_key_summary(module, cache_keys, key, query.shape[-2], selector=selector,
+        summary = cached_key_summary(cache_slot, cache_keys, key, query.shape[-2], selector=selector,
                                      block_size=settings.block_size, weights=weights,
                                      last_block_ranked=not (causal and settings.local),
                                      summarize=functools.partial(SELECTORS[selector].summarize,

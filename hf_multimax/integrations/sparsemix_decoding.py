@@ -2,15 +2,18 @@
 scorer, indexer keys for the token indexer) grows by the new tokens at each step instead of being
 recomputed over every cached key, which would cost as much as dense attention reading the cache.
 
-A summary is kept as an attribute of the key tensor it was computed from (a dynamic cache's keys
-after its update, or a static cache's buffer), so it goes away with that tensor. The method's
-forward pre-hook (`note_cache_keys`, registered on each SparseMix attention module) notes the
-summary of the key tensor the module's cache layer holds before this call's update. The attention
-call extends it only when all of these hold:
+A summary is per-sequence state, so it lives where transformers keeps a sequence's keys: on the KV
+cache's layer object (`cache.layers[layer_idx]`), beside the key tensor it was computed from, and it
+goes away with the cache. The attention function is not handed the cache, so the method's forward
+pre-hook (`note_cache_keys`, registered on each SparseMix attention module) hands it over explicitly:
+it adds a `CacheSlot` (the cache's layers, this module's index and the summary valid before this
+call's update) to the module's forward kwargs, which the attention module passes on to the attention
+function (`DECODING_KWARG`). Nothing is stored on a module or a tensor. The call extends the summary
+only when all of these hold:
 
-- the tensor has not changed since the summary was made (same version counter: a static cache's
-  `reset()` and in-place edits modify it; a crop, beam reordering and a new cache replace it, and
-  the new tensor has no summary);
+- the cache layer still holds the key tensor the summary was made from, unchanged since (same object,
+  same version counter: a static cache's `reset()` and in-place edits modify it; a crop, beam
+  reordering and a new cache replace it);
 - this call's keys are the summarised tokens plus this call's queries (what the cache appended);
 - the summary was made by the same selector, block size and weights (same tensors, same versions).
 
@@ -24,23 +27,27 @@ placeholder (zeros, whose score the selection hides) until a later block follows
 step summarises one block every `block_size` steps instead of its partial last block at every step
 (at 16k context, 1 thread: ~0.16 ms of a ~0.85 ms attention call).
 
-Anything else (no cache, a model whose attention modules have no `layer_idx`, gradients on)
-recomputes the summary from all keys, which is what a call without a cache does.
+Anything else (no cache, a model whose attention modules have no `layer_idx` or whose forward takes
+no `**kwargs` to pass on, gradients on) recomputes the summary from all keys, which is what a call
+without a cache does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import weakref
 from typing import Callable
 
 import torch
 
 from ..ops.sparsemix import SELECTORS
 
-__all__ = ["cached_key_summary", "note_cache_keys"]
+__all__ = ["DECODING_KWARG", "CacheSlot", "cached_key_summary", "key_summary", "note_cache_keys"]
 
-_NOTED = "_hf_multimax_cache_keys"  # module.__dict__ entry, set by the pre-hook for one call
-_SUMMARY = "_hf_multimax_key_summary"  # attribute of a cached key tensor
+DECODING_KWARG = "sparsemix_cache_slot"  # the pre-hook's kwarg for the attention function
+_SUMMARY = "sparsemix_key_summary"  # attribute of a cache layer: (weak reference to its keys, summary)
 
 
 @dataclasses.dataclass
@@ -66,19 +73,43 @@ class _Summary:
         return self.buffer.data[:, :, : self.units]
 
 
-def note_cache_keys(module: torch.nn.Module, args, kwargs) -> None:
-    """Forward pre-hook: which key tensor the module's cache layer holds before this call's update."""
-    module.__dict__.pop(_NOTED, None)
+@dataclasses.dataclass(frozen=True)
+class CacheSlot:
+    """What one attention call needs of the KV cache: where its layer's summary is kept (`layers[index]`,
+    which a lazily built dynamic cache creates in this call's update) and the summary valid before it."""
+
+    layers: list
+    index: int
+    noted: _Summary | None
+
+
+def key_summary(layer) -> _Summary | None:
+    """The summary a cache layer holds for the key tensor it holds now, unchanged since; else None."""
+    kept = getattr(layer, _SUMMARY, None)
+    keys = getattr(layer, "keys", None)
+    if kept is None or not isinstance(keys, torch.Tensor) or kept[0]() is not keys:
+        return None
+    return kept[1] if kept[1].version == keys._version else None
+
+
+@functools.cache
+def _passes_kwargs(cls: type) -> bool:
+    """Whether the module's forward takes `**kwargs` (which transformers' attention modules hand on to the
+    attention function); a forward without them would refuse the slot."""
+    params = inspect.signature(cls.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def note_cache_keys(module: torch.nn.Module, args, kwargs):
+    """Forward pre-hook (with kwargs): hand the attention function its `CacheSlot`, with the summary
+    of the keys the module's cache layer holds before this call's update (checked now: a dynamic
+    cache drops its old keys in the update)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layers, idx = getattr(cache, "layers", None), getattr(module, "layer_idx", None)
-    if not isinstance(layers, (list, tuple)) or not isinstance(idx, int) or not 0 <= idx < len(layers):
-        return
-    keys = getattr(layers[idx], "keys", None)
-    summary = getattr(keys, _SUMMARY, None) if isinstance(keys, torch.Tensor) else None
-    # The summary, not the tensor: a dynamic cache drops its old keys in the update. Checked now,
-    # before the update: the tensor has not changed since the summary was made.
-    if summary is not None and summary.version == keys._version:
-        module.__dict__[_NOTED] = summary
+    if not isinstance(layers, list) or not isinstance(idx, int) or idx < 0 or not _passes_kwargs(type(module)):
+        return None
+    noted = key_summary(layers[idx]) if idx < len(layers) else None
+    return args, {**kwargs, DECODING_KWARG: CacheSlot(layers, idx, noted)}
 
 
 def _made_by(selector: str, block_size: int, weights: tuple[torch.Tensor, ...]) -> tuple:
@@ -86,7 +117,7 @@ def _made_by(selector: str, block_size: int, weights: tuple[torch.Tensor, ...]) 
 
 
 def cached_key_summary(
-    module: torch.nn.Module,
+    slot: CacheSlot | None,
     cache_keys: torch.Tensor,
     key: torch.Tensor,
     q_len: int,
@@ -98,8 +129,9 @@ def cached_key_summary(
     last_block_ranked: bool = True,
 ) -> torch.Tensor:
     """The selector's summary of `key` (the real keys of this call, `[B, Hkv, K, D]`), extended from
-    the noted cache tensor's summary when that is valid (module docstring), else computed whole; kept
-    on `cache_keys` (the tensor the attention function was handed) for the next step.
+    the slot's noted summary when that is valid (module docstring), else computed whole; kept on the
+    slot's cache layer for the next step, as the summary of `cache_keys` (the tensor the attention
+    function was handed).
 
     `summarize(keys)` summarises a run of keys: per token, or per block (the selector's
     `summary_per_block`; runs then start on a block boundary). Without `last_block_ranked` (causal
@@ -107,7 +139,7 @@ def cached_key_summary(
     is complete.
     """
     made_by = _made_by(selector, block_size, weights)
-    old = module.__dict__.pop(_NOTED, None)
+    old = None if slot is None else slot.noted
     if old is not None and not (old.made_by == made_by and old.tokens + q_len == key.shape[-2]):
         old = None
     unit = block_size if SELECTORS[selector].summary_per_block else 1
@@ -136,5 +168,6 @@ def cached_key_summary(
             buffer.data[:, :, done:units].zero_()
     summary = _Summary(cache_keys._version, key.shape[-2], made_by, buffer, units, done)
     buffer.newest = summary.stamp
-    setattr(cache_keys, _SUMMARY, summary)
+    if slot is not None and slot.index < len(slot.layers):
+        setattr(slot.layers[slot.index], _SUMMARY, (weakref.ref(cache_keys), summary))
     return buffer.data[:, :, :units]

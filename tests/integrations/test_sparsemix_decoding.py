@@ -12,7 +12,7 @@ import transformers as tf
 
 import hf_multimax  # noqa: F401
 from hf_multimax.integrations.attach import _set_host_hook
-from hf_multimax.integrations.sparsemix_decoding import _SUMMARY
+from hf_multimax.integrations.sparsemix_decoding import key_summary
 from tests.conftest import assert_close
 
 CONFIG = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,10 +72,10 @@ def test_summary_is_kept_on_the_cache_and_extended(selector):
     cache = tf.DynamicCache(config=model.config)
     with torch.no_grad():
         model(IDS, cache=cache, use_cache=True)
-        first = getattr(cache.layers[0].keys, _SUMMARY)
+        first = key_summary(cache.layers[0])
         assert first.tokens == IDS.shape[1]
         model(IDS[:, :1], cache=cache, use_cache=True)
-    second = getattr(cache.layers[0].keys, _SUMMARY)
+    second = key_summary(cache.layers[0])
     assert second.tokens == IDS.shape[1] + 1
     # Extended, not recomputed: the first tokens' summary (per token, or per complete block) is the
     # very same values.
@@ -185,7 +185,7 @@ def test_the_last_block_is_a_placeholder_whose_score_is_never_read(selector):
     bs = SETTINGS["block_size"]
     with torch.no_grad():
         model(IDS, cache=cache, use_cache=True)  # 61 tokens: blocks 0-6 whole, block 7 holds 5
-        summary, key = getattr(cache.layers[0].keys, _SUMMARY), cache.layers[0].keys
+        summary, key = key_summary(cache.layers[0]), cache.layers[0].keys
         weights = model.model.layers[0].self_attn.sparsemix()
         whole = SELECTORS[selector].summarize(key, weights, bs)
         assert (summary.units, summary.summarised) == (8, 7)
@@ -200,7 +200,7 @@ def test_the_last_block_is_a_placeholder_whose_score_is_never_read(selector):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), q_len
         model(IDS[:, :3], cache=cache, use_cache=True)  # 64 tokens: block 7 whole, still the last
         model(IDS[:, :1], cache=cache, use_cache=True)  # 65: block 7 is now a candidate
-    summary, key = getattr(cache.layers[0].keys, _SUMMARY), cache.layers[0].keys
+    summary, key = key_summary(cache.layers[0]), cache.layers[0].keys
     assert (summary.units, summary.summarised) == (9, 8)
     assert_close(summary.data[:, :, :8], SELECTORS[selector].summarize(key, weights, bs)[:, :, :8], what="block 7")
 
