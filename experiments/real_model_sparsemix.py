@@ -69,6 +69,7 @@ __all__ = ["FULL", "QUICK", "capture_queries_keys", "dropped_mass", "passkey", "
 OUTPUT = "benchmarks/results/real_model_sparsemix.json"
 QUICK_OUTPUT = "outputs/real_model_sparsemix_quick.json"
 STAGES = ("perplexity", "warmup", "dropped_mass", "passkey", "speed")
+EXTRA_STAGES = ("passkey_diagnosis",)  # run only when named
 CAPTURE = "real_model_capture"
 ZERO = "real_model_zero_attention"
 
@@ -79,6 +80,7 @@ FULL = {
     "passkey_lengths": [2048, 4096, 8192], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "trials": 1, "new_tokens": 16,
     "speed_lengths": [2048, 4096, 8192], "speed_threads": [1, 2], "speed_repeats": 2, "decode_tokens": 32,
     "max_wait": 300, "threads": 2,
+    "diagnosis_length": 2048, "diagnosis_trials": 3, "diagnosis_top_ks": [18, 36],
 }
 # The smoke run: the same code on tiny sizes (blocks of 16, top-2: the sparse path from 64 keys on).
 QUICK = {
@@ -88,6 +90,7 @@ QUICK = {
     "passkey_lengths": [256], "depths": [0.0, 0.5, 1.0], "trials": 1, "new_tokens": 4,
     "speed_lengths": [256], "speed_threads": [1], "speed_repeats": 1, "decode_tokens": 2,
     "max_wait": 0, "threads": 2,
+    "diagnosis_length": 256, "diagnosis_trials": 1, "diagnosis_top_ks": [2, 4],
 }
 TARGETS = {"ppl_ratio_8k_after_warmup": 1.02, "passkey_gap_points": 2.0, "prefill_speedup_8k": 2.1,
            "decode_speedup_8k": 1.5}
@@ -567,6 +570,213 @@ def _passkey_summary(rows: list[dict]) -> dict:
                for name, label in (("sdpa", "dense"), ("sparsemix", "sparsemix"))}}
 
 
+# 4b. passkey diagnosis (`--stages passkey_diagnosis`; not part of the default run)
+
+
+@torch.no_grad()
+def oracle_block_scores(query: torch.Tensor, key: torch.Tensor, geometry, scale: float, chunk: int = 256) -> torch.Tensor:
+    """The oracle's block scores `[B, Hkv, nQB, nKB]`: each query's dense causal attention probability
+    summed per key block, summed over the query block's queries and averaged over the query heads of
+    a key/value head. Its top-k keeps, per query block and head group, the blocks of most dense mass:
+    what `dropped_mass` calls the oracle, for any call (prefill chunks and decoding steps alike)."""
+    import torch.nn.functional as F
+
+    B, H, Q, _ = query.shape
+    Hkv, K = key.shape[1], key.shape[-2]
+    bs, nKB, nQB, pad = geometry.block_size, geometry.n_k_blocks, geometry.n_q_blocks, geometry.front_pad
+    k = key.float().repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)
+    positions = torch.arange(K, device=key.device)
+    mass = torch.empty(B, H, Q, nKB, device=query.device)
+    for s in range(0, Q, chunk):
+        e = min(s + chunk, Q)
+        scores = torch.matmul(query[:, :, s:e].float(), k) * scale
+        if geometry.causal:
+            rows = geometry.q_offset + torch.arange(s, e, device=key.device)
+            scores.masked_fill_(positions[None, :] > rows[:, None], float("-inf"))
+        probs = F.pad(scores.softmax(-1), (0, nKB * bs - K))
+        mass[:, :, s:e] = probs.view(B, H, e - s, nKB, bs).sum(-1)
+    mass = F.pad(mass, (0, 0, pad, nQB * bs - pad - Q)).view(B, H, nQB, bs, nKB).sum(3)
+    return mass.view(B, Hkv, H // Hkv, nQB, nKB).mean(2)
+
+
+@contextlib.contextmanager
+def oracle_selection(selector: str, layers: list | None = None):
+    """While open, SparseMix's `selector` ranks key blocks by `oracle_block_scores` (what it reads of
+    the keys for a KV cache is unchanged and unused): the same budget, the best blocks by dense mass.
+    With `layers` (attention modules), only in those; the others keep their scorer."""
+    import dataclasses
+
+    from hf_multimax.ops.sparsemix import SELECTORS
+
+    original = SELECTORS[selector]
+    chosen = None if layers is None else {id(m.sparsemix.w_query) for m in layers}
+
+    def block_scores(q, k, w, g, scale, mask, summary):
+        if chosen is None or id(w[0]) in chosen:
+            return oracle_block_scores(q, k, g, scale)
+        return original.block_scores(q, k, w, g, scale, mask, summary)
+
+    SELECTORS[selector] = dataclasses.replace(original, block_scores=block_scores)
+    try:
+        yield
+    finally:
+        SELECTORS[selector] = original
+
+
+def _answer_ids(tokenizer, key: str) -> tuple[list[int], list[int]]:
+    """The dense model's answer format, `The pass key is <key>.`, as token ids, and which of them hold digits."""
+    ids = tokenizer(f"The pass key is {key}.", add_special_tokens=False)["input_ids"]
+    return ids, [i for i, t in enumerate(ids) if re.search(r"\d", tokenizer.decode([t]))]
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt: list[int], answer: list[int]) -> tuple[list[float], list[bool]]:
+    """Log-probability and greedy hit of each answer token, computed as generation computes them: the
+    prompt prefilled into a cache, then one token per step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logp, hit = [], []
+    for i, t in enumerate(answer):
+        logp.append(logits.float().log_softmax(-1)[t].item())
+        hit.append(int(logits.argmax()) == t)
+        if i + 1 < len(answer):
+            with num_threads(1):
+                logits = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits[0, -1]
+    return logp, hit
+
+
+@torch.no_grad()
+def needle_selection(captured: dict, weight_sets: dict, *, position: int, needle: list[int], selector: str, settings,
+                     scale: float, threshold: float = 0.05) -> dict:
+    """At the decoding step of query `position` (the step that predicts the key's first digit), in
+    every layer and key/value head of the dense model (`captured`: its queries and keys): the dense
+    attention mass on the key's digit tokens (`needle`, absolute positions; mean over the group's
+    query heads) and how much of it the blocks each selection keeps hold: each weight set's scorer,
+    and the oracle (top-k blocks of this query's dense mass)."""
+    from hf_multimax.ops.sparsemix import select_sparsemix_blocks
+
+    bs, top_k = settings.block_size, settings.top_k
+    names = [*weight_sets, "oracle"]
+    total, kept = 0.0, dict.fromkeys(names, 0.0)
+    heads, heads_kept = 0, dict.fromkeys(names, 0)
+    per_layer = []
+    digits = torch.tensor(needle)
+    for li in sorted(captured):
+        q, k = captured[li]
+        qr, kr = q[:, :, position : position + 1], k[:, :, : position + 1]
+        H, Hkv = q.shape[1], k.shape[1]
+        probs = (torch.matmul(qr.float(), kr.float().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * scale)
+        probs = probs.softmax(-1)[0, :, 0].view(Hkv, H // Hkv, -1).mean(1)  # [Hkv, position + 1]
+        on_needle = probs[:, digits]  # [Hkv, n digits]
+        keeps = {}
+        for name, weights in weight_sets.items():
+            _, idx, valid = select_sparsemix_blocks(qr, kr, weights[li], block_size=bs, top_k=top_k, sink=settings.sink,
+                                                    local=settings.local, causal=True, scale=scale, selector=selector)
+            keeps[name] = [set(idx[0, h, 0][valid[0, h, 0]].tolist()) for h in range(Hkv)]
+        with oracle_selection(selector):
+            _, idx, valid = select_sparsemix_blocks(qr, kr, weight_sets[next(iter(weight_sets))][li], block_size=bs,
+                                                    top_k=top_k, sink=settings.sink, local=settings.local, causal=True,
+                                                    scale=scale, selector=selector)
+        keeps["oracle"] = [set(idx[0, h, 0][valid[0, h, 0]].tolist()) for h in range(Hkv)]
+        layer = {"needle_mass": [round(x, 4) for x in on_needle.sum(-1).tolist()]}
+        for name in names:
+            kept_mass = [sum(on_needle[h, i].item() for i, d in enumerate(needle) if d // bs in keeps[name][h])
+                         for h in range(Hkv)]
+            layer[name] = [round(x, 4) for x in kept_mass]
+            kept[name] += sum(kept_mass)
+            heads_kept[name] += sum(m > 0.5 * n and n >= threshold for m, n in zip(kept_mass, layer["needle_mass"]))
+        total += sum(layer["needle_mass"])
+        heads += sum(n >= threshold for n in layer["needle_mass"])
+        per_layer.append(layer)
+    return {"needle_mass_sum": round(total, 4), "heads_on_needle": heads, "threshold": threshold,
+            **{f"{name}_kept_share": round(kept[name] / total, 4) if total else None for name in names},
+            **{f"{name}_heads_kept": heads_kept[name] for name in names}, "per_layer": per_layer}
+
+
+def passkey_diagnosis(dense, sparse, tokenizer, haystack: list[int], *, length: int, depths: list[float], trials: int,
+                      weight_sets: dict, top_ks: list[int], selector: str, seed: int, on_row=None,
+                      oracle_below: int = 12) -> dict:
+    """Why SparseMix loses the passkey, at one `length`: per (trial key, depth) prompt, the answer
+    `The pass key is <key>.` teacher-forced (decoded step by step, as `generate` computes it) through
+    dense SDPA and SparseMix with each scorer of `weight_sets` (per-layer scorer weights), the oracle
+    selection at the same budget (in every layer, and in the first `oracle_below` layers only, the
+    untrained scorer above), and the untrained scorer at other `top_ks`: the key's digit
+    tokens' mean log-probability and whether all of them are the greedy choice. And where the dense
+    model's attention finds the key at the step that predicts its first digit (`needle_selection`).
+    `on_row(partial result)` is called after each prompt (trial-major: a stopped run keeps whole keys)."""
+    settings = _settings(sparse)
+    scale = sparse.model.layers[0].self_attn.scaling
+    params = _scorer_params(sparse)
+    default_k = settings.top_k
+
+    def set_scorers(weights):
+        with torch.no_grad():
+            for li, layer in enumerate(sparse.model.layers):
+                for p, w in zip((layer.self_attn.sparsemix.w_query, layer.self_attn.sparsemix.w_key), weights[li]):
+                    p.copy_(w)
+
+    rng = torch.Generator().manual_seed(seed * 1000 + length + 7)
+    rows = []
+    for trial in range(trials):
+        key = str(int(torch.randint(10_000, 100_000, (1,), generator=rng)))
+        offset = (trial * 997) % max(1, len(haystack) - length)
+        prefix, prompts = passkey_prompts(tokenizer, haystack[offset:], length, sorted(depths), key,
+                                          settings.block_size)
+        answer, digit_idx = _answer_ids(tokenizer, key)
+        sentence = tokenizer("\n" + NEEDLE.format(key=key) + "\n", add_special_tokens=False)["input_ids"]
+        needle_digits = [i for i, t in enumerate(sentence) if re.search(r"\d", tokenizer.decode([t]))]
+        for depth, p, ids in prompts:
+            t0 = time.perf_counter()
+            start = len(prefix) + p  # the needle sentence's first token
+            needle = [start + i for i in needle_digits]
+            row = {"length": length, "depth": depth, "trial": trial, "key": key, "key_digit_positions": needle}
+            variants = {"sdpa": (dense, None, default_k), **{name: (sparse, w, default_k) for name, w in weight_sets.items()},
+                        "oracle": (sparse, "oracle", default_k),
+                        f"oracle_layers_0_{oracle_below - 1}": (sparse, "oracle_below", default_k),
+                        **{f"untrained_top{k}": (sparse, weight_sets["untrained"], k) for k in top_ks if k != default_k}}
+            for name, (model, weights, k) in variants.items():
+                sparse.config.sparsemix["top_k"] = k
+                if weights in ("oracle", "oracle_below"):
+                    layers = None if weights == "oracle" else [m.self_attn for m in sparse.model.layers[:oracle_below]]
+                    set_scorers(weight_sets["untrained"])
+                    with oracle_selection(selector, layers):
+                        logp, hit = teacher_forced(model, ids, answer)
+                else:
+                    if weights is not None:
+                        set_scorers(weights)
+                    logp, hit = teacher_forced(model, ids, answer)
+                row[name] = {"digit_logp_mean": round(statistics.mean(logp[i] for i in digit_idx), 3),
+                             "digits_greedy": all(hit[i] for i in digit_idx), "prefix_greedy": all(hit[: digit_idx[0]])}
+            sparse.config.sparsemix["top_k"] = default_k
+            store: dict = {}
+            with capture_queries_keys(dense, store):
+                dense.model(input_ids=torch.tensor([ids + answer[: digit_idx[0]]]), use_cache=False)
+            row["selection"] = needle_selection(store, weight_sets, position=len(ids) + digit_idx[0] - 1, needle=needle,
+                                                selector=selector, settings=settings, scale=scale)
+            rows.append(row)
+            print(f"diagnosis L={length} trial {trial} depth {depth}: "
+                  + ", ".join(f"{n} {row[n]['digit_logp_mean']}{'*' if row[n]['digits_greedy'] else ''}" for n in variants)
+                  + " | kept share " + ", ".join(f"{n} {row['selection'][f'{n}_kept_share']}"
+                                                 for n in [*weight_sets, "oracle"])
+                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if on_row is not None:
+                on_row(_diagnosis_result(rows, length, depths, trials, top_ks, [*weight_sets, "oracle"]))
+    set_scorers(weight_sets["untrained"])
+    return _diagnosis_result(rows, length, depths, trials, top_ks, [*weight_sets, "oracle"])
+
+
+def _diagnosis_result(rows, length, depths, trials, top_ks, selections) -> dict:
+    names = [n for n in rows[0] if isinstance(rows[0][n], dict) and "digits_greedy" in rows[0][n]]
+    summary = {n: {"digits_greedy_share": round(statistics.mean(r[n]["digits_greedy"] for r in rows), 3),
+                   "digit_logp_mean": round(statistics.mean(r[n]["digit_logp_mean"] for r in rows), 3)} for n in names}
+    for n in selections:
+        summary[n]["needle_mass_kept_share"] = round(statistics.mean(r["selection"][f"{n}_kept_share"] for r in rows), 3)
+    return {"length": length, "depths": depths, "trials": trials, "prompts_done": len(rows), "top_ks": top_ks,
+            "rows": rows, "summary": summary}
+
+
 # 5. speed
 
 
@@ -785,11 +995,14 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
 
     from .real_text import token_windows
 
+    kl_target_power = overrides.pop("kl_target_power", None)
     cfg = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
+    if kl_target_power is not None:  # the warm-up's target sharpening (the library's default: 256)
+        cfg["sparsemix"] = {**cfg["sparsemix"], "kl_target_power": kl_target_power}
     output = output or (QUICK_OUTPUT if quick else OUTPUT)
-    unknown = set(stages) - set(STAGES)
+    unknown = set(stages) - set(STAGES) - set(EXTRA_STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {STAGES}")
+        raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {STAGES + EXTRA_STAGES}")
     path = ROOT / output
     results = {}
     if set(stages) != set(STAGES) and path.exists():
@@ -816,7 +1029,11 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
     heldout = token_windows(tokenizer, "heldout", length=longest, count=1)
     untrained = _scorer_state(sparse)
     # The warmed-up scorers, kept for runs of later stages alone (outputs/ is not committed).
-    scorers_path = ROOT / "outputs" / f"real_model_sparsemix{'_quick' if quick else ''}_scorers.safetensors"
+    # Named after the output, so a trial run with other settings never replaces the full run's scorers.
+    # (A temporary output outside the repository keeps them beside it.)
+    scorers_path = ROOT / "outputs" / f"{Path(output).stem}_scorers.safetensors"
+    if Path(output).is_absolute() and not Path(output).resolve().is_relative_to(ROOT.resolve()):
+        scorers_path = Path(output).with_name(f"{Path(output).stem}_scorers.safetensors")
     trained = None
     if "warmup" not in stages and scorers_path.exists():
         _load_scorers(sparse, scorers_path)
@@ -892,6 +1109,26 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
             times["passkey"] = round(time.perf_counter() - t0, 1)
             _write(results, output)
 
+    if "passkey_diagnosis" in stages:
+        t0 = stage("passkey diagnosis")
+        from .real_text import prose
+
+        haystack = tokenizer(prose("heldout"), add_special_tokens=False)["input_ids"]
+        sets = {"untrained": untrained, **({"warm": trained} if trained is not None else {})}
+        def partial(result):
+            results["passkey_diagnosis"] = result
+            _write(results, output)
+
+        with num_threads(1):
+            results["passkey_diagnosis"] = passkey_diagnosis(
+                dense, sparse, tokenizer, haystack, length=cfg["diagnosis_length"], depths=cfg["depths"],
+                trials=cfg["diagnosis_trials"], weight_sets=sets, top_ks=cfg["diagnosis_top_ks"], selector=selector,
+                seed=seed, on_row=partial)
+        if trained is not None:  # the scorers the later stages expect
+            _load_scorers(sparse, scorers_path)
+        times["passkey_diagnosis"] = round(time.perf_counter() - t0, 1)
+        _write(results, output)
+
     if "speed" in stages:
         t0 = stage("speed")
         quiet = _wait_for_quiet(cfg["max_wait"])
@@ -924,13 +1161,16 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, own output file, claims nothing")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + EXTRA_STAGES)
     parser.add_argument("--output", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    for name in ("warmup_steps", "warmup_windows", "trials", "speed_repeats", "max_wait", "threads", "mass_stride"):
+    for name in ("warmup_steps", "warmup_windows", "trials", "speed_repeats", "max_wait", "threads", "mass_stride",
+                 "diagnosis_length", "diagnosis_trials", "warmup_length"):
         parser.add_argument(f"--{name}", type=int, default=None)
-    for name in ("lengths", "passkey_lengths", "speed_lengths", "speed_threads"):
+    for name in ("lengths", "passkey_lengths", "speed_lengths", "speed_threads", "diagnosis_top_ks"):
         parser.add_argument(f"--{name}", type=int, nargs="+", default=None)
+    parser.add_argument("--depths", type=float, nargs="+", default=None)
+    parser.add_argument("--kl_target_power", type=float, default=None)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "stages", "output", "seed")}
     run(quick=args.quick, stages=args.stages, output=args.output, seed=args.seed, **overrides)

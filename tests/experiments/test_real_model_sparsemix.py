@@ -201,3 +201,27 @@ def test_quick_run_writes_every_field(tmp_path):
     gap = result["targets"]["passkey_gap_points"]
     dense_hits = any(r["correct"] for r in passkey["rows"] if r["model"] == "sdpa")
     assert (gap["measured"] is None and gap["met"] is None) != dense_hits
+
+
+def test_oracle_block_scores_rank_blocks_by_dense_mass_in_prefill_chunks_and_decoding_steps():
+    from hf_multimax.ops.sparsemix import SELECTORS, block_geometry
+
+    from experiments.real_model_sparsemix import block_mass_rows, oracle_block_scores, oracle_selection
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16)
+    scale = 16**-0.5
+    whole = oracle_block_scores(q, k, block_geometry(96, 96, 8, True), scale, chunk=40)  # [1, 2, 12, 12]
+    rows = block_mass_rows(q, k, list(range(12)), 8, scale)  # [H, 12, 8, 12]
+    torch.testing.assert_close(whole[0], rows.view(2, 2, 12, 8, 12).mean(1).sum(2), rtol=1e-5, atol=1e-6)
+    # a chunk starting mid-block (a prefill continuing a cache) and a decoding step: the same masses
+    part = oracle_block_scores(q[:, :, 50:], k, block_geometry(46, 96, 8, True), scale)
+    torch.testing.assert_close(part[0, :, 1:], whole[0, :, 7:], rtol=1e-5, atol=1e-6)
+    step = oracle_block_scores(q[:, :, 60:61], k[:, :, :61], block_geometry(1, 61, 8, True), scale)
+    dense = torch.softmax(torch.einsum("hd,hkd->hk", q[0, :, 60], k[0].repeat_interleave(2, 0)[:, :61]) * scale, -1)
+    expected = torch.nn.functional.pad(dense, (0, 3)).view(4, 8, 8).sum(-1).view(2, 2, 8).mean(1)
+    torch.testing.assert_close(step[0, :, 0], expected, rtol=1e-5, atol=1e-6)
+    original = SELECTORS["block_rotary"]
+    with oracle_selection("block_rotary"):
+        assert SELECTORS["block_rotary"] is not original
+    assert SELECTORS["block_rotary"] is original
