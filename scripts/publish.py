@@ -1,10 +1,14 @@
-"""Publish a fine-tuned MultiMax model folder to the Hub with a model card.
+"""Publish a fine-tuned model folder (MultiMax, SparseMix or any plugin method) to the Hub with its
+method's model card.
 
     .venv/bin/python scripts/publish.py outputs/text user/my-multimax-model --dry-run --local-dir outputs/upload
     .venv/bin/python scripts/publish.py outputs/text user/my-multimax-model --private
 
 The token comes from --token, HF_TOKEN or `hf auth login`. --dry-run writes exactly the
-folder that would be uploaded (to --local-dir) and prints the calls that would be made.
+folder that would be uploaded (to --local-dir) and prints the calls that would be made. What the
+training run recorded in its own README.md (base model, data, hardware, training arguments), its
+eval_results.json and the last training log of trainer_state.json go into the card; the card never
+describes the machine that publishes.
 """
 
 import argparse
@@ -14,8 +18,9 @@ from pathlib import Path
 import transformers
 from huggingface_hub import ModelCard
 
-import hf_multimax  # noqa: F401  (registers attn_implementation="multimax")
+import hf_multimax  # noqa: F401  (registers the attention implementations)
 from hf_multimax.hub import publish
+from hf_multimax.hub.card import last_training_values
 
 
 def main(argv=None):
@@ -31,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--training_data", default=None,
                         help="free text describing the training data (default: what the run's README.md records)")
     parser.add_argument("--dataset_id", default=None, help="a Hub dataset id, for the card's metadata")
+    parser.add_argument("--hardware", default=None,
+                        help="what it was trained on (default: what the run's README.md records, else 'not recorded')")
     args = parser.parse_args(argv)
 
     model_dir = Path(args.model_dir)
@@ -51,11 +58,18 @@ def main(argv=None):
         if (model_dir / name).exists():
             eval_results = {k: v for k, v in json.loads((model_dir / name).read_text()).items() if k.startswith("eval_")}
             break
+    training_log = None
+    if (model_dir / "trainer_state.json").exists():  # the last training log: loss and auxiliary terms
+        state = json.loads((model_dir / "trainer_state.json").read_text())
+        training_log = last_training_values(state.get("log_history"))
     plan = publish(
         model, args.repo_id, tokenizer=tokenizer, private=args.private, token=args.token, local_dir=args.local_dir,
         dry_run=args.dry_run, base_model=args.base_model or recorded.get("base_model"),
         training_data=args.training_data or recorded.get("training_data"),
         dataset_id=args.dataset_id or next(iter(recorded.get("datasets") or []), None), eval_results=eval_results,
+        hardware=args.hardware or recorded.get("training_hardware"),
+        training_args=recorded.get("training_arguments"),
+        training_log=training_log,
     )
     print(json.dumps(plan, indent=2))
 

@@ -1,4 +1,4 @@
-"""The fine-tuning tasks behind `scripts/finetune_*.py`: data, model, `MultiMaxTrainer`, train,
+"""The fine-tuning tasks behind `scripts/finetune_*.py`: data, model, `AttentionPluginTrainer`, train,
 evaluate, save. Every `TrainingArguments` flag applies (resume, logging, accelerate/torchrun...)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .tasks import (
     load_raw_dataset,
     offline_tokenizer_path,
 )
-from .trainer import MultiMaxTrainer, MultiMaxTrainingArguments
+from .trainer import AttentionPluginTrainer, AttentionPluginTrainingArguments
 
 __all__ = ["TASKS", "main", "parse_args", "run_causal_lm", "run_image_classification", "run_text_classification"]
 
@@ -47,7 +47,8 @@ def parse_args(args=None, task: str | None = None):
         description = (f"Fine-tuning: {' '.join(TASKS[task].__doc__.split())} Any attention implementation "
                        "(default: MultiMax), and every TrainingArguments flag (--output_dir is required); the first "
                        "groups of flags below are this script's.")
-    parser = HfArgumentParser((ModelArguments, DataArguments, MultiMaxTrainingArguments), description=description,
+    parser = HfArgumentParser((ModelArguments, DataArguments, AttentionPluginTrainingArguments),
+                              description=description,
                               usage="%(prog)s --output_dir DIR [--do_train] [--do_eval] [options]")
     return parser.parse_args_into_dataclasses(args=args)
 
@@ -124,7 +125,7 @@ def run_text_classification(model_args, data_args, training_args):
         id2label={i: str(label) for label, i in label2id.items()}, label2id={str(k): v for k, v in label2id.items()},
     )
     collator = DataCollatorWithPadding(tokenizer)
-    trainer = MultiMaxTrainer(
+    trainer = AttentionPluginTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         processing_class=tokenizer, data_collator=collator, compute_metrics=_classification_metrics(),
     )
@@ -152,7 +153,7 @@ def run_causal_lm(model_args, data_args, training_args):
     data = raw.map(preprocess, batched=True, remove_columns=raw["train"].column_names)
     model = load_model(AutoModelForCausalLM, model_args, lambda: tiny_llama_config(len(tokenizer)))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    trainer = MultiMaxTrainer(
+    trainer = AttentionPluginTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         processing_class=tokenizer, data_collator=collator,
     )
@@ -192,7 +193,7 @@ def run_image_classification(model_args, data_args, training_args):
     # A pretrained model brings its own processor; the default tiny ViT gets the digits' one.
     processor = (AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
                  if model_args.model_name_or_path else digits_image_processor())
-    trainer = MultiMaxTrainer(
+    trainer = AttentionPluginTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         processing_class=processor, data_collator=collate, compute_metrics=_classification_metrics(),
     )

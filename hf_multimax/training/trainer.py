@@ -1,5 +1,7 @@
-"""`Trainer` glue: MultiMax scalars in their own optimizer group, auxiliary losses (the SparseMix
-scorers' KL term) added to the loss and logged."""
+"""`Trainer` for models with the plugin's attention, whatever the method: MultiMax scalars in their own
+optimizer group, auxiliary losses (the SparseMix scorers' KL term) added to the loss and logged, and
+the method's model card (`hub.card`) in the output folder. `MultiMaxTrainer` and
+`MultiMaxTrainingArguments` are the first names of the two classes, kept as aliases."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ from ..integrations.aux_losses import collect_aux_losses
 from ..layers.sparsemix import SparseMixScorer
 from .optim import separate_multimax_group
 
-__all__ = ["MultiMaxTrainer", "MultiMaxTrainingArguments"]
+__all__ = ["AttentionPluginTrainer", "AttentionPluginTrainingArguments", "MultiMaxTrainer",
+           "MultiMaxTrainingArguments"]
 
 
 @dataclass
-class MultiMaxTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the MultiMax optimizer settings (every Trainer flag still works)."""
+class AttentionPluginTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the plugin's optimizer settings (every Trainer flag still works)."""
 
     multimax_lr_multiplier: float = field(
         default=10.0,
@@ -34,14 +37,17 @@ class MultiMaxTrainingArguments(TrainingArguments):
             raise ValueError(f"multimax_lr_multiplier={self.multimax_lr_multiplier} must be > 0")
 
 
-class MultiMaxTrainer(Trainer):
-    """A `Trainer` for models with plugin attention:
+class AttentionPluginTrainer(Trainer):
+    """A `Trainer` for models with plugin attention, of any method (MultiMax, SparseMix, ...):
 
     - the optimizer gives the MultiMax scalars their own group: no weight decay and
       `learning_rate * multimax_lr_multiplier` (10 unless `args` says otherwise);
     - `compute_loss` adds the auxiliary losses of the forward (the SparseMix KL term,
       `kl_weight * mean over layers`), with a weight per optimizer step that does not depend on
-      the number of gradient accumulation steps, and logs each term (`sparsemix_kl`) beside the loss.
+      the number of gradient accumulation steps, and logs each term (`sparsemix_kl`) beside the loss;
+    - `create_model_card` (and so `push_to_hub`) writes the card of the checkpoint's method
+      (`hub.build_model_card`: its settings, the run's eval results, last training values and hardware);
+      a model without plugin attention gets `Trainer`'s own card.
     """
 
     def __init__(self, *args, **kwargs):
@@ -85,15 +91,15 @@ class MultiMaxTrainer(Trainer):
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None):
-        """Our MultiMax card in `output_dir/README.md`, so `trainer.push_to_hub()` publishes it."""
+        """The card of the model's method in `output_dir/README.md`, so `trainer.push_to_hub()` publishes it."""
         if not self.is_world_process_zero():
             return
-        if not getattr(self.model.config, "multimax", None):
+        from ..hub.card import build_model_card, checkpoint_methods, last_training_values, run_hardware
+
+        if not checkpoint_methods(self.model):
             return super().create_model_card(language=language, license=license, tags=tags, model_name=model_name,
                                              finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
                                              dataset=dataset, dataset_args=dataset_args)
-        from ..hub.card import build_model_card
-
         evals = [h for h in self.state.log_history if any(k.startswith("eval_") for k in h)]
         repo_id = self.args.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
         card = build_model_card(
@@ -102,6 +108,8 @@ class MultiMaxTrainer(Trainer):
             eval_results={k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
             training_args=f"max_steps={self.args.max_steps}, learning_rate={self.args.learning_rate}, "
             f"multimax_lr_multiplier={getattr(self.args, 'multimax_lr_multiplier', None)}",
+            hardware=run_hardware(self.args),
+            training_log=last_training_values(self.state.log_history),
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
@@ -110,3 +118,8 @@ class MultiMaxTrainer(Trainer):
         multiplier = getattr(self.args, "multimax_lr_multiplier", 10.0)
         separate_multimax_group(optimizer, self.model if model is None else model, multiplier)
         return optimizer
+
+
+# The first names, from when MultiMax was the only method: kept so existing code and scripts run.
+MultiMaxTrainer = AttentionPluginTrainer
+MultiMaxTrainingArguments = AttentionPluginTrainingArguments
