@@ -19,6 +19,9 @@ __all__ = [
     "ModalityWarmupCallback",
     "digits_two_view_dataset",
     "load_fusion_task",
+    "complementary_bayes_accuracy",
+    "complementary_dataset",
+    "split_validation",
     "synthetic_imbalance_dataset",
 ]
 
@@ -89,10 +92,98 @@ def digits_two_view_dataset(test_size: float = 0.33, seed: int = 0, degrade_std:
     )
 
 
+def _complementary_arrays(total: int, rng, prototypes_a, prototypes_b, num_tokens_a, num_tokens_b, strength_a, strength_b):
+    num_classes = prototypes_b.shape[0]
+    labels = rng.integers(0, num_classes, total)
+    a = rng.standard_normal((total, num_tokens_a, prototypes_a.shape[1])) + strength_a * prototypes_a[labels // 2][:, None, :]
+    b = rng.standard_normal((total, num_tokens_b, prototypes_b.shape[1]))
+    position = rng.integers(0, num_tokens_b, total)
+    b[np.arange(total), position] += strength_b * prototypes_b[labels]
+    return a, b, labels
+
+
+def _complementary_parameters(seed, num_classes, dim_a, dim_b):
+    rng = np.random.default_rng(seed)
+    prototypes_a = rng.standard_normal((num_classes // 2, dim_a))
+    prototypes_b = rng.standard_normal((num_classes, dim_b))
+    prototypes_a /= np.linalg.norm(prototypes_a, axis=-1, keepdims=True)
+    prototypes_b /= np.linalg.norm(prototypes_b, axis=-1, keepdims=True)
+    return rng, prototypes_a, prototypes_b
+
+
+def complementary_dataset(
+    num_train: int = 2000,
+    num_validation: int = 1000,
+    num_test: int = 2000,
+    seed: int = 0,
+    num_classes: int = 8,
+    num_tokens_a: int = 4,
+    num_tokens_b: int = 8,
+    dim_a: int = 8,
+    dim_b: int = 16,
+    strength_a: float = 1.5,
+    strength_b: float = 2.5,
+) -> DatasetDict:
+    """The constructed task where imbalance costs accuracy: classes come in pairs (y // 2); modality `a`
+    (dominant: the pair's prototype at `strength_a` on every one of its few low-dimensional tokens) tells
+    the pair and nothing else, modality `b` (weak: the class's own prototype at `strength_b` on one random
+    token of `num_tokens_b`) tells the class, but with a low signal-to-noise ratio. Unit Gaussian noise
+    everywhere, unit-norm random prototypes. A model that uses only `a` is at most 50% correct; the label
+    needs both, and `a`'s part is learnt first. The Bayes-optimal accuracy under the known generative
+    model: `complementary_bayes_accuracy`.
+
+    Returns `DatasetDict(train, validation, test)` with columns `a`, `b` and `label`; the same `seed`
+    gives the same data (train / validation / test drawn in this order).
+    """
+    if num_classes % 2:
+        raise ValueError(f"num_classes={num_classes} must be even (classes come in pairs)")
+    rng, prototypes_a, prototypes_b = _complementary_parameters(seed, num_classes, dim_a, dim_b)
+    split = {}
+    for name, count in (("train", num_train), ("validation", num_validation), ("test", num_test)):
+        a, b, labels = _complementary_arrays(count, rng, prototypes_a, prototypes_b, num_tokens_a, num_tokens_b,
+                                             strength_a, strength_b)
+        split[name] = _to_dataset({"a": a, "b": b}, labels)
+    return DatasetDict(split)
+
+
+def complementary_bayes_accuracy(dataset: Dataset, seed: int = 0, num_classes: int = 8, num_tokens_a: int = 4,
+                                 num_tokens_b: int = 8, dim_a: int = 8, dim_b: int = 16, strength_a: float = 1.5,
+                                 strength_b: float = 2.5) -> dict[str, float]:
+    """Accuracy on `dataset` (a split of `complementary_dataset` with the same settings) of the Bayes
+    classifiers under the true generative model (uniform prior): both modalities, `a` alone, `b` alone.
+    log p(a | y) = strength_a * sum_t <a_t, P_a[y // 2]> + const, log p(b | y) = logsumexp_t
+    strength_b * <b_t, P_b[y]> + const (the signal's token is uniform)."""
+    _, prototypes_a, prototypes_b = _complementary_parameters(seed, num_classes, dim_a, dim_b)
+    a = np.asarray(dataset["a"], dtype=np.float64).reshape(-1, num_tokens_a, dim_a)
+    b = np.asarray(dataset["b"], dtype=np.float64).reshape(-1, num_tokens_b, dim_b)
+    labels = np.asarray(dataset["label"])
+    log_a = strength_a * np.einsum("ntd,cd->nc", a, prototypes_a[np.arange(num_classes) // 2])
+    scores_b = strength_b * np.einsum("ntd,cd->nct", b, prototypes_b)
+    peak = scores_b.max(-1, keepdims=True)
+    log_b = (peak + np.log(np.exp(scores_b - peak).sum(-1, keepdims=True)))[..., 0]
+
+    def accuracy(log_likelihood):
+        # Ties (a alone cannot tell a pair apart) are broken at random: the expected accuracy.
+        best = log_likelihood.max(-1, keepdims=True)
+        winners = np.isclose(log_likelihood, best, rtol=0, atol=1e-9)
+        return float((winners[np.arange(len(labels)), labels] / winners.sum(-1)).mean())
+
+    return {"both": accuracy(log_a + log_b), "a": accuracy(log_a), "b": accuracy(log_b)}
+
+
+def split_validation(datasets: DatasetDict, fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """A `validation` split carved out of `train` (a fixed random `fraction`), if there is none."""
+    if "validation" in datasets:
+        return datasets
+    parts = datasets["train"].train_test_split(test_size=fraction, seed=seed)
+    return DatasetDict(train=parts["train"], validation=parts["test"], test=datasets["test"])
+
+
 # name -> (builder, modality names (dominant first), token features per modality, classes)
 TASKS = {
     "synthetic": (synthetic_imbalance_dataset, ["a", "b"], [16, 16], 6),
     "digits": (digits_two_view_dataset, ["top", "bottom"], [8, 8], 10),
+    "complementary": (complementary_dataset, ["a", "b"], [8, 16], 8),
 }
 
 
@@ -109,17 +200,19 @@ class FusionCollator:
 
     `noise` / `zero` name modalities to replace: by Gaussian noise with the batch's mean and std of that
     modality, or by zeros (the corrupted/missing-modality protocol; also the warm-up that gives the
-    dominant modality a head start). Both are attributes so a callback can change them between epochs.
+    dominant modality a head start). `mask` names modalities whose tokens the fusion attention does not
+    see (`modality_attention_mask` all 0): the model of the other modalities alone. Both are attributes so a callback can change them between epochs.
     """
 
-    def __init__(self, modality_names, feature_sizes, noise=(), zero=()):
+    def __init__(self, modality_names, feature_sizes, noise=(), zero=(), mask=()):
         self.modality_names = list(modality_names)
         self.feature_sizes = list(feature_sizes)
         if len(self.feature_sizes) != len(self.modality_names):
             raise ValueError(f"FusionCollator: feature_sizes={self.feature_sizes} needs one size per modality {self.modality_names}")
         self.noise = set(noise)
         self.zero = set(zero)
-        unknown = (self.noise | self.zero) - set(self.modality_names)
+        self.mask = set(mask)
+        unknown = (self.noise | self.zero | self.mask) - set(self.modality_names)
         if unknown:
             raise ValueError(f"FusionCollator: unknown modalities {sorted(unknown)}; allowed: {self.modality_names}")
 
@@ -134,7 +227,12 @@ class FusionCollator:
                 x = torch.zeros_like(x)
             inputs[name] = x
         labels = torch.as_tensor([int(row["label"]) for row in rows], dtype=torch.long)
-        return {"modality_inputs": inputs, "labels": labels}
+        batch = {"modality_inputs": inputs, "labels": labels}
+        if self.mask:
+            # Masked modalities are hidden from the fusion attention: a unimodal model of the others.
+            batch["modality_attention_mask"] = {name: torch.zeros(inputs[name].shape[:2], dtype=torch.long)
+                                                for name in self.mask}
+        return batch
 
 
 class ModalityWarmupCallback(TrainerCallback):

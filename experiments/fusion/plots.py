@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["plot_fusion_traces"]
+__all__ = ["plot_fusion_study", "plot_fusion_traces"]
 
 COLORS = {"joint": "tab:gray", "rollingq": "tab:blue", "attribution": "tab:orange"}
 
@@ -46,3 +46,45 @@ def plot_fusion_traces(runs: dict[str, list[dict]], names: list[str], path, titl
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_fusion_study(rows: dict[str, list[dict]], entry: dict, path, title: str = "") -> None:
+    """One figure per task for `experiments.fusion.compare`: per measure a panel, per method each seed's
+    value (dots) and the mean with its 95% t-interval (bar); the Bayes-optimal accuracy as a line where
+    the task has one."""
+    dominant, weak = entry["modalities"]
+    panels = [("accuracy", "accuracy"), ("weak_probe", f"{weak} probe"),
+              ("accuracy_dominant_noise", f"accuracy, {dominant} -> noise"),
+              ("attention_dominant", f"attention on {dominant}")]
+    methods = list(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    for ax, (measure, label) in zip(axes, panels):
+        for x, method in enumerate(methods):
+            values = [r[measure] for r in rows[method] if r.get(measure) is not None]
+            if not values:
+                continue
+            color = STUDY_COLORS.get(method, "black")
+            ax.scatter([x + 0.08 * (i - len(values) / 2) for i in range(len(values))], values, s=14, color=color,
+                       alpha=0.6)
+            stat = entry["summary"][method][measure]
+            if stat and stat["low"] is not None:
+                ax.errorbar([x + 0.3], [stat["mean"]], yerr=[[stat["mean"] - stat["low"]], [stat["high"] - stat["mean"]]],
+                            fmt="o", color=color, capsize=3)
+        if measure == "accuracy" and "bayes_accuracy" in entry:
+            ax.axhline(entry["bayes_accuracy"]["both"], color="black", lw=0.8, ls="--", label="Bayes (both)")
+            ax.axhline(entry["bayes_accuracy"]["a"], color="gray", lw=0.8, ls=":", label=f"Bayes ({dominant} alone)")
+            ax.legend(fontsize=7)
+        if measure == "attention_dominant":
+            ax.axhline(0.9, color="red", lw=0.6, ls=":")
+            ax.axhline(0.1, color="red", lw=0.6, ls=":")
+        ax.set_xticks(range(len(methods)), [m.replace("_", "\n") for m in methods], fontsize=7)
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+STUDY_COLORS = {"joint": "tab:gray", "ogm_ge": "tab:green", "rollingq": "tab:blue", "attribution": "tab:orange",
+                "rollingq_attribution": "tab:purple", "ensemble": "tab:red"}

@@ -61,20 +61,21 @@ def _pass(model, dataset, collator, batch_size, want_features=False):
 
 
 def fusion_report(model, train_dataset, test_dataset, *, batch_size: int = 256, seed: int = 0,
-                  air_trace: list | None = None) -> dict:
+                  air_trace: list | None = None, mask=()) -> dict:
     """Everything the comparison table needs, measured on `test_dataset` (probes fitted on
     `train_dataset`). The model is put in eval mode and restored.
 
     Returns `accuracy`, `probe_accuracy/<m>`, `accuracy_zeroed/<m>`, `accuracy_noise/<m>`,
     `attention_mass/<m>`, `attribution_share/<m>`, `air` (on the test data), `num_rotations`, and
-    `air_trace` if given.
+    `air_trace` if given. `mask` names modalities hidden from the model (a unimodal run; see
+    `FusionCollator`), in every pass.
     """
     names, sizes = model.config.modality_names, model.config.modality_input_sizes
     metric = accuracy_metric()
     was_training = model.training
     model.eval()
     try:
-        clean = FusionCollator(names, sizes)
+        clean = FusionCollator(names, sizes, mask=mask)
         logits, labels, mass, shares, test_feats = _pass(model, test_dataset, clean, batch_size, want_features=True)
         _, train_labels, _, _, train_feats = _pass(model, train_dataset, clean, batch_size, want_features=True)
         report = {"accuracy": metric.compute(predictions=logits.argmax(-1), references=labels)["accuracy"]}
@@ -84,7 +85,8 @@ def fusion_report(model, train_dataset, test_dataset, *, batch_size: int = 256, 
         for i, name in enumerate(names):
             for mode in ("zeroed", "noise"):
                 torch.manual_seed(seed)  # the same noise for every model compared
-                collator = FusionCollator(names, sizes, **({"zero": [name]} if mode == "zeroed" else {"noise": [name]}))
+                collator = FusionCollator(names, sizes, mask=mask,
+                                           **({"zero": [name]} if mode == "zeroed" else {"noise": [name]}))
                 corrupted = _pass(model, test_dataset, collator, batch_size)[0]
                 report[f"accuracy_{mode}/{name}"] = metric.compute(predictions=corrupted.argmax(-1), references=labels)["accuracy"]
         for i, name in enumerate(names):
