@@ -69,7 +69,7 @@ __all__ = ["FULL", "QUICK", "capture_queries_keys", "dropped_mass", "passkey", "
 OUTPUT = "benchmarks/results/real_model_sparsemix.json"
 QUICK_OUTPUT = "outputs/real_model_sparsemix_quick.json"
 STAGES = ("perplexity", "warmup", "dropped_mass", "passkey", "speed")
-EXTRA_STAGES = ("passkey_diagnosis",)  # run only when named
+EXTRA_STAGES = ("passkey_diagnosis", "warmup_diagnosis")  # run only when named
 CAPTURE = "real_model_capture"
 ZERO = "real_model_zero_attention"
 
@@ -777,6 +777,54 @@ def _diagnosis_result(rows, length, depths, trials, top_ks, selections) -> dict:
             "rows": rows, "summary": summary}
 
 
+@torch.no_grad()
+def warmup_diagnosis(captured: dict, weight_sets: dict, *, selector: str, settings, scale: float) -> dict:
+    """Why the warm-up can lower its KL and still drop more mass: on held-out dense queries and keys
+    (`captured`, every layer), per scorer of `weight_sets` (per-layer weights), mean over layers of the
+    library's KL (its target: the max-pooled block mass sharpened by `kl_target_power`), and over
+    every choosing query block and key/value head: whether the target's top block is kept, and how
+    many of the `top_k` candidate blocks of most max-pooled and of most mean (what perplexity loses
+    when dropped) dense mass the selection keeps, and the mean mass it keeps of the candidates'."""
+    from hf_multimax.ops.sparsemix import SELECTORS, block_geometry, select_blocks
+    from hf_multimax.ops.sparsemix.distill import kl_terms
+    from hf_multimax.ops.sparsemix.selection import candidate_blocks
+
+    bs, k_top = settings.block_size, settings.top_k
+    stats = {name: {"kl": [], "top1_kept": [], "recall_max_pooled": [], "recall_mean": [], "mean_mass_kept": []}
+             for name in weight_sets}
+    for li, (q, k) in sorted(captured.items()):
+        g = block_geometry(q.shape[-2], k.shape[-2], bs, True)
+        allowed, forced = candidate_blocks(g, sink=settings.sink, local=settings.local)
+        cand_all = allowed & ~forced
+        blocks = cand_all.any(-1).nonzero()[:, 0]
+        H, Hkv = q.shape[1], k.shape[1]
+        rows = block_mass_rows(q, k, blocks.tolist(), bs, scale)  # [H, n, bs, nKB]
+        group = rows.view(Hkv, H // Hkv, *rows.shape[1:]).mean(1)  # [Hkv, n, bs, nKB]
+        cand = cand_all[blocks]  # [n, nKB]
+        pooled = group.amax(2).masked_fill(~cand, -1.0)  # [Hkv, n, nKB]
+        mean = group.mean(2).masked_fill(~cand, -1.0)
+        log_t = (settings.kl_target_power * pooled.clamp_min(1e-30).log()).masked_fill(~cand, float("-inf"))
+        target = torch.softmax(log_t, -1) * (pooled.clamp_min(0) * cand).sum(-1, keepdim=True).gt(0)
+        n_top = cand.sum(-1).clamp_max(k_top)  # [n]: candidates the selection takes
+        for name, weights in weight_sets.items():
+            scores = SELECTORS[selector].block_scores(q, k, weights[li], g, scale, None, None)  # [1, Hkv, nQB, nKB]
+            log_s = torch.log_softmax(scores[0][:, blocks].float().masked_fill(~cand, float("-inf")), -1)
+            stats[name]["kl"].append(kl_terms(target, log_s).sum(-1).mean().item())
+            idx, valid = select_blocks(scores, g, top_k=k_top, sink=settings.sink, local=settings.local)
+            keep = torch.zeros(Hkv, g.n_q_blocks, g.n_k_blocks + 1, dtype=torch.bool)
+            keep.scatter_(2, idx[0].masked_fill(~valid[0], g.n_k_blocks), True)
+            keep = keep[:, blocks, :-1] & cand  # [Hkv, n, nKB]: the chosen candidates
+            stats[name]["top1_kept"].append(keep.gather(2, pooled.argmax(-1, keepdim=True)).float().mean().item())
+            for label, mass in (("recall_max_pooled", pooled), ("recall_mean", mean)):
+                top = mass.topk(k_top, -1).indices  # [Hkv, n, k]
+                hits = keep.gather(2, top) & (torch.arange(k_top)[None, None, :] < n_top[None, :, None])
+                stats[name][label].append((hits.sum(-1).float() / n_top.clamp_min(1)).mean().item())
+            kept_mass = (mean.clamp_min(0) * keep).sum(-1) / (mean.clamp_min(0) * cand).sum(-1).clamp_min(1e-30)
+            stats[name]["mean_mass_kept"].append(kept_mass.mean().item())
+    return {name: {**{key: round(statistics.mean(v), 4) for key, v in s.items()},
+                   "kl_per_layer": [round(x, 4) for x in s["kl"]]} for name, s in stats.items()}
+
+
 # 5. speed
 
 
@@ -1127,6 +1175,18 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
         if trained is not None:  # the scorers the later stages expect
             _load_scorers(sparse, scorers_path)
         times["passkey_diagnosis"] = round(time.perf_counter() - t0, 1)
+        _write(results, output)
+
+    if "warmup_diagnosis" in stages:
+        t0 = stage("warm-up diagnosis")
+        L = cfg["diagnosis_length"]
+        store: dict = {}
+        with torch.no_grad(), capture_queries_keys(dense, store):
+            dense.model(input_ids=heldout[:, :L], use_cache=False)
+        sets = {"untrained": untrained, **({"warm": trained} if trained is not None else {})}
+        results["warmup_diagnosis"] = {"length": L, "window": f"held-out tokens 0..{L - 1}", **warmup_diagnosis(
+            store, sets, selector=selector, settings=settings, scale=sparse.model.layers[0].self_attn.scaling)}
+        times["warmup_diagnosis"] = round(time.perf_counter() - t0, 1)
         _write(results, output)
 
     if "speed" in stages:

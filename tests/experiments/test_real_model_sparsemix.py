@@ -225,3 +225,24 @@ def test_oracle_block_scores_rank_blocks_by_dense_mass_in_prefill_chunks_and_dec
     with oracle_selection("block_rotary"):
         assert SELECTORS["block_rotary"] is not original
     assert SELECTORS["block_rotary"] is original
+
+
+def test_warmup_diagnosis_takes_the_librarys_kl_and_counts_kept_blocks():
+    from hf_multimax import SparseMixSettings
+
+    from experiments.real_model_sparsemix import warmup_diagnosis
+
+    dense, sparse = tiny_models()
+    settings = SparseMixSettings.from_dict(sparse.config.sparsemix)
+    ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(4))
+    store = {}
+    with torch.no_grad(), capture_queries_keys(dense, store):
+        dense(input_ids=ids)
+    weights = [tuple(w.detach() for w in layer.self_attn.sparsemix()) for layer in sparse.model.layers]
+    scale = sparse.model.layers[0].self_attn.scaling
+    got = warmup_diagnosis(store, {"trained": weights}, selector="block_rotary", settings=settings, scale=scale)
+    library = [cached_kl(layer, *store[i], kl_targets(*store[i], settings, scale), settings).item()
+               for i, layer in enumerate(sparse.model.layers)]
+    assert got["trained"]["kl_per_layer"] == pytest.approx(library, abs=1e-4)
+    for key in ("top1_kept", "recall_max_pooled", "recall_mean", "mean_mass_kept"):
+        assert 0 <= got["trained"][key] <= 1
