@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import sys
 
 import torch
 from huggingface_hub import try_to_load_from_cache
@@ -228,7 +229,8 @@ def sync_model(model: PreTrainedModel) -> None:
     # `{"": "multimax", "text_config": "eager", ...}`) has no module the top-level name governs: nothing to attach.
     subs = [c for c in config_tree(model.config) if c is not model.config]
     governs_nothing = bool(subs) and all(method_of(c.__dict__.get("_attn_implementation_internal")) is None for c in subs)
-    if root_layers and not counts.get(root_method.name) and root_settings.target_modules is None and not governs_nothing:
+    if root_layers and not counts.get(root_method.name) and root_settings.target_modules is None and not governs_nothing \
+            and not _built_inside_another(model):
         where = (f"none of its modules is one of {[c.__name__ for c in declared]}" if declared else f"{type(model).__name__} declares no attention classes (_can_record_outputs["
                  "'attentions']) and holds no module with a `config` and an `is_causal`")
         raise ValueError(
@@ -259,6 +261,20 @@ def sync_model(model: PreTrainedModel) -> None:
     elif not attached and guard is not None:
         guard.remove()
         del model._hf_multimax_guard
+
+
+def _built_inside_another(model: PreTrainedModel) -> bool:
+    """Whether `model` is a sub-model being built in another model's `__init__` (a composite model's vision
+    tower, VQ-VAE or audio encoder, whose post_init runs first): the outer model's post_init checks the
+    whole, whose attention may all be in its other sub-models."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            owner = frame.f_locals.get("self")
+            if owner is not model and isinstance(owner, PreTrainedModel):
+                return True
+        frame = frame.f_back
+    return False
 
 
 def _declare_fp32_layers(model: PreTrainedModel) -> None:
