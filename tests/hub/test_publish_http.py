@@ -138,3 +138,40 @@ print(json.dumps({{"attn": hub.config._attn_implementation, "same": same, "multi
     local_card = (out / "README.md").read_text(encoding="utf-8")
     assert card.data.base_model is not None  # the full card (base model, data, metrics) reached the Hub
     assert loaded["card"] == local_card
+
+
+def test_publish_sparsemix_over_http_with_its_card(hub, tmp_path):
+    """A SparseMix checkpoint goes up with its own card; the Hub serves it back, settings and results included."""
+    repo = "user/tiny-sparsemix"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix",
+                                             sparsemix={"block_size": 8, "top_k": 2, "selector": "block"})
+    with torch.no_grad():
+        model.model.layers[0].self_attn.sparsemix.w_key.normal_()  # "trained": off its zero init
+    plan = publish(model, repo, local_dir=str(tmp_path / "stage"), eval_results={"eval_loss": 4.2},
+                   hardware="CPU (x86_64, 2 threads)")
+    assert plan["commit_url"].startswith(f"{hub.endpoint}/{repo}/commit/")
+
+    script = f"""
+import json, hf_multimax
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({repo!r})
+card = ModelCard.load({repo!r})
+w_key = m.model.layers[0].self_attn.sparsemix.w_key.sum().item()
+print(json.dumps({{"attn": m.config._attn_implementation, "w_key": w_key, "data": card.data.to_dict(),
+                  "text": card.text}}))
+"""
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, **hub.env}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert loaded["attn"] == "sparsemix"
+    assert loaded["w_key"] == pytest.approx(model.model.layers[0].self_attn.sparsemix.w_key.sum().item())
+    data = loaded["data"]
+    assert data["sparsemix"] == model.config.sparsemix and data["attn_implementation"] == "sparsemix"
+    assert data["training_hardware"] == "CPU (x86_64, 2 threads)"
+    assert data["model-index"][0]["results"][0]["metrics"] == [{"type": "loss", "value": 4.2}]
+    assert "| `selector` | `block` |" in loaded["text"] and "| selector in use | block |" in loaded["text"]
