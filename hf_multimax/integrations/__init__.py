@@ -11,6 +11,7 @@ from .aux_losses import AuxLosses, collect_aux_losses
 from .fusion_auto import register_fusion_auto_classes, unregister_fusion_auto_classes
 from .hooks import check_transformers, install_hooks, uninstall_hooks
 from .methods import METHODS, Method, method_of
+from . import sparsemix_generation
 
 __all__ = [
     "ATTENTION_NAMES",
@@ -40,6 +41,7 @@ def register() -> None:
             # Without a mask function of the same name transformers passes mask=None, even for causal models.
             AttentionMaskInterface.register(name, method.mask)
     register_fusion_auto_classes()
+    sparsemix_generation.install()  # generate()'s default cache for SparseMix models
 
 
 def uninstall() -> None:
@@ -50,4 +52,5 @@ def uninstall() -> None:
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)
     unregister_fusion_auto_classes()
+    sparsemix_generation.uninstall()
     uninstall_hooks()
