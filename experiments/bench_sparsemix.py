@@ -7,16 +7,26 @@ a Llama with hidden 512), transformers' `sdpa_attention_forward` for dense and
 its selector from the module, then runs the selector, the top-k selection and the sparse kernel. For each sequence length: forward time (no grad),
 forward+backward time (median of repeats after a warm-up; the first call's extra time, mostly
 compilation, is reported separately), and peak memory growth of one forward+backward in a fresh
-process. The chart's speed-up vs L shows where sparse attention overtakes dense. Writes JSON and a
-PNG chart, prints a markdown table (from the repository root):
+process. The chart's speed-up vs L shows where sparse attention overtakes dense.
+
+Long contexts (`--long_from`, 32k by default): SDPA at 64k takes over a minute per forward on one
+thread, so lengths from there are timed `--long_repeats` times after the first call (default 1: one
+timed call besides the first), and with `--long_repeats 0` the first call alone is the measurement
+(its `repeats` in the row says which; a variant's first call also includes its one-off set-up). Peak
+memory of one forward+backward is the growth of the resident set (RSS, Linux) in a fresh process per
+variant and length (`--memory_lengths`), which sees torch's allocations where tracemalloc does not.
+Writes JSON and a PNG chart, prints a markdown table (from the repository root):
 
     .venv/bin/python -m experiments.bench_sparsemix                  # full sweep, 1024..16384
+    .venv/bin/python -m experiments.bench_sparsemix --threads 1 --variants sdpa fused --lengths 16384 32768 65536 \\
+        --memory_lengths 65536 --output benchmarks/results/sparsemix_long_1thread.json   # 32k/64k (issue 31 item 2)
     .venv/bin/python -m experiments.bench_sparsemix --quick          # smoke run: tiny sizes, claims nothing
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -41,7 +51,8 @@ __all__ = ["MAX_LEN", "QUICK", "TARGETS", "bench_sparsemix", "main", "summary"]
 
 H, D = 8, 64
 # Where each variant stops being run: eager keeps every gathered tile for its backward.
-MAX_LEN = {"sdpa": 16384, "blocked": 16384, "fused": 16384, "eager": 8192, "flex": 16384}
+MAX_LEN = {"sdpa": 65536, "blocked": 32768, "fused": 65536, "eager": 8192, "flex": 16384}
+LONG_FROM = 32768  # lengths from here are timed `long_repeats` times (SDPA: over a minute per forward at 64k)
 # The issue's targets at L=16384, drawn on the chart: measure -> [(ratio, label)].
 TARGETS = {"forward_s": [(8.0, "target: 8x at 16k")], "forward_backward_s": [(6.0, "target: 6x at 16k")],
            "peak_mib": [(1.0, "target: <= SDPA")]}
@@ -67,8 +78,8 @@ def make_module(settings: SparseMixSettings, variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant == "sdpa":
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").model.layers[0].self_attn.eval()
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix",
-                                             sparsemix=settings.replace(backend=variant).to_dict())
+    config.sparsemix = settings.replace(backend=variant).to_dict()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
     module = model.model.layers[0].self_attn.eval()
     scorer = module.sparsemix
     with torch.no_grad():
@@ -91,8 +102,27 @@ def memory_step(variant: str, length: int, settings: dict):
     return forward_backward_step(lambda *x: run(variant, *x, module), warmup, make_inputs(length, True))
 
 
+def time_once(run, make_inputs, repeats: int, backward: bool = True) -> dict:
+    """`time_forward_backward` for the long lengths: `repeats` timed calls after the first (their
+    median), or with `repeats=0` the first call alone; `repeats` is recorded in the result."""
+    if repeats > 0:
+        return {**time_forward_backward(run, make_inputs, repeats, backward=backward), "repeats": repeats}
+    inputs = make_inputs(False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run(*inputs)
+    result = {"forward_s": time.perf_counter() - t0, "repeats": 0}
+    if backward:
+        inputs = make_inputs(True)
+        grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))
+        t0 = time.perf_counter()
+        run(*inputs).backward(grad)
+        result["forward_backward_s"] = time.perf_counter() - t0
+    return result
+
+
 def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size: int, top_k: int,
-                    selector: str = "block") -> dict:
+                    selector: str = "block", long_from: int = LONG_FROM, long_repeats: int = 1) -> dict:
     """Every measurement of the module docstring for `variants` (names in `MAX_LEN`; SDPA, the
     baseline, is always measured; peak memory for SDPA and the trainable `blocked` and `fused`)."""
     unknown = sorted(set(variants) - set(MAX_LEN))
@@ -104,8 +134,9 @@ def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size:
 
     def time_variant(variant, length):
         # CPU flex has no backward.
-        return time_forward_backward(lambda *x: run(variant, *x, modules[variant]),
-                                     lambda grad: make_inputs(length, grad), repeats, backward=variant != "flex")
+        timer = time_once if length >= long_from else time_forward_backward
+        return timer(lambda *x: run(variant, *x, modules[variant]), lambda grad: make_inputs(length, grad),
+                     long_repeats if length >= long_from else repeats, backward=variant != "flex")
 
     rows = {n: {"length": n} for n in lengths}
     sweep(rows, [(n, v) for n in lengths for v in variants if n <= MAX_LEN[v]], time_variant, "timing")
@@ -117,6 +148,9 @@ def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size:
         "shape": {"B": 1, "H": H, "D": D, "causal": True},
         "settings": settings.to_dict(),
         "variants": variants,
+        "repeats": repeats,
+        "long_from": long_from,
+        "long_repeats": long_repeats,
         "targets": TARGETS,
         "rows": [rows[n] for n in sorted(rows)],
     }
@@ -152,7 +186,9 @@ def summary(results: dict) -> str:
         for v in with_memory:
             mem = row.get(v, {}).get("peak_mib"), sdpa.get("peak_mib")
             cells.append(f"{mem[0]:.0f} / {mem[1]:.0f} MiB" if all(mem) else "-")
-        lines.append(f"| {row['length']} | " + " | ".join(cells) + " |")
+        few = sdpa.get("repeats")
+        label = f"{row['length']}" + ("" if few is None else " (first call only)" if few == 0 else f" ({few} timed)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -166,6 +202,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--top_k", type=int, default=SparseMixSettings.top_k, help="key blocks kept per query block besides sink and local")
     parser.add_argument("--selector", default="auto", choices=["auto", *SELECTORS], help="what ranks the key blocks (SparseMixSettings.selector; auto: block_rotary on the benchmark's Llama)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--long_from", type=int, default=LONG_FROM, help="lengths from here are timed --long_repeats times")
+    parser.add_argument("--long_repeats", type=int, default=1, help="timed repeats after the first call at long lengths (0: the first call alone)")
     parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/bench_sparsemix.json; with --quick outputs/bench_sparsemix_quick.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat; claims nothing")
@@ -175,7 +213,7 @@ def main(argv=None) -> dict:
     if args.quick:
         vars(args).update(QUICK)
     results = bench_sparsemix(args.lengths, args.memory_lengths, args.variants, args.repeats, args.block_size,
-                              args.top_k, args.selector)
+                              args.top_k, args.selector, args.long_from, args.long_repeats)
     results["quick"] = args.quick
     write_results(results, output_path("bench_sparsemix", "quick" if args.quick else None, args.output), plot)
     print(summary(results))
