@@ -2,14 +2,23 @@
 
 A 2-layer Llama (hidden 512, 8 heads of 64, MLP 1024, vocabulary 1000), random weights, the SparseMix
 models with the same weights and a trained-looking selector (the script defaults to SparseMix's defaults,
-block 32, top-18). For each cache
-(`dynamic`, transformers' default, and `static`) and each model: the prompt (`context` random
-tokens) is prefilled once (timed once), then greedy `generate` continues from a copy of that cache
-for `new_tokens` tokens, every one a decoding step; the models are alternated repeat by repeat and
-the median is reported as decoding tokens/s, with its ratio to dense SDPA on the same cache. Writes
-JSON and a PNG chart, prints the table (from the repository root):
+block 32, top-18). For each cache (`dynamic`: transformers' `DynamicCache` with its own layers; `static`;
+`growing`: the plugin's `SparseMixCache`, whose layers grow in place) and each model: the prompt
+(`context` random tokens) is prefilled once (timed once), then greedy `generate` continues from a copy
+of that cache for `new_tokens` tokens, every one a decoding step; the models are alternated repeat by
+repeat and the median is reported as decoding tokens/s, with its ratio to dense SDPA on the same cache.
+
+`default` is `generate()` given no cache argument at all (what a user gets without flags: for SparseMix
+models the plugin's growing cache, for SDPA transformers' `DynamicCache`): each run prefills the prompt
+itself, and only its decoding steps are timed (from the first generated token to the last, stamped by a
+stopping criterion: `new_tokens - 1` steps). Its ratio is to SDPA's `default` (= `dynamic`) row;
+`speedup_vs_sdpa_static` also gives it against SDPA with a static cache, the fastest dense choice.
+
+Writes JSON and a PNG chart, prints the table (from the repository root):
 
     .venv/bin/python -m experiments.bench_sparsemix_decode --threads 1              # 16k context
+    .venv/bin/python -m experiments.bench_sparsemix_decode --threads 1 --models sparsemix_block \\
+        --output benchmarks/results/sparsemix_decode_default.json                   # the no-flags row (issue 31)
     .venv/bin/python -m experiments.bench_sparsemix_decode --quick                  # smoke run: tiny sizes, claims nothing
 """
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -30,7 +40,7 @@ __all__ = ["QUICK", "bench_sparsemix_decode", "decode_summary", "main"]
 
 VARIANTS = {"sdpa": None, "sparsemix_block": "block", "sparsemix_block_norms": "block_norms",
             "sparsemix_block_rotary": "block_rotary", "sparsemix_token": "token"}
-CACHES = ("dynamic", "static")
+CACHES = ("dynamic", "static", "growing", "default")
 QUICK = {"context": 512, "new_tokens": 4, "repeats": 1, "block_size": 16, "top_k": 2}
 
 
@@ -64,21 +74,56 @@ def make_models(block_size: int, top_k: int, layers: int = 2, names=tuple(VARIAN
 def _new_cache(model, cache: str, max_len: int):
     from transformers import DynamicCache, StaticCache
 
+    from hf_multimax.integrations.sparsemix_generation import SparseMixCache
+
     if cache == "static":
         return StaticCache(config=model.config, max_cache_len=max_len)
+    if cache == "growing":
+        return SparseMixCache(config=model.config, capacity=max_len)
     return DynamicCache(config=model.config)
+
+
+class _StepClock:
+    """A stopping criterion that never stops: the time each generated token is ready."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
 def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_size: int, top_k: int,
-                           names=tuple(VARIANTS)) -> dict:
+                           names=tuple(VARIANTS), caches=CACHES) -> dict:
     """Every measurement of the module docstring, for the models `names` (of `VARIANTS`; SDPA, the
-    baseline, always)."""
+    baseline, always) and the caches `caches` (of `CACHES`)."""
+    from transformers import StoppingCriteriaList
+
     models = make_models(block_size, top_k, names=names)
     prompt = torch.randint(0, 1000, (1, context + 1), generator=torch.Generator().manual_seed(0))
     rows = []
-    for cache in CACHES:
+    default_cache = {}
+    for cache in (c for c in CACHES if c in caches):
         prefilled, prefill_s = {}, {}
+        if cache == "default":  # generate() with no cache argument: it prefills, only its decoding steps are timed
+            def decode(name):
+                clock = _StepClock()
+                t0 = time.perf_counter()
+                out = models[name].generate(prompt[:, :context], attention_mask=torch.ones_like(prompt[:, :context]),
+                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                            stopping_criteria=StoppingCriteriaList([clock]),
+                                            return_dict_in_generate=True)
+                assert out.sequences.shape[1] == context + new_tokens
+                layers = getattr(out.past_key_values, "layers", [])
+                default_cache[name] = sorted({type(layer).__name__ for layer in layers})
+                prefill_s[name] = clock.stamps[0] - t0
+                # new_tokens - 1 decoding steps, scaled to new_tokens for the same tokens/s as the other rows
+                return (clock.stamps[-1] - clock.stamps[0]) * new_tokens / (new_tokens - 1)
+
+            _time_rows(rows, cache, models, decode, repeats, new_tokens, prefill_s, default_cache)
+            continue
         for name, model in models.items():
             c = _new_cache(model, cache, context + new_tokens + 1)
             t0 = time.perf_counter()
@@ -95,33 +140,49 @@ def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_si
             assert out.shape[1] == prompt.shape[1] + new_tokens
             return seconds
 
-        for name in models:  # warm-up
-            decode(name)
-        times = {name: [] for name in models}
-        for _ in range(repeats):
-            for name in models:
-                times[name].append(decode(name))
-        for name in models:
-            median = statistics.median(times[name])
-            rows.append({"cache": cache, "model": name, "prefill_s": round(prefill_s[name], 3),
-                         "decode_s": round(median, 4), "tokens_per_s": round(new_tokens / median, 2),
-                         "times_s": [round(t, 4) for t in times[name]]})
-        dense = next(r for r in rows if r["cache"] == cache and r["model"] == "sdpa")
-        for r in rows:
-            if r["cache"] == cache:
-                r["speedup_vs_sdpa"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
-    return {"machine": machine(), "threads": torch.get_num_threads(), "context": context, "new_tokens": new_tokens,
+        _time_rows(rows, cache, models, decode, repeats, new_tokens, prefill_s)
+    static = next((r for r in rows if r["cache"] == "static" and r["model"] == "sdpa"), None)
+    for r in rows:
+        if r["cache"] == "default" and static is not None:
+            r["speedup_vs_sdpa_static"] = round(r["tokens_per_s"] / static["tokens_per_s"], 3)
+    return {"machine": machine(), "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+            "context": context, "new_tokens": new_tokens,
             "repeats": repeats, "model": "Llama, 2 layers, hidden 512, 8 heads of 64, MLP 1024",
             "sparsemix": {"block_size": block_size, "top_k": top_k}, "rows": rows}
 
 
+def _time_rows(rows, cache, models, decode, repeats, new_tokens, prefill_s, cache_layers=None):
+    """One warm-up and `repeats` timed runs of `decode(name)` per model, alternated; a row per model."""
+    for name in models:  # warm-up
+        decode(name)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name in models:
+            times[name].append(decode(name))
+    for name in models:
+        median = statistics.median(times[name])
+        row = {"cache": cache, "model": name, "prefill_s": round(prefill_s[name], 3),
+               "decode_s": round(median, 4), "tokens_per_s": round(new_tokens / median, 2),
+               "times_s": [round(t, 4) for t in times[name]]}
+        if cache_layers:
+            row["cache_layers"] = cache_layers[name]
+        rows.append(row)
+    dense = next(r for r in rows if r["cache"] == cache and r["model"] == "sdpa")
+    for r in rows:
+        if r["cache"] == cache:
+            r["speedup_vs_sdpa"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
+
+
 def decode_summary(results: dict) -> str:
     lines = [f"decoding at {results['context']} tokens of context, {results['new_tokens']} new tokens, "
-             f"{results['threads']} thread(s), median of {results['repeats']}", "",
-             "| cache | model | prefill s | decode tokens/s | / SDPA |", "|---|---|---|---|---|"]
+             f"{results['threads']} thread(s), median of {results['repeats']}; {results['machine']}; "
+             f"load average at the end {results.get('load_average')}", "",
+             "| cache | model | prefill s | decode tokens/s | / SDPA (same cache) | / SDPA static |",
+             "|---|---|---|---|---|---|"]
     for r in results["rows"]:
+        vs_static = f"{r['speedup_vs_sdpa_static']:.2f}x" if "speedup_vs_sdpa_static" in r else ""
         lines.append(f"| {r['cache']} | {r['model']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['speedup_vs_sdpa']:.2f}x |")
+                     f"{r['speedup_vs_sdpa']:.2f}x | {vs_static} |")
     return "\n".join(lines)
 
 
@@ -133,11 +194,13 @@ def plot_decode(results: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [n for n in VARIANTS if any(r["model"] == n for r in results["rows"])]
-    for i, cache in enumerate(CACHES):
+    caches = [c for c in CACHES if any(r["cache"] == c for r in results["rows"])]
+    width = 0.8 / len(caches)
+    for i, cache in enumerate(caches):
         rows = {r["model"]: r for r in results["rows"] if r["cache"] == cache}
-        ax.bar([j + 0.4 * i for j in range(len(names))], [rows[n]["tokens_per_s"] for n in names], width=0.4,
-               label=f"{cache} cache")
-    ax.set_xticks([j + 0.2 for j in range(len(names))], names, fontsize=8)
+        ax.bar([j + width * i for j in range(len(names))], [rows[n]["tokens_per_s"] for n in names], width=width,
+               label="generate() with no cache argument" if cache == "default" else f"{cache} cache")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"decoding at {results['context']} context, {results['threads']} thread(s)")
     ax.legend()
@@ -158,6 +221,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=None, help="JSON path, the PNG beside it (default: benchmarks/results/bench_sparsemix_decode.json; with --quick outputs/bench_sparsemix_decode_quick.json)")
     parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="what to time (sdpa, the baseline, always is; sparsemix_<selector> for each selector)")
+    parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=list(CACHES),
+                        help="which caches to time (default: generate() with no cache argument)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat; claims nothing")
     args = parser.parse_args(argv)
     if args.threads:
@@ -165,7 +230,7 @@ def main(argv=None) -> dict:
     if args.quick:
         vars(args).update(QUICK)
     results = bench_sparsemix_decode(args.context, args.new_tokens, args.repeats, args.block_size, args.top_k,
-                                     names=args.models)
+                                     names=args.models, caches=args.caches)
     results["quick"] = args.quick
     write_results(results, output_path("bench_sparsemix_decode", "quick" if args.quick else None, args.output), plot_decode)
     print(decode_summary(results))
