@@ -27,6 +27,7 @@ __all__ = [
     "generated_language",
     "load_model",
     "load_raw_dataset",
+    "method_settings",
     "offline_tokenizer_path",
 ]
 
@@ -43,6 +44,12 @@ class ModelArguments:
     multimax_affine: bool = field(default=False, metadata={"help": "Learnable temperature before the modulator."})
     multimax_output_head: bool = field(default=False, metadata={"help": "Also modulate the output logits."})
     multimax_backend: str = field(default="auto", metadata={"help": "auto, eager, chunked or flex."})
+    attn_settings: str | None = field(
+        default=None,
+        metadata={"help": "JSON settings of the --attn_implementation method, e.g. "
+                  "'{\"block_size\": 32, \"top_k\": 8}' for sparsemix (saved as config.<method>); for multimax "
+                  "they override the --multimax_* flags."},
+    )
 
     def multimax_settings(self) -> dict:
         return {"order": self.multimax_order, "per_head": self.multimax_per_head, "affine": self.multimax_affine,
@@ -93,11 +100,9 @@ def offline_tokenizer_path() -> str:
 
 def load_model(auto_cls, model_args: ModelArguments, default_config=None, **kwargs):
     """`auto_cls.from_pretrained(model_name_or_path)`, or `from_config(default_config())` when no path
-    is given, with the requested attention and (for MultiMax) its settings."""
-    from ..integrations import METHODS, method_of
-
-    wants = method_of(model_args.attn_implementation) is METHODS["multimax"]
-    extra = {"multimax": model_args.multimax_settings()} if wants else {}
+    is given, with the requested attention and its settings (`--attn_settings`; the `--multimax_*`
+    flags wherever the method attaches MultiMax scalars: multimax, sparsemix with its normalizer)."""
+    extra = method_settings(model_args)
     if model_args.model_name_or_path:
         return _from_pretrained_with_new_head(
             auto_cls, model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, **extra, **kwargs
@@ -108,6 +113,32 @@ def load_model(auto_cls, model_args: ModelArguments, default_config=None, **kwar
     for key, value in {**extra, **kwargs}.items():
         setattr(config, key, value)
     return auto_cls.from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+def method_settings(model_args: ModelArguments) -> dict[str, dict]:
+    """`{config key: settings}` for the chosen method: `--attn_settings` for its own, the `--multimax_*`
+    flags for the MultiMax scalars when its layers include them. Validated here, before any loading."""
+    import json
+
+    from ..integrations import method_of
+    from ..layers.multimax import MultiMaxModulator
+
+    method = method_of(model_args.attn_implementation)
+    own = json.loads(model_args.attn_settings) if model_args.attn_settings else {}
+    if not isinstance(own, dict):
+        raise ValueError(f"--attn_settings must be a JSON object, got {model_args.attn_settings!r}")
+    if method is None or method.settings is None:
+        if own:
+            raise ValueError(f"--attn_settings given, but attn_implementation={model_args.attn_implementation!r} "
+                             "has no settings (plugin methods with settings: multimax, sparsemix)")
+        return {}
+    key = method.settings.config_key
+    out = {}
+    if MultiMaxModulator in method.layers(method.settings.from_dict(own)):  # also validates `own`
+        out["multimax"] = model_args.multimax_settings()
+    if own or key in out:
+        out[key] = {**out.get(key, {}), **own}
+    return out
 
 
 def _from_pretrained_with_new_head(auto_cls, path, **kwargs):
