@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import re
+import weakref
+from typing import Callable
 
 import torch
 from transformers.masking_utils import eager_mask, sdpa_mask
@@ -13,7 +15,7 @@ from ..layers.base import MethodLayer
 from ..layers.settings import ConfigSettings
 from ..ops.backends import AttentionCall
 
-__all__ = ["EAGER_MASK_MODEL_TYPES", "REFUSED_KWARGS", "SCORE_BIAS_KWARGS", "SELECTION_KWARGS", "attention_call",
+__all__ = ["EAGER_MASK_MODEL_TYPES", "PLANS", "REFUSED_KWARGS", "SCORE_BIAS_KWARGS", "SELECTION_KWARGS", "attention_call",
            "call_is_causal", "fold_selection", "layer_outputs", "plugin_mask", "prepare_inputs", "refuse_unsupported",
            "score_bias_kwargs", "settings_of", "split_float_mask"]
 
@@ -49,8 +51,8 @@ def _fold_token_indices(module, query, key, attention_mask, indices, kwargs):
     K = key.shape[-2]
     if not (torch.is_tensor(indices) and not indices.is_floating_point() and indices.dim() == 3
             and tuple(indices.shape[:2]) == (B, Q)):
-        what = f"of shape {tuple(indices.shape)}, {indices.dtype}" if torch.is_tensor(indices) else \
-            f"of type {type(indices).__name__}"
+        what = (f"of shape {tuple(indices.shape)}, {indices.dtype}" if torch.is_tensor(indices) else
+                f"of type {type(indices).__name__}")
         raise ValueError(f"indices {what} is not a selection of keys per query: an integer tensor [{B}, {Q}, top_k] "
                          "is expected (DeepSeek Sparse Attention's indexer output)")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= K):
@@ -120,10 +122,57 @@ def settings_of(module: torch.nn.Module, settings_cls: type[ConfigSettings]) -> 
 _ABSENT = object()
 
 
+class InferencePlans:
+    """The attention functions' one cache: what a call derives from its attention module's state and
+    would otherwise derive again in every layer for every token (that the method's layer fits the
+    settings; the layer's outputs without gradient; MultiMax's prepared decoding kernel).
+
+    Kept beside the modules, never on them: weakly keyed by the attention module, one entry per
+    purpose. One invalidation rule: an entry holds while the state it was built from is unchanged,
+    compared item by item, tensors and modules by identity, the rest by equality (`state_of` adds a
+    layer's parameters with their versions and storage: an optimizer step or `fill_` bumps the
+    version, loading or `.to()` replaces the tensor or its storage)."""
+
+    def __init__(self):
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, module: torch.nn.Module, purpose: str, state: tuple, build: Callable[[], object] | None = None):
+        """The entry for `purpose` if its state is `state`; else `build()` stored under `state` (None: none)."""
+        entry = self._plans.get(module, {}).get(purpose)
+        if entry is not None and _same(entry[0], state):
+            return entry[1]
+        if build is None:
+            return None
+        return self.put(module, purpose, state, build())
+
+    def put(self, module: torch.nn.Module, purpose: str, state: tuple, value):
+        self._plans.setdefault(module, {})[purpose] = (state, value)
+        return value
+
+    def held(self, module: torch.nn.Module) -> tuple[str, ...]:
+        """The purposes an entry is kept for (valid or not)."""
+        return tuple(self._plans.get(module, {}))
+
+    @staticmethod
+    def state_of(layer: torch.nn.Module, *more) -> tuple:
+        params = tuple(layer._parameters.values())
+        return (layer, *params, *(p._version for p in params), *(p.data_ptr() for p in params), *more)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        x is y or not isinstance(x, (torch.Tensor, torch.nn.Module)) and type(x) is type(y) and x == y for x, y in zip(a, b)
+    )
+
+
+PLANS = InferencePlans()
+
+
 def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], settings: ConfigSettings):
     """Call the method layer attached to `module` (`module.<attr>()`), after checking that it still
     fits `settings`. Calling rather than reading its parameters lets wrappers (PEFT `modules_to_save`,
-    FSDP, DeepSpeed ZeRO-3) supply the live parameters; their attribute lookup reaches `structure`."""
+    FSDP, DeepSpeed ZeRO-3) supply the live parameters; their attribute lookup reaches `structure`.
+    Without gradient an unwrapped layer's outputs are reused while its parameters are unchanged."""
     layer = getattr(module, layer_cls.attr, None)
     name = settings.config_key
     if layer is None:
@@ -132,19 +181,23 @@ def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], setting
             f"with from_pretrained/from_config(attn_implementation='{name}') or call "
             f"model.set_attn_implementation('{name}') after `import hf_multimax`."
         )
-    # The check below holds until the settings (cached per distinct dict) or the layer change.
-    if module.__dict__.get("_hf_multimax_fits") == (settings, layer):
+    PLANS.get(module, "fits", (settings, layer), lambda: _check_fits(module, layer_cls, layer, settings))
+    wrapped = type(layer) is not layer_cls or layer._forward_hooks or layer._forward_pre_hooks
+    if wrapped or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return layer()
+    return PLANS.get(module, "outputs", PLANS.state_of(layer), layer)
+
+
+def _check_fits(module: torch.nn.Module, layer_cls: type[MethodLayer], layer, settings: ConfigSettings) -> bool:
     wanted = layer_cls.structure_for(settings, module)
     if layer.structure != wanted:
         running = module.config._attn_implementation
         raise ValueError(
-            f"config.{name} asks {type(module).__name__}.{layer_cls.attr} for {wanted} but it holds {layer.structure}: a "
-            f"change of its parameters' shape is applied with model.set_attn_implementation({running!r}) (which "
-            "refuses to drop trained parameters), not by editing the config alone"
+            f"config.{settings.config_key} asks {type(module).__name__}.{layer_cls.attr} for {wanted} but it holds "
+            f"{layer.structure}: a change of its parameters' shape is applied with model.set_attn_implementation("
+            f"{running!r}) (which refuses to drop trained parameters), not by editing the config alone"
         )
-    module.__dict__["_hf_multimax_fits"] = (settings, layer)
-    return layer()
+    return True
 
 
 def plugin_mask(*args, **kwargs):
@@ -230,8 +283,8 @@ def _score_bias(kwargs: dict, query: torch.Tensor, k_len: int) -> torch.Tensor |
     B, H, Q = query.shape[:3]
     for name in score_bias_kwargs(kwargs):
         bias = kwargs[name]
-        fits = torch.is_tensor(bias) and bias.is_floating_point() and bias.dim() == 4 and bias.shape[0] in (1, B) \
-            and bias.shape[1] in (1, H) and bias.shape[2] in (1, Q) and bias.shape[3] == k_len
+        fits = (torch.is_tensor(bias) and bias.is_floating_point() and bias.dim() == 4 and bias.shape[0] in (1, B)
+                and bias.shape[1] in (1, H) and bias.shape[2] in (1, Q) and bias.shape[3] == k_len)
         if not fits:
             what = (f"of shape {tuple(bias.shape)} and dtype {bias.dtype}" if torch.is_tensor(bias)
                     else f"of type {type(bias).__name__}")

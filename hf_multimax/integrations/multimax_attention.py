@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
-import operator
 import os
 
 import torch
@@ -13,13 +11,12 @@ import torch
 from ..layers.multimax import MultiMaxModulator, MultiMaxSettings
 from ..ops.backends import DISABLE_ENV
 from ..ops.multimax import BACKENDS
-from .attention_utils import attention_call, fold_selection, layer_outputs, prepare_inputs, refuse_unsupported, \
-    score_bias_kwargs, settings_of
+from .attention_utils import (PLANS, attention_call, fold_selection, layer_outputs, prepare_inputs, refuse_unsupported,
+                              score_bias_kwargs, settings_of)
 
 __all__ = ["multimax_attention_forward", "multimax_params"]
 
 logger = logging.getLogger(__name__)
-_VERSION = operator.attrgetter("_version")
 
 
 def multimax_params(module: torch.nn.Module, n_heads: int, settings: MultiMaxSettings | None = None):
@@ -71,19 +68,19 @@ def multimax_attention_forward(
     # (which reaches the attention function only through the config).
     want_probs = bool(kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False))
     # The prepared decoding kernel takes no bias and no sinks: such calls take the full path.
-    decoding = not torch.compiler.is_compiling() and attention_mask is None and not torch.is_grad_enabled() \
-        and not module.training and not want_probs and query.device.type == "cpu" \
-        and not score_bias_kwargs(kwargs) and sink_logits is None
-    if decoding:
-        plan = module.__dict__.get("_hf_multimax_plan")
-        if plan is not None and plan.holds(module, kwargs.get("softcap")):
-            if query.shape[2] == 1:  # one new token sees every cached key, causal or not
-                is_causal = False
-            else:
-                key, value, _, _, is_causal = prepare_inputs(module, query, key, value, None, kwargs)
-            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-            return plan.run(query, key, value, scale, is_causal).transpose(1, 2).contiguous(), None
+    decoding = (not torch.compiler.is_compiling() and attention_mask is None and not torch.is_grad_enabled()
+                and not module.training and not want_probs and query.device.type == "cpu"
+                and not score_bias_kwargs(kwargs) and sink_logits is None)
     settings = settings_of(module, MultiMaxSettings)
+    plan_state = _plan_state(module, settings, kwargs.get("softcap")) if decoding else None
+    run = None if plan_state is None else PLANS.get(module, "decoding", plan_state)
+    if run is not None:
+        if query.shape[2] == 1:  # one new token sees every cached key, causal or not
+            is_causal = False
+        else:
+            key, value, _, _, is_causal = prepare_inputs(module, query, key, value, None, kwargs)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return run(query, key, value, scale, is_causal).transpose(1, 2).contiguous(), None
     theta, affine = multimax_params(module, query.shape[1], settings)
     if theta.dim() == 2:  # per head: [8, H] -> [8, H, 1, 1] against scores [B, H, Q, K]
         theta = theta[:, :, None, None]
@@ -94,8 +91,8 @@ def multimax_attention_forward(
     call = attention_call(query, key, value, theta, affine, want_probs=want_probs,
                           dropout=dropout, sink_logits=sink_logits)
     backend = _resolve_backend(settings.backend, call, bias)
-    if decoding and backend.prepare_inference is not None:
-        _InferencePlan.build(module, settings, call, kwargs.get("softcap"))
+    if plan_state is not None and backend.prepare_inference is not None:
+        _plan_decoding(module, plan_state, settings, call, kwargs.get("softcap"))
     out, probs = backend.kernel(
         query,
         key,
@@ -135,44 +132,22 @@ def _resolve_backend(requested: str, call, bias: torch.Tensor | None):
     return BACKENDS.resolve(requested, call)
 
 
-class _InferencePlan:
-    """Decoding calls the attention of every layer once per token. While nothing it depends on
-    changes, the settings, scalars and backend choice of the last call are reused, and the backend's
-    prepared kernel runs directly. It depends on: the config's settings dict (same object, equal, same
-    value types), the MultiMax layer (same object, no hooks, same parameter objects and versions),
-    the backend opt-out variable and softcap. Any other call (masks, gradients, training,
-    probabilities) takes the full path."""
+def _plan_state(module, settings, softcap) -> tuple | None:
+    """What MultiMax's decoding plan depends on (`PLANS`' rule): the settings, the MultiMax layer and
+    its parameters, softcap and the backend opt-out variable; None for a wrapped layer (PEFT, FSDP,
+    ZeRO-3 supply their parameters at call time)."""
+    layer = module._modules.get(MultiMaxModulator.attr)
+    if type(layer) is not MultiMaxModulator or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    return PLANS.state_of(layer, settings, softcap, os.environ.get(DISABLE_ENV, ""))
 
-    __slots__ = ("values", "snapshot", "types", "layer", "params", "versions", "storage", "env", "softcap", "run")
 
-    @classmethod
-    def build(cls, module, settings, call, softcap) -> None:
-        module.__dict__.pop("_hf_multimax_plan", None)
-        values = module.config.__dict__.get(MultiMaxSettings.config_key)
-        layer = module._modules.get(MultiMaxModulator.attr)
-        if type(values) is not dict or type(layer) is not MultiMaxModulator or layer._forward_hooks \
-                or layer._forward_pre_hooks:
-            return  # wrapped layers (PEFT, FSDP, ZeRO-3) supply their parameters at call time
-        backend = BACKENDS.resolve_for_any_length(settings.backend, call)
-        if backend is None or backend.prepare_inference is None:
-            return
-        plan = cls()
-        plan.values, plan.snapshot, plan.types = values, copy.deepcopy(values), tuple(map(type, values.values()))
-        plan.layer, plan.params = layer, tuple(layer._parameters.values())
-        plan.versions = tuple(map(_VERSION, plan.params))
-        plan.storage = tuple(map(torch.Tensor.data_ptr, plan.params))  # `.to()` swaps `.data` without a version bump
-        plan.env, plan.softcap = os.environ.get(DISABLE_ENV, ""), softcap
-        theta, affine = layer.theta().detach(), layer.affine_params()
-        plan.run = backend.prepare_inference(theta, affine, softcap)
-        module.__dict__["_hf_multimax_plan"] = plan
-
-    def holds(self, module, softcap) -> bool:
-        values = module.config.__dict__.get(MultiMaxSettings.config_key)
-        layer = self.layer
-        return (values is self.values and module._modules.get(MultiMaxModulator.attr) is layer
-                and softcap == self.softcap and not layer._forward_hooks and not layer._forward_pre_hooks
-                and self.snapshot == values and self.types == tuple(map(type, values.values()))
-                and self.versions == tuple(map(_VERSION, self.params))
-                and self.storage == tuple(map(torch.Tensor.data_ptr, self.params))
-                and len(layer._parameters) == len(self.params) and all(map(operator.is_, layer._parameters.values(), self.params))
-                and os.environ.get(DISABLE_ENV, "") == self.env)
+def _plan_decoding(module, state: tuple, settings, call, softcap) -> None:
+    """Decoding calls the attention of every layer once per token: while `state` holds, the next
+    unmasked no-gradient call runs the backend's prepared kernel directly. Any other call (masks,
+    gradients, training, probabilities) takes the full path."""
+    backend = BACKENDS.resolve_for_any_length(settings.backend, call)
+    if backend is None or backend.prepare_inference is None:
+        return
+    layer = state[0]
+    PLANS.put(module, "decoding", state, backend.prepare_inference(layer.theta().detach(), layer.affine_params(), softcap))

@@ -20,6 +20,8 @@ used on such models (no KL term either).
 from __future__ import annotations
 
 import functools
+import weakref
+from typing import Callable
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -28,8 +30,8 @@ from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
 from ..ops.sparsemix import BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention
-from .attention_utils import SELECTION_KWARGS, attention_call, call_is_causal, fold_selection, layer_outputs, \
-    prepare_inputs, refuse_unsupported, score_bias_kwargs, settings_of
+from .attention_utils import (SELECTION_KWARGS, attention_call, call_is_causal, fold_selection, layer_outputs,
+                              prepare_inputs, refuse_unsupported, score_bias_kwargs, settings_of)
 from .aux_losses import active_aux_losses
 from .multimax_attention import multimax_attention_forward, multimax_params
 from .sparsemix_decoding import DECODING_KWARG, cached_key_summary
@@ -64,16 +66,34 @@ def _add_kl_term(aux, settings, selector, weights, query, key, geometry, scaling
     return kl
 
 
-_SEEN = "_hf_multimax_keys_seen"  # attribute of a mask tensor: (version, keys seen, hides nothing then)
+class _MaskFacts:
+    """What SparseMix reads off the attention mask (below), found once per forward: every layer of a
+    forward is handed the same mask tensor. One entry, the last mask asked about, valid while it is
+    the same tensor (held weakly: it goes with the forward) with the same version counter."""
+
+    def __init__(self):
+        self._entry = (None, -1, {})
+
+    def get(self, mask: torch.Tensor, what: tuple, compute: Callable[[], object]):
+        ref, version, facts = self._entry
+        if ref is None or ref() is not mask or version != mask._version:
+            facts = {}
+            self._entry = (weakref.ref(mask), mask._version, facts)
+        if what not in facts:
+            facts[what] = compute()
+        return facts[what]
+
+
+_MASK_FACTS = _MaskFacts()
 
 
 def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
     """Past the last key any query sees (all keys when the last one is seen, or none is), and whether
-    the mask, cut there, hides nothing from a single query. Kept on the mask tensor: every layer of a
-    forward is handed the same mask."""
-    known = getattr(mask, _SEEN, None)
-    if known is not None and known[0] == mask._version:
-        return known[1:]
+    the mask, cut there, hides nothing from a single query (once per forward: `_MaskFacts`)."""
+    return _MASK_FACTS.get(mask, ("keys seen",), lambda: _find_keys_seen(mask))
+
+
+def _find_keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
     one_row = mask.shape[:3] == (1, 1, 1)
     seen = mask.reshape(-1) if one_row else mask.any(dim=(0, 1, 2))
     count = int(torch.count_nonzero(seen))  # no int64 copy of the row, as a sum of bools makes
@@ -86,26 +106,20 @@ def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
             last -= int(seen.flip(0).view(torch.uint8).argmax())  # 0 when no key is seen: all keys are kept
     # A single row seen as a prefix hides nothing once cut there; otherwise the cut mask is checked.
     hides_nothing = (one_row and prefix) or (mask.shape[-2] == 1 and bool(mask[..., :last].all()))
-    setattr(mask, _SEEN, (mask._version, last, hides_nothing))
     return last, hides_nothing
-
-
-_AHEAD = "_hf_multimax_sees_ahead"  # attribute of a mask tensor: (version, query offset, any key ahead)
 
 
 def _sees_ahead(mask: torch.Tensor, q_offset: int) -> bool:
     """Whether the mask lets query i see a key after position q_offset + i: keys that are not in
     positional order (deepseek_v4 appends its compressed entries after its window's keys), where the
-    causal block geometry, which places query i there, would hide keys the model attends. Kept on the
-    mask tensor: every layer of a forward is handed the same mask."""
-    known = getattr(mask, _AHEAD, None)
-    if known is not None and known[:2] == (mask._version, q_offset):
-        return known[2]
-    q_len, k_len = mask.shape[-2:]
-    ahead = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu_(q_offset + 1)
-    result = bool((mask & ahead).any())
-    setattr(mask, _AHEAD, (mask._version, q_offset, result))
-    return result
+    causal block geometry, which places query i there, would hide keys the model attends (once per
+    forward: `_MaskFacts`)."""
+    def find() -> bool:
+        q_len, k_len = mask.shape[-2:]
+        ahead = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu_(q_offset + 1)
+        return bool((mask & ahead).any())
+
+    return _MASK_FACTS.get(mask, ("sees ahead", q_offset), find)
 
 
 def _drop_empty_cache_tail(key, value, mask):

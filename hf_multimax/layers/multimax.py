@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import ClassVar
 
 import torch
@@ -16,7 +15,6 @@ from .settings import ConfigSettings
 __all__ = ["MultiMaxSettings", "MultiMaxModulator"]
 
 ORDERS = (1, 2)
-_VERSION = operator.attrgetter("_version")
 # Names of the scalars each order learns; order 1 has the linear pieces only.
 _ORDER_PARAMS = {1: ("t1", "t2", "b1", "d1"), 2: ("t1", "t2", "t3", "t4", "b1", "d1", "b2", "d2")}
 
@@ -147,25 +145,10 @@ class MultiMaxModulator(MethodLayer):
         returned in x.dtype.
         """
         if x is None:
-            if torch.is_grad_enabled() or torch.compiler.is_compiling():
-                return self.theta(), self.affine_params()
-            return self._inference_params()
+            return self.theta(), self.affine_params()
         if self.num_heads is not None:
             raise ValueError("per-head scalars need the head axis: use them through the attention function")
         return naive_multimax_modulate(x.float(), self.theta(), self.affine_params()).to(x.dtype)
-
-    def _inference_params(self):
-        """`(theta, affine)` without gradient, rebuilt only when a parameter changed: decoding asks for
-        them in every layer for every token. A parameter replaced (loading, `.to()`) is another object
-        and one changed in place (an optimizer step, `fill_`) has a new version: either rebuilds."""
-        params = tuple(self._parameters.values())
-        versions = tuple(map(_VERSION, params))
-        cached = self.__dict__.get("_inference_cache")
-        if cached is None or cached[1] != versions or len(cached[0]) != len(params) \
-                or not all(map(operator.is_, cached[0], params)):
-            cached = (params, versions, (self.theta(), self.affine_params()))
-            self.__dict__["_inference_cache"] = cached
-        return cached[2]
 
     def extra_repr(self) -> str:
         heads = "shared" if self.num_heads is None else f"per_head={self.num_heads}"

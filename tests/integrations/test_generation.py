@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 
 import hf_multimax  # noqa: F401
+from hf_multimax.integrations.attention_utils import PLANS
 from hf_multimax.integrations.multimax_attention import multimax_attention_forward
 from tests.conftest import assert_close
 
@@ -95,8 +96,7 @@ def test_decoding_fast_path_follows_every_change():
         return got
 
     first = same(lambda m: None)
-    plan = model.model.layers[0].self_attn.__dict__.get("_hf_multimax_plan")
-    assert plan is not None, "an unmasked no-gradient call keeps a plan"
+    assert "decoding" in PLANS.held(model.model.layers[0].self_attn), "an unmasked no-gradient call keeps a plan"
     changed = same(lambda m: m.model.layers[0].self_attn.multimax.t1.fill_(0.4))  # in place
     assert not torch.equal(first, changed)
     same(lambda m: m.load_state_dict({**m.state_dict(), "model.layers.1.self_attn.multimax.t3": torch.full((1,), -0.2)}))
