@@ -118,11 +118,11 @@ def complementary_dataset(
     seed: int = 0,
     num_classes: int = 8,
     num_tokens_a: int = 4,
-    num_tokens_b: int = 8,
+    num_tokens_b: int = 4,
     dim_a: int = 8,
     dim_b: int = 16,
     strength_a: float = 1.5,
-    strength_b: float = 2.5,
+    strength_b: float = 3.5,
 ) -> DatasetDict:
     """The constructed task where imbalance costs accuracy: classes come in pairs (y // 2); modality `a`
     (dominant: the pair's prototype at `strength_a` on every one of its few low-dimensional tokens) tells
@@ -147,8 +147,8 @@ def complementary_dataset(
 
 
 def complementary_bayes_accuracy(dataset: Dataset, seed: int = 0, num_classes: int = 8, num_tokens_a: int = 4,
-                                 num_tokens_b: int = 8, dim_a: int = 8, dim_b: int = 16, strength_a: float = 1.5,
-                                 strength_b: float = 2.5) -> dict[str, float]:
+                                 num_tokens_b: int = 4, dim_a: int = 8, dim_b: int = 16, strength_a: float = 1.5,
+                                 strength_b: float = 3.5) -> dict[str, float]:
     """Accuracy on `dataset` (a split of `complementary_dataset` with the same settings) of the Bayes
     classifiers under the true generative model (uniform prior): both modalities, `a` alone, `b` alone.
     log p(a | y) = strength_a * sum_t <a_t, P_a[y // 2]> + const, log p(b | y) = logsumexp_t

@@ -41,7 +41,7 @@ def test_complementary_task_needs_both_modalities():
     assert set(datasets) == {"train", "validation", "test"} and names == ["a", "b"] and classes == 8
     bayes = complementary_bayes_accuracy(datasets["test"])
     # a tells only the pair (at most 1/2 of the label), b alone is weak, both together are far better.
-    assert bayes["a"] <= 0.5 + 0.02 and bayes["both"] > bayes["b"] + 0.15 and bayes["both"] > bayes["a"] + 0.3
+    assert bayes["a"] <= 0.5 + 0.02 and bayes["both"] > bayes["b"] + 0.05 and bayes["both"] > bayes["a"] + 0.4
     # Same seed, same data.
     again = load_fusion_task("complementary", seed=0, num_train=50, num_validation=10, num_test=3000)[0]
     assert np.array_equal(np.asarray(again["test"]["b"]), np.asarray(datasets["test"]["b"]))
