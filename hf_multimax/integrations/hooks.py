@@ -1,39 +1,34 @@
-"""The few transformers methods the zero-code path wraps, checked against the installed version and
-undone by `uninstall()`.
+"""The few transformers internals the zero-code path wraps (`import hf_multimax`, then
+`from_pretrained(path, attn_implementation="multimax")`, a saved checkpoint reloaded from its config,
+continuous batching and `transformers serve`), checked against the installed version and undone by
+`uninstall()`. Each wrapper is a call-through that returns at once for a config naming no plugin
+method; each says in one line why transformers offers no public hook for it. Nothing is wrapped only
+to improve a message: an unknown name (`"multimax:nope"`) gets transformers' own refusal, and
+`from_config` takes settings through the config (`config.multimax = {...}`), as the model's
+`__init__` refuses unknown kwargs.
 
-transformers has no hook for "a model was built with attention X", so three `PreTrainedModel`
-methods are wrapped, each a call-through that returns at once for a config naming no plugin method:
+`PreTrainedModel`:
 
 - `post_init` (the last step of every HF model's `__init__`): attach the methods' layers, so they
   exist before `from_pretrained` loads weights and before any optimizer is built;
 - `_initialize_weights`: `from_pretrained` materialises missing keys with `torch.empty_like` and
   initialises them through the nearest `PreTrainedModel`'s `_init_weights`, which does not know our
   layers; without this a checkpoint that lacks them would load garbage;
-- `set_attn_implementation`: switching to or from a plugin method attaches or removes the layers.
+- `set_attn_implementation`: switching to or from a plugin method attaches or removes the layers;
+- `from_pretrained`, and `PreTrainedConfig.from_dict` (the Auto classes load the config through it):
+  `attn_implementation=None` (what `transformers serve` and other loaders pass when the user named
+  none) is read as "the saved one" for a checkpoint whose `config.json` names a plugin method, where
+  transformers would write the None over it, load softmax and drop the trained layers as unexpected
+  keys. For a config loaded from a checkpoint, None and no kwarg are the same except for a saved name.
 
-Two more only improve what users are told:
-
-- `get_correct_attn_implementation`: an unknown name (`"multimax:nope"`, `"multimx"`) is refused by
-  transformers with a list of its own backends; the plugin's choices, and the closest one, are added;
-- `_from_config`: `from_config(config, multimax={...})` puts the settings in the config, as
-  `from_pretrained(..., multimax={...})` does, instead of passing them to the model's `__init__`.
-
-Continuous batching (`generate_batch`, `transformers serve --continuous-batching`) lets only eager, sdpa
-and flash through, and builds its block-diagonal mask of the packed requests for eager and sdpa alone;
-it has no registration point for other implementations, so two more call-throughs, for plugin
-configs only:
+Continuous batching (`generate_batch`, `transformers serve --continuous-batching`) lets only eager,
+sdpa and flash through, and builds its block-diagonal mask of the packed requests for eager and sdpa
+alone:
 
 - `ContinuousBatchingManager.switch_to_cb_friendly_attn`: keeps the plugin's implementation (the
   original raises for it, or would switch to flash and drop trained scalars);
 - `attn_mask_is_needed` (as `input_outputs` imported it): the packed batch's mask is built for the
   plugin too, so no request attends another's tokens.
-
-`attn_implementation=None` (what `transformers serve` and other loaders pass when the user named
-none) is read as "the saved one" for a checkpoint whose `config.json` names a plugin method, where
-transformers would write the None over it, load softmax and drop the trained layers as unexpected
-keys: `PreTrainedConfig.from_dict` (the Auto classes load the config through it) and
-`PreTrainedModel.from_pretrained` (a model class sets the kwarg on the config it loaded) drop the None
-there. For a config loaded from a checkpoint, None and no kwarg are the same except for a saved name.
 
 `PreTrainedConfig.multimax` / `.sparsemix` become properties (None by default): known config
 attributes, so `from_pretrained(path, attn_implementation="multimax", multimax={...})` reaches the
@@ -43,7 +38,6 @@ transformers does for `_attn_implementation`), since each attention module reads
 
 from __future__ import annotations
 
-import difflib
 import inspect
 
 import transformers
@@ -63,8 +57,6 @@ EXPECTED_SIGNATURES = {
     "post_init": ["self"],
     "_initialize_weights": ["self", "module", "is_custom_code"],
     "set_attn_implementation": ["self", "attn_implementation", "allow_all_kernels"],
-    "get_correct_attn_implementation": ["self", "requested_attention", "is_init_check"],
-    "_from_config": ["config", "kwargs"],
     # Only its first argument and its **kwargs are relied on ("..." stands for any in between).
     "from_pretrained": ["pretrained_model_name_or_path", "...", "kwargs"],
 }
@@ -96,8 +88,8 @@ def check_transformers() -> None:
         if not _matches(found, expected):
             problems.append(f"PreTrainedModel.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
     for name, expected in CONFIG_SIGNATURES.items():
-        method = _CONFIG_ORIGINALS[name].__get__(None, PreTrainedConfig) if name in _CONFIG_ORIGINALS else \
-            getattr(PreTrainedConfig, name, None)
+        method = (_CONFIG_ORIGINALS[name].__get__(None, PreTrainedConfig) if name in _CONFIG_ORIGINALS
+                  else getattr(PreTrainedConfig, name, None))
         found = list(inspect.signature(method).parameters) if callable(method) else None
         if found != expected:
             problems.append(f"PreTrainedConfig.{name}{tuple(found) if found else ' is missing'} (expected {tuple(expected)})")
@@ -115,6 +107,7 @@ def check_transformers() -> None:
         )
 
 
+# No public hook: transformers has no "model built with attention X" callback; post_init ends every __init__.
 def _post_init(self, *args, **kwargs):
     _ORIGINALS["post_init"](self, *args, **kwargs)
     if uses_plugin(self.config):
@@ -123,6 +116,7 @@ def _post_init(self, *args, **kwargs):
         warn_unused_settings(self.config)
 
 
+# No public hook: missing keys are initialised through the model class's own _init_weights, which knows no plugin layer.
 def _initialize_weights(self, module, is_custom_code: bool = False):
     if not isinstance(module, MethodLayer):
         return _ORIGINALS["_initialize_weights"](self, module, is_custom_code)
@@ -132,6 +126,7 @@ def _initialize_weights(self, module, is_custom_code: bool = False):
         module._is_hf_initialized = True
 
 
+# No public hook: a runtime switch of attention only rewrites the config; nothing is told to add or drop layers.
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
     # What the configs said before: restored if the layers refuse the switch (trained parameters).
     keys = ("_attn_implementation_internal", "attn_implementation", *METHODS)
@@ -149,29 +144,7 @@ def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
     return result
 
 
-def _get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
-    try:
-        return _ORIGINALS["get_correct_attn_implementation"](self, requested_attention, *args, **kwargs)
-    except ValueError as err:
-        if not isinstance(requested_attention, str):
-            raise
-        method = METHODS.get(requested_attention.split(":", 1)[0])
-        if method is not None:
-            hint = f" {method.name} has no backend {requested_attention.split(':', 1)[1]!r}; its choices: {method.names}."
-        else:
-            names = [n for m in METHODS.values() for n in m.names]
-            close = difflib.get_close_matches(requested_attention, names, n=1, cutoff=0.6)
-            hint = f" hf_multimax (imported) adds {tuple(METHODS)}" + (f'; did you mean "{close[0]}"?' if close else ".")
-        raise ValueError(f"{err}{hint}") from None
-
-
-def _from_config(cls, config, **kwargs):
-    for method in METHODS.values():
-        if method.settings is not None and method.name in kwargs:
-            setattr(config, method.name, kwargs.pop(method.name))
-    return _ORIGINALS["_from_config"].__func__(cls, config, **kwargs)
-
-
+# No public hook: from_pretrained writes attn_implementation=None over a checkpoint's saved implementation.
 def _from_pretrained(cls, *args, **kwargs):
     if "attn_implementation" in kwargs and kwargs["attn_implementation"] is None:
         config = kwargs.get("config")
@@ -180,19 +153,22 @@ def _from_pretrained(cls, *args, **kwargs):
     return _ORIGINALS["from_pretrained"].__func__(cls, *args, **kwargs)
 
 
+# No public hook: the Auto classes build the config through from_dict, which takes None as a choice (as above).
 def _config_from_dict(cls, config_dict, **kwargs):
-    if "attn_implementation" in kwargs and kwargs["attn_implementation"] is None \
-            and method_of(config_dict.get("attn_implementation")) is not None:
+    if ("attn_implementation" in kwargs and kwargs["attn_implementation"] is None
+            and method_of(config_dict.get("attn_implementation")) is not None):
         kwargs.pop("attn_implementation")  # None means "not chosen": the checkpoint's own method stands
     return _CONFIG_ORIGINALS["from_dict"].__func__(cls, config_dict, **kwargs)
 
 
+# No public hook: continuous batching accepts a fixed list of implementations, with no registration point.
 def _switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True):
     if uses_plugin(model.config):
         return None  # the plugin's functions take the packed batch as sdpa's does: nothing to switch
     return _CB_ORIGINALS[(cb_api.ContinuousBatchingManager, "switch_to_cb_friendly_attn")](self, model, auto_switch_to_flash)
 
 
+# No public hook: the packed batch's mask is built only for implementations this function names (eager, sdpa).
 def _attn_mask_is_needed(config) -> bool:
     return uses_plugin(config) or _CB_ORIGINALS[(cb_inputs, "attn_mask_is_needed")](config)
 
@@ -203,6 +179,7 @@ _CB_WRAPPERS = {
 }
 
 
+# No public hook: from_pretrained hands a kwarg to the config only if the config class knows the attribute.
 def _settings_property(key: str) -> property:
     def get(config):
         return config.__dict__.get(key)
@@ -226,8 +203,6 @@ def install_hooks() -> None:
         ("post_init", _post_init),
         ("_initialize_weights", _initialize_weights),
         ("set_attn_implementation", _set_attn_implementation),
-        ("get_correct_attn_implementation", _get_correct_attn_implementation),
-        ("_from_config", classmethod(_from_config)),
         ("from_pretrained", classmethod(_from_pretrained)),
     ):
         original = PreTrainedModel.__dict__[name]

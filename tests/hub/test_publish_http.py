@@ -46,7 +46,8 @@ def _trained_tiny_llama():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax", multimax={"order": 1})
+    config.multimax = {"order": 1}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 100, (4, 16))
     for _ in range(3):

@@ -153,7 +153,8 @@ def test_composite_model_sub_configs_follow_the_top_level_settings():
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8)
     config = LlavaConfig(text_config=LlamaConfig(**LLAMA), vision_config=vision, image_token_index=99)
-    model = AutoModelForImageTextToText.from_config(config, attn_implementation="multimax", multimax={"order": 1})
+    config.multimax = {"order": 1}  # set on the top level: every sub-config gets it
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="multimax")
     layers = [m for m in model.modules() if isinstance(m, hf_multimax.MultiMaxModulator)]
     assert len(layers) == 4 and all(m.order == 1 for m in layers)  # 2 text + 2 vision attention modules
     model.config.multimax["backend"] = "eager"  # one dict: an in-place edit reaches every sub-model
