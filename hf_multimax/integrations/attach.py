@@ -47,17 +47,22 @@ def uses_plugin(config: PreTrainedConfig) -> bool:
 
 def declared_attention_classes(model: torch.nn.Module) -> tuple[type, ...]:
     """The attention classes every `PreTrainedModel` in `model` declares in `_can_record_outputs`."""
+    classes = [cls for module in model.modules() if isinstance(module, PreTrainedModel)
+               for cls in declared_attention_classes_of(type(module))]
+    return tuple(dict.fromkeys(classes))
+
+
+@functools.cache
+def declared_attention_classes_of(model_class: type) -> tuple[type, ...]:
+    """The attention classes one model class declares in `_can_record_outputs`."""
     classes = []
-    for module in model.modules():
-        if not isinstance(module, PreTrainedModel):
+    for name, spec in (getattr(model_class, "_can_record_outputs", None) or {}).items():
+        if "attentions" not in name:
             continue
-        for name, spec in (getattr(type(module), "_can_record_outputs", None) or {}).items():
-            if "attentions" not in name:
-                continue
-            for item in spec if isinstance(spec, (list, tuple)) else (spec,):
-                cls = item if isinstance(item, type) else getattr(item, "target_class", None)
-                if isinstance(cls, type):
-                    classes.append(cls)
+        for item in spec if isinstance(spec, (list, tuple)) else (spec,):
+            cls = item if isinstance(item, type) else getattr(item, "target_class", None)
+            if isinstance(cls, type):
+                classes.append(cls)
     return tuple(dict.fromkeys(classes))
 
 
@@ -83,6 +88,14 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(module, declared):
             for caller in ((module,) if _holds_config(module) else _callers_below(module)):
                 found.setdefault(id(caller), caller)
+    # A sub-model that holds none of the classes its own class declares (Cosmos3-Edge's vision model inherits
+    # its text model's `_can_record_outputs`) is searched by the same rule as a model that declares none.
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            own = declared_attention_classes_of(type(sub))
+            if own and not any(isinstance(m, own) for m in sub.modules()):
+                for caller in _callers_below(sub):
+                    found.setdefault(id(caller), caller)
     return list(found.values())
 
 
