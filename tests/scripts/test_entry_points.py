@@ -87,7 +87,7 @@ def test_bench_sparsemix_decode_quick(tmp_path):
     data = json.loads(out.read_text())
     assert data["quick"] is True and data["context"] == 512
     rows = {(r["cache"], r["model"]): r for r in data["rows"]}
-    assert set(rows) == {(c, m) for c in ("dynamic", "static") for m in ("sdpa", "sparsemix_block", "sparsemix_block_norms",
+    assert set(rows) == {(c, m) for c in ("dynamic", "static", "growing", "default") for m in ("sdpa", "sparsemix_block", "sparsemix_block_norms",
                                                                               "sparsemix_block_rotary", "sparsemix_token")}
     assert all(r["tokens_per_s"] > 0 for r in rows.values()) and rows["static", "sdpa"]["speedup_vs_sdpa"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 5_000
