@@ -43,7 +43,7 @@ def run_hardware(args=None) -> str:
     device = getattr(args, "device", None)
     world = getattr(args, "world_size", 1) or 1
     processes = f" ({world} processes)" if world > 1 else ""
-    if device is not None and device.type == "cuda" or device is None and torch.cuda.is_available():
+    if (device is not None and device.type == "cuda") or (device is None and torch.cuda.is_available()):
         index = device.index if device is not None and device.index is not None else 0
         count = max(world, getattr(args, "n_gpu", 0) or 0) if args is not None else torch.cuda.device_count()
         return f"{count} x {torch.cuda.get_device_name(index)}{processes}"

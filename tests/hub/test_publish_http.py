@@ -147,8 +147,8 @@ def test_publish_sparsemix_over_http_with_its_card(hub, tmp_path):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix",
-                                             sparsemix={"block_size": 8, "top_k": 2, "selector": "block"})
+    config.sparsemix = {"block_size": 8, "top_k": 2, "selector": "block"}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
     with torch.no_grad():
         model.model.layers[0].self_attn.sparsemix.w_key.normal_()  # "trained": off its zero init
     plan = publish(model, repo, local_dir=str(tmp_path / "stage"), eval_results={"eval_loss": 4.2},

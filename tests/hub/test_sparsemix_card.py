@@ -5,6 +5,7 @@ card; a model without plugin attention is refused by name."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,8 @@ def test_published_sparsemix_card_states_settings_results_and_the_runs_hardware(
 
 
 def test_card_without_a_recorded_run_says_hardware_not_recorded(tmp_path):
-    model = tf.AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="sparsemix",
-                                                sparsemix={"normalizer": "multimax", "block_size": 16})
+    config = tiny_llama_config(sparsemix={"normalizer": "multimax", "block_size": 16})
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
     card = build_model_card(model, REPO, eval_results={"passkey_accuracy_8k": 0.6, "eval_runtime": 3.0})
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
@@ -162,3 +163,15 @@ def test_model_without_plugin_attention_is_refused_and_the_trainer_falls_back(tm
     args = AttentionPluginTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     AttentionPluginTrainer(model=model, args=args).create_model_card()
     assert "hf-multimax" not in ModelCard.load(tmp_path / "README.md").data.to_dict().get("tags", [])
+
+
+def test_run_hardware_describes_the_training_processes(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"NVIDIA H100 80GB HBM3 #{index}")
+    ddp = SimpleNamespace(device=torch.device("cuda", 3), world_size=8, n_gpu=1)
+    assert run_hardware(ddp) == "8 x NVIDIA H100 80GB HBM3 #3 (8 processes)"
+    data_parallel = SimpleNamespace(device=torch.device("cuda"), world_size=1, n_gpu=2)
+    assert run_hardware(data_parallel) == "2 x NVIDIA H100 80GB HBM3 #0"
+    cpu = SimpleNamespace(device=torch.device("cpu"), world_size=2, n_gpu=0)
+    assert run_hardware(cpu) == f"CPU ({platform.machine()}, {torch.get_num_threads()} threads) (2 processes)"

@@ -21,13 +21,12 @@ def test_output_head_layers_are_declared_on_the_entries():
 
 
 def test_attach_follows_the_entry(monkeypatch):
-    model = tf.AutoModelForCausalLM.from_config(_config(), attn_implementation="sparsemix",
-                                                sparsemix={"normalizer": "multimax"}, multimax={"output_head": True})
+    config = _config(sparsemix={"normalizer": "multimax"}, multimax={"output_head": True})
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
     assert isinstance(model.lm_head.multimax, MultiMaxModulator)
     # An entry that declares no output-head layer: the same settings put nothing on the head.
     entry = dataclasses.replace(methods.METHODS["multimax"], output_head=None)
     monkeypatch.setitem(methods.METHODS, "multimax", entry)
-    model = tf.AutoModelForCausalLM.from_config(_config(), attn_implementation="multimax",
-                                                multimax={"output_head": True})
+    model = tf.AutoModelForCausalLM.from_config(_config(multimax={"output_head": True}), attn_implementation="multimax")
     assert "multimax" not in model.lm_head._modules
     assert model.model.layers[0].self_attn.multimax is not None

@@ -21,8 +21,8 @@ def test_old_name_still_builds_the_scalars_group(tmp_path):
 
     config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2)
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix",
-                                                sparsemix={"normalizer": "multimax"})
+    config.sparsemix = {"normalizer": "multimax"}
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sparsemix")
     args = MultiMaxTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, learning_rate=1e-3,
                                      multimax_lr_multiplier=5.0)
     optimizer = MultiMaxTrainer(model=model, args=args).create_optimizer()
