@@ -181,7 +181,11 @@ def layer_outputs(module: torch.nn.Module, layer_cls: type[MethodLayer], setting
             f"with from_pretrained/from_config(attn_implementation='{name}') or call "
             f"model.set_attn_implementation('{name}') after `import hf_multimax`."
         )
-    PLANS.get(module, "fits", (settings, layer), lambda: _check_fits(module, layer_cls, layer, settings))
+    if torch.compiler.is_compiling():
+        # dynamo cannot guard on the weakly keyed plan store; the check is traced once per graph instead
+        _check_fits(module, layer_cls, layer, settings)
+    else:
+        PLANS.get(module, "fits", (settings, layer), lambda: _check_fits(module, layer_cls, layer, settings))
     wrapped = type(layer) is not layer_cls or layer._forward_hooks or layer._forward_pre_hooks
     if wrapped or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return layer()
