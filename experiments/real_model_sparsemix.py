@@ -574,7 +574,8 @@ def _passkey_summary(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def oracle_block_scores(query: torch.Tensor, key: torch.Tensor, geometry, scale: float, chunk: int = 256) -> torch.Tensor:
+def oracle_block_scores(query: torch.Tensor, key: torch.Tensor, geometry, scale: float,
+                        chunk: int = 256) -> torch.Tensor:
     """The oracle's block scores `[B, Hkv, nQB, nKB]`: each query's dense causal attention probability
     summed per key block, summed over the query block's queries and averaged over the query heads of
     a key/value head. Its top-k keeps, per query block and head group, the blocks of most dense mass:
@@ -697,7 +698,7 @@ def needle_selection(captured: dict, weight_sets: dict, *, position: int, needle
 
 def passkey_diagnosis(dense, sparse, tokenizer, haystack: list[int], *, length: int, depths: list[float], trials: int,
                       weight_sets: dict, top_ks: list[int], selector: str, seed: int, on_row=None,
-                      oracle_below: int = 12) -> dict:
+                      oracle_below: int = 12, first_trial: int = 0) -> dict:
     """Why SparseMix loses the passkey, at one `length`: per (trial key, depth) prompt, the answer
     `The pass key is <key>.` teacher-forced (decoded step by step, as `generate` computes it) through
     dense SDPA and SparseMix with each scorer of `weight_sets` (per-layer scorer weights), the oracle
@@ -719,8 +720,10 @@ def passkey_diagnosis(dense, sparse, tokenizer, haystack: list[int], *, length: 
 
     rng = torch.Generator().manual_seed(seed * 1000 + length + 7)
     rows = []
-    for trial in range(trials):
-        key = str(int(torch.randint(10_000, 100_000, (1,), generator=rng)))
+    for trial in range(first_trial + trials):
+        key = str(int(torch.randint(10_000, 100_000, (1,), generator=rng)))  # drawn for skipped trials too
+        if trial < first_trial:
+            continue
         offset = (trial * 997) % max(1, len(haystack) - length)
         prefix, prompts = passkey_prompts(tokenizer, haystack[offset:], length, sorted(depths), key,
                                           settings.block_size)
@@ -732,10 +735,12 @@ def passkey_diagnosis(dense, sparse, tokenizer, haystack: list[int], *, length: 
             start = len(prefix) + p  # the needle sentence's first token
             needle = [start + i for i in needle_digits]
             row = {"length": length, "depth": depth, "trial": trial, "key": key, "key_digit_positions": needle}
-            variants = {"sdpa": (dense, None, default_k), **{name: (sparse, w, default_k) for name, w in weight_sets.items()},
+            variants = {"sdpa": (dense, None, default_k),
+                        **{name: (sparse, w, default_k) for name, w in weight_sets.items()},
                         "oracle": (sparse, "oracle", default_k),
                         f"oracle_layers_0_{oracle_below - 1}": (sparse, "oracle_below", default_k),
-                        **{f"untrained_top{k}": (sparse, weight_sets["untrained"], k) for k in top_ks if k != default_k}}
+                        **{f"untrained_top{k}": (sparse, weight_sets["untrained"], k)
+                           for k in top_ks if k != default_k}}
             for name, (model, weights, k) in variants.items():
                 sparse.config.sparsemix["top_k"] = k
                 if weights in ("oracle", "oracle_below"):
@@ -757,7 +762,8 @@ def passkey_diagnosis(dense, sparse, tokenizer, haystack: list[int], *, length: 
                                                 selector=selector, settings=settings, scale=scale)
             rows.append(row)
             print(f"diagnosis L={length} trial {trial} depth {depth}: "
-                  + ", ".join(f"{n} {row[n]['digit_logp_mean']}{'*' if row[n]['digits_greedy'] else ''}" for n in variants)
+                  + ", ".join(f"{n} {row[n]['digit_logp_mean']}{'*' if row[n]['digits_greedy'] else ''}"
+                              for n in variants)
                   + " | kept share " + ", ".join(f"{n} {row['selection'][f'{n}_kept_share']}"
                                                  for n in [*weight_sets, "oracle"])
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -772,7 +778,8 @@ def _diagnosis_result(rows, length, depths, trials, top_ks, selections) -> dict:
     summary = {n: {"digits_greedy_share": round(statistics.mean(r[n]["digits_greedy"] for r in rows), 3),
                    "digit_logp_mean": round(statistics.mean(r[n]["digit_logp_mean"] for r in rows), 3)} for n in names}
     for n in selections:
-        summary[n]["needle_mass_kept_share"] = round(statistics.mean(r["selection"][f"{n}_kept_share"] for r in rows), 3)
+        summary[n]["needle_mass_kept_share"] = round(statistics.mean(r["selection"][f"{n}_kept_share"]
+                                                                     for r in rows), 3)
     return {"length": length, "depths": depths, "trials": trials, "prompts_done": len(rows), "top_ks": top_ks,
             "rows": rows, "summary": summary}
 
@@ -822,7 +829,8 @@ def warmup_diagnosis(captured: dict, weight_sets: dict, *, selector: str, settin
             kept_mass = (mean.clamp_min(0) * keep).sum(-1) / (mean.clamp_min(0) * cand).sum(-1).clamp_min(1e-30)
             stats[name]["mean_mass_kept"].append(kept_mass.mean().item())
     return {name: {**{key: round(statistics.mean(v), 4) for key, v in s.items()},
-                   "kl_per_layer": [round(x, 4) for x in s["kl"]]} for name, s in stats.items()}
+                   "kl_per_layer": [round(x, 4) for x in s["kl"]],
+                   "recall_mean_per_layer": [round(x, 4) for x in s["recall_mean"]]} for name, s in stats.items()}
 
 
 # 5. speed
@@ -1036,9 +1044,12 @@ def _write(results: dict, output: str) -> None:
     print(f"wrote {path} and {path.with_suffix('.png')}", flush=True)
 
 
-def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int = 0, **overrides) -> dict:
+def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int = 0, scorers: str | None = None,
+        **overrides) -> dict:
     """Run `stages` with the `FULL` (or `QUICK`) sizes, `overrides` replacing any of them; returns the
-    results, also written to `output` (merged into what is there when only some stages run)."""
+    results, also written to `output` (merged into what is there when only some stages run). Without
+    the `warmup` stage, the warmed scorers come from `scorers` (default: those a warm-up writing to
+    `output` saved), when that file exists."""
     from transformers import set_seed
 
     from .real_text import token_windows
@@ -1082,6 +1093,10 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
     scorers_path = ROOT / "outputs" / f"{Path(output).stem}_scorers.safetensors"
     if Path(output).is_absolute() and not Path(output).resolve().is_relative_to(ROOT.resolve()):
         scorers_path = Path(output).with_name(f"{Path(output).stem}_scorers.safetensors")
+    if scorers is not None:
+        if "warmup" in stages:
+            raise ValueError("scorers= names warmed scorers to load; the warmup stage makes its own")
+        scorers_path = ROOT / scorers if not os.path.isabs(scorers) else Path(scorers)
     trained = None
     if "warmup" not in stages and scorers_path.exists():
         _load_scorers(sparse, scorers_path)
@@ -1170,8 +1185,8 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
         with num_threads(1):
             results["passkey_diagnosis"] = passkey_diagnosis(
                 dense, sparse, tokenizer, haystack, length=cfg["diagnosis_length"], depths=cfg["depths"],
-                trials=cfg["diagnosis_trials"], weight_sets=sets, top_ks=cfg["diagnosis_top_ks"], selector=selector,
-                seed=seed, on_row=partial)
+                trials=cfg["diagnosis_trials"], first_trial=cfg.get("diagnosis_first_trial", 0), weight_sets=sets,
+                top_ks=cfg["diagnosis_top_ks"], selector=selector, seed=seed, on_row=partial)
         if trained is not None:  # the scorers the later stages expect
             _load_scorers(sparse, scorers_path)
         times["passkey_diagnosis"] = round(time.perf_counter() - t0, 1)
@@ -1225,15 +1240,16 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=None)
     parser.add_argument("--seed", type=int, default=0)
     for name in ("warmup_steps", "warmup_windows", "trials", "speed_repeats", "max_wait", "threads", "mass_stride",
-                 "diagnosis_length", "diagnosis_trials", "warmup_length"):
+                 "diagnosis_length", "diagnosis_trials", "diagnosis_first_trial", "warmup_length"):
         parser.add_argument(f"--{name}", type=int, default=None)
     for name in ("lengths", "passkey_lengths", "speed_lengths", "speed_threads", "diagnosis_top_ks"):
         parser.add_argument(f"--{name}", type=int, nargs="+", default=None)
     parser.add_argument("--depths", type=float, nargs="+", default=None)
     parser.add_argument("--kl_target_power", type=float, default=None)
+    parser.add_argument("--scorers", default=None, help="warmed scorers to load (default: the output's own)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "stages", "output", "seed")}
-    run(quick=args.quick, stages=args.stages, output=args.output, seed=args.seed, **overrides)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "stages", "output", "seed", "scorers")}
+    run(quick=args.quick, stages=args.stages, output=args.output, seed=args.seed, scorers=args.scorers, **overrides)
 
 
 if __name__ == "__main__":
