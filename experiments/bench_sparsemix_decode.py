@@ -116,7 +116,7 @@ def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_si
                                             stopping_criteria=StoppingCriteriaList([clock]),
                                             return_dict_in_generate=True)
                 assert out.sequences.shape[1] == context + new_tokens
-                layers = getattr(out.past_key_values, "layers", [])
+                layers = getattr(out.cache, "layers", [])
                 default_cache[name] = sorted({type(layer).__name__ for layer in layers})
                 prefill_s[name] = clock.stamps[0] - t0
                 # new_tokens - 1 decoding steps, scaled to new_tokens for the same tokens/s as the other rows
