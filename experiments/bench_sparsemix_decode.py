@@ -5,8 +5,9 @@ models with the same weights and a trained-looking selector (the script defaults
 block 32, top-18). For each cache (`dynamic`: transformers' `DynamicCache` with its own layers; `static`;
 `growing`: the plugin's `SparseMixCache`, whose layers grow in place) and each model: the prompt
 (`context` random tokens) is prefilled once (timed once), then greedy `generate` continues from a copy
-of that cache for `new_tokens` tokens, every one a decoding step; the models are alternated repeat by
-repeat and the median is reported as decoding tokens/s, with its ratio to dense SDPA on the same cache.
+of that cache for `new_tokens` tokens, every one a decoding step; every (cache, model) pair is
+timed once per repeat, all interleaved (the load of a shared machine drifts), and the median is
+reported as decoding tokens/s, with its ratio to dense SDPA on the same cache.
 
 `default` is `generate()` given no cache argument at all (what a user gets without flags: for SparseMix
 models the plugin's growing cache, for SDPA transformers' `DynamicCache`): each run prefills the prompt
@@ -99,48 +100,32 @@ def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_si
                            names=tuple(VARIANTS), caches=CACHES) -> dict:
     """Every measurement of the module docstring, for the models `names` (of `VARIANTS`; SDPA, the
     baseline, always) and the caches `caches` (of `CACHES`)."""
-    from transformers import StoppingCriteriaList
-
     models = make_models(block_size, top_k, names=names)
     prompt = torch.randint(0, 1000, (1, context + 1), generator=torch.Generator().manual_seed(0))
-    rows = []
-    default_cache = {}
+    # Every (cache, model) is timed once per repeat, all interleaved: on a shared machine the load drifts, and
+    # the rows are compared with one another (default against SDPA static), not only within a cache.
+    decoders, prefill_s, cache_layers = {}, {}, {}
     for cache in (c for c in CACHES if c in caches):
-        prefilled, prefill_s = {}, {}
-        if cache == "default":  # generate() with no cache argument: it prefills, only its decoding steps are timed
-            def decode(name):
-                clock = _StepClock()
-                t0 = time.perf_counter()
-                out = models[name].generate(prompt[:, :context], attention_mask=torch.ones_like(prompt[:, :context]),
-                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                            stopping_criteria=StoppingCriteriaList([clock]),
-                                            return_dict_in_generate=True)
-                assert out.sequences.shape[1] == context + new_tokens
-                layers = getattr(out.cache, "layers", [])
-                default_cache[name] = sorted({type(layer).__name__ for layer in layers})
-                prefill_s[name] = clock.stamps[0] - t0
-                # new_tokens - 1 decoding steps, scaled to new_tokens for the same tokens/s as the other rows
-                return (clock.stamps[-1] - clock.stamps[0]) * new_tokens / (new_tokens - 1)
-
-            _time_rows(rows, cache, models, decode, repeats, new_tokens, prefill_s, default_cache)
-            continue
         for name, model in models.items():
-            c = _new_cache(model, cache, context + new_tokens + 1)
-            t0 = time.perf_counter()
-            model(prompt[:, :context], cache=c, use_cache=True)
-            prefill_s[name] = time.perf_counter() - t0
-            prefilled[name] = c
-
-        def decode(name):
-            model, c = models[name], copy.deepcopy(prefilled[name])
-            t0 = time.perf_counter()
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=c, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
-            seconds = time.perf_counter() - t0
-            assert out.shape[1] == prompt.shape[1] + new_tokens
-            return seconds
-
-        _time_rows(rows, cache, models, decode, repeats, new_tokens, prefill_s)
+            decoders[cache, name] = _decoder(cache, name, model, prompt, context, new_tokens, prefill_s, cache_layers)
+    for key, decode in decoders.items():  # warm-up
+        decode()
+    times = {key: [] for key in decoders}
+    for _ in range(repeats):
+        for key, decode in decoders.items():
+            times[key].append(decode())
+    rows = []
+    for (cache, name), ts in times.items():
+        median = statistics.median(ts)
+        row = {"cache": cache, "model": name, "prefill_s": round(prefill_s[cache, name], 3),
+               "decode_s": round(median, 4), "tokens_per_s": round(new_tokens / median, 2),
+               "times_s": [round(t, 4) for t in ts]}
+        if (cache, name) in cache_layers:
+            row["cache_layers"] = cache_layers[cache, name]
+        rows.append(row)
+    for r in rows:
+        dense = next(d for d in rows if d["cache"] == r["cache"] and d["model"] == "sdpa")
+        r["speedup_vs_sdpa"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
     static = next((r for r in rows if r["cache"] == "static" and r["model"] == "sdpa"), None)
     for r in rows:
         if r["cache"] == "default" and static is not None:
@@ -151,26 +136,39 @@ def bench_sparsemix_decode(context: int, new_tokens: int, repeats: int, block_si
             "sparsemix": {"block_size": block_size, "top_k": top_k}, "rows": rows}
 
 
-def _time_rows(rows, cache, models, decode, repeats, new_tokens, prefill_s, cache_layers=None):
-    """One warm-up and `repeats` timed runs of `decode(name)` per model, alternated; a row per model."""
-    for name in models:  # warm-up
-        decode(name)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name in models:
-            times[name].append(decode(name))
-    for name in models:
-        median = statistics.median(times[name])
-        row = {"cache": cache, "model": name, "prefill_s": round(prefill_s[name], 3),
-               "decode_s": round(median, 4), "tokens_per_s": round(new_tokens / median, 2),
-               "times_s": [round(t, 4) for t in times[name]]}
-        if cache_layers:
-            row["cache_layers"] = cache_layers[name]
-        rows.append(row)
-    dense = next(r for r in rows if r["cache"] == cache and r["model"] == "sdpa")
-    for r in rows:
-        if r["cache"] == cache:
-            r["speedup_vs_sdpa"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
+def _decoder(cache, name, model, prompt, context, new_tokens, prefill_s, cache_layers):
+    """A zero-argument call that decodes `new_tokens` tokens with `cache` and returns its seconds."""
+    from transformers import StoppingCriteriaList
+
+    if cache == "default":  # generate() with no cache argument: it prefills, only its decoding steps are timed
+        def decode():
+            clock = _StepClock()
+            t0 = time.perf_counter()
+            out = model.generate(prompt[:, :context], attention_mask=torch.ones_like(prompt[:, :context]),
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 stopping_criteria=StoppingCriteriaList([clock]), return_dict_in_generate=True)
+            assert out.sequences.shape[1] == context + new_tokens
+            cache_layers[cache, name] = sorted({type(layer).__name__ for layer in getattr(out.cache, "layers", [])})
+            prefill_s[cache, name] = clock.stamps[0] - t0
+            # new_tokens - 1 decoding steps, scaled to new_tokens for the same tokens/s as the other rows
+            return (clock.stamps[-1] - clock.stamps[0]) * new_tokens / (new_tokens - 1)
+
+        return decode
+    prefilled = _new_cache(model, cache, context + new_tokens + 1)
+    t0 = time.perf_counter()
+    model(prompt[:, :context], cache=prefilled, use_cache=True)
+    prefill_s[cache, name] = time.perf_counter() - t0
+
+    def decode():
+        c = copy.deepcopy(prefilled)
+        t0 = time.perf_counter()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=c, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+        seconds = time.perf_counter() - t0
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+        return seconds
+
+    return decode
 
 
 def decode_summary(results: dict) -> str:
