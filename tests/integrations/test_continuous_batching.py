@@ -21,7 +21,7 @@ def trained(impl):
     torch.manual_seed(0)
     # SparseMix with blocks of 4 and top-1: prompts past 12 tokens take its sparse path.
     extra = {"sparsemix": {"block_size": 4, "top_k": 1}} if impl.startswith("sparsemix") else {}
-    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**LLAMA), attn_implementation=impl, **extra).eval()
+    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**LLAMA, **extra), attn_implementation=impl).eval()
     with torch.no_grad():  # far from identity: a dropped modulator or a cross-request leak changes tokens
         for name, p in model.named_parameters():
             if ".multimax." in name or ".sparsemix." in name:

@@ -32,7 +32,9 @@ def _listed(name, names):
 def test_reload_in_half_precision_keeps_exactly_the_listed_tensors_fp32(name, tmp_path):
     make_config, cls, method, settings = MODELS[name]
     torch.manual_seed(42)
-    model = cls._from_config(make_config(), attn_implementation=method, **{method: settings})
+    config = make_config()
+    setattr(config, method, settings)
+    model = cls._from_config(config, attn_implementation=method)
     model.save_pretrained(tmp_path)
     plugin = {"multimax"} | ({"sparsemix"} if method == "sparsemix" else set())
     for dtype in (torch.float16, torch.bfloat16):
