@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import weakref
 
 import torch
 from huggingface_hub import try_to_load_from_cache
@@ -338,14 +339,18 @@ def _check_config_at_forward(model, args):
         )
     # transformers 5 builds models around the config object it is given: a second model built from
     # the same object with another attention switches this one too, leaving its layers unused.
-    if not uses_plugin(model.config) and not model.__dict__.get("_hf_multimax_warned"):
-        model._hf_multimax_warned = True
+    if not uses_plugin(model.config) and model not in _WARNED_UNUSED:
+        _WARNED_UNUSED.add(model)
         logger.warning(
             "%s holds plugin parameters but its config now says attn_implementation=%r, so they are not used. Was "
             "another model built from the same config object? Build each model from its own config "
             "(copy.deepcopy(config)), or switch back with model.set_attn_implementation(...).",
             type(model).__name__, model.config._attn_implementation,
         )
+
+
+# Models already warned that their layers are unused (once per model, kept beside it, not on it).
+_WARNED_UNUSED: weakref.WeakSet = weakref.WeakSet()
 
 
 def warn_unused_settings(config: PreTrainedConfig) -> None:

@@ -62,8 +62,8 @@ class ConfigSettings:
             # the same dict object, still equal to what it held when parsed, with values of the same
             # types (True == 1, but only one is valid).
             seen = _LAST_SEEN.get((cls, id(values)))
-            if seen is not None and seen[0] is values and seen[2] == tuple(map(type, values.values())) \
-                    and seen[1] == values:
+            if (seen is not None and seen[0] is values and seen[2] == tuple(map(type, values.values()))
+                    and seen[1] == values):
                 return seen[3]
         if values is None:
             return cls()
