@@ -196,3 +196,22 @@ def test_uninstall_restores_transformers_default():
     finally:
         assert sparsemix_generation.install()
     assert layer_kinds(generate(model)) == {GrowingLayer}
+
+
+def test_assisted_decoding_crops_the_growing_cache(monkeypatch):
+    """Assisted decoding crops rejected draft tokens from both models' caches (a view shrinks in place)."""
+    model, draft = sparse_model(), sparse_model("token")
+    with torch.no_grad():
+        for layer in draft.model.layers:
+            layer.self_attn.sparsemix.w_weight.mul_(-1.0)  # a draft that is often wrong: crops happen
+    ids = IDS[:1]
+    crops = []
+    original = GrowingLayer.crop
+    monkeypatch.setattr(GrowingLayer, "crop", lambda self, n: (crops.append(n), original(self, n))[1])
+    got = generate(model, ids, assistant_model=draft, max_new_tokens=20)
+    assert layer_kinds(got) == {GrowingLayer} and any(n < 0 for n in crops)
+    # Verifying several draft tokens in one call selects blocks per query block, so assisted decoding differs
+    # from one token at a time; against the same assisted decoding on transformers' own layers:
+    want = generate(model, ids, assistant_model=draft, max_new_tokens=20, cache_implementation="dynamic")
+    assert layer_kinds(want) == {DynamicLayer}
+    assert_same(got, want, "assisted decoding")
