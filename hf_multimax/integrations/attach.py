@@ -87,7 +87,9 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     found: dict[int, torch.nn.Module] = {}
     for module in model.modules():
         if isinstance(module, declared):
-            for caller in ((module,) if _holds_config(module) else _callers_below(module)):
+            # Swin declares its stage (which holds a config but no `is_causal`): the callers are below it.
+            below = () if _holds_config(module) and hasattr(module, "is_causal") else tuple(_callers_below(module))
+            for caller in below or ((module,) if _holds_config(module) else ()):
                 found.setdefault(id(caller), caller)
     # A sub-model that holds none of the classes its own class declares (Cosmos3-Edge's vision model inherits
     # its text model's `_can_record_outputs`) is searched by the same rule as a model that declares none.
