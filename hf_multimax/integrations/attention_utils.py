@@ -222,7 +222,9 @@ def split_float_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     """
     keep = mask > torch.finfo(mask.dtype).min / 2
     bias = torch.where(keep, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
-    return keep, (bias if bool(bias.any()) else None)
+    # A bias that trains is kept even while it is zero (Swin's relative position table starts at zero): dropping
+    # it would leave the table without a gradient, so it never trains.
+    return keep, (bias if bias.requires_grad and torch.is_grad_enabled() or bool(bias.any()) else None)
 
 
 def refuse_unsupported(kwargs: dict, method: str, computes: tuple[str, ...] = ()) -> None:

@@ -87,3 +87,40 @@ def test_walk_classifies_a_model_with_its_own_attention_table():
     assert d2v.status == "not_applicable" and "DATA2VEC_VISION_SELF_ATTENTION_CLASSES" in d2v.reason, d2v
     bert = walk.check_type("bert", "BertModel")
     assert bert.status == "covered" and bert.attention_calls == bert.attention_modules == 2, bert
+
+
+def test_swin_stage_declared_and_its_zero_initialised_position_bias_trains():
+    """Swin declares its stage (which holds a config but no `is_causal`) as the attention class: the
+    scalars went on the stage, so its attention modules raised at the first forward. And its relative
+    position table starts at zero, so the float mask it hands over was all zeros where kept and the
+    bias was dropped: the table got no gradient and would never train. Found by the walk."""
+    walk = _walker()
+    torch.set_num_threads(1)
+    result = walk.check_type("swin", "SwinModel")
+    assert result.status == "covered", result
+    assert result.attention_calls == result.attention_modules > 0, result
+
+
+def test_a_zero_bias_that_trains_gets_its_gradient():
+    """At the function level: an all-zero additive float mask that requires grad gets SDPA's gradient."""
+    from transformers import AutoModel, LlamaConfig
+
+    from hf_multimax.integrations.multimax_attention import multimax_attention_forward
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=10, intermediate_size=8)
+    module = AutoModel.from_config(config, attn_implementation="multimax").layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    weights = torch.randn(2, 5, 4, 8, generator=g)
+    grads = []
+    for run in ("multimax", "sdpa"):
+        bias = torch.zeros(1, 4, 5, 5, requires_grad=True)
+        if run == "multimax":
+            out, _ = multimax_attention_forward(module, q, k, v, bias * 1.0, scaling=0.35, is_causal=False)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias * 1.0, scale=0.35)
+            out = out.transpose(1, 2)
+        (out * weights).sum().backward()
+        grads.append(bias.grad)
+    assert grads[0] is not None and float(grads[1].abs().max()) > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
