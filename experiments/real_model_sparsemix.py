@@ -1163,7 +1163,9 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
         haystack = tokenizer(prose("heldout"), add_special_tokens=False)["input_ids"]
         passkey_rows = []
         for i, L in enumerate(cfg["passkey_lengths"]):
-            passkey_rows += passkey({"sdpa": dense, "sparsemix": sparse}, tokenizer, haystack, length=L,
+            models = {name: m for name, m in (("sdpa", dense), ("sparsemix", sparse))
+                      if name in cfg.get("passkey_models", ("sdpa", "sparsemix"))}
+            passkey_rows += passkey(models, tokenizer, haystack, length=L,
                                     depths=cfg["depths"], trials=cfg["trials"], new_tokens=cfg["new_tokens"],
                                     block_size=settings.block_size, seed=seed, check_one_shot=i == 0)
             results["passkey"] = {"trials": cfg["trials"], "rows": passkey_rows,
@@ -1246,6 +1248,7 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{name}", type=int, nargs="+", default=None)
     parser.add_argument("--depths", type=float, nargs="+", default=None)
     parser.add_argument("--kl_target_power", type=float, default=None)
+    parser.add_argument("--passkey_models", nargs="+", choices=("sdpa", "sparsemix"), default=None)
     parser.add_argument("--scorers", default=None, help="warmed scorers to load (default: the output's own)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "stages", "output", "seed", "scorers")}
