@@ -211,6 +211,8 @@ def shrink(config, level: int):
             value = getattr(c, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and key in vars(c) and value > LAYERS:
                 setattr(c, key, LAYERS)
+        if vars(c).get("use_repmixer_blocks"):  # SAM3-lite's text encoder: first and last layers are not attention
+            c.num_hidden_layers = LAYERS + 1
         layer_types = vars(c).get("layer_types")
         if isinstance(layer_types, (list, tuple)) and len(layer_types) > LAYERS:
             kinds = list(dict.fromkeys(layer_types))[:LAYERS]
@@ -220,6 +222,16 @@ def shrink(config, level: int):
             value = getattr(c, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and key in vars(c) and value > INTERMEDIATE:
                 setattr(c, key, INTERMEDIATE if level == 0 else min(value, 64))
+        # Defaults some configs leave as None though their models read them (DeepSeek-V2's top-k, dots1's
+        # expert width, HunYuan's rope alpha).
+        for keys, value in ((_TOPK_KEYS, 2), (_MOE_INTER_KEYS, 16), (_EXPERT_KEYS, 4)):
+            for key in keys:
+                if key in vars(c) and vars(c)[key] is None:
+                    with contextlib.suppress(Exception):
+                        setattr(c, key, value)
+        rope = vars(c).get("rope_parameters")
+        if isinstance(rope, dict) and "alpha" in rope and rope["alpha"] is None:
+            rope["alpha"] = 1.0
         for key in _MOE_INTER_KEYS:
             value = getattr(c, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and key in vars(c) and value > 16:
@@ -706,7 +718,7 @@ def walk(only: list[str] | None = None, log=print, isolated: bool = True) -> dic
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, torch threads 1",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "scripts/walk_model_types.py" + (f" --only {' '.join(only)}" if only else ""),
+        "command": ".venv/bin/python scripts/walk_model_types.py" + (f" --only {' '.join(only)}" if only else ""),
         "seconds": round(time.perf_counter() - start, 1),
         "tolerances": {"outputs": OUT_TOL, "gradients": GRAD_TOL},
         "walked": len(results),
@@ -732,10 +744,103 @@ def print_table(report: dict, file=sys.stdout) -> None:
           f"{report['seconds']} s; max out err {report['max_out_err']}, max grad err {report['max_grad_err']}", file=file)
 
 
+def write_markdown(report: dict, path: str, json_path: str | None = None) -> None:
+    """docs/model-coverage.md from a report."""
+    c = report["counts"]
+    rows = report["results"]
+
+    def names(status):
+        return ", ".join(f"`{r['model_type']}`" if "`" not in r["model_type"] else r["model_type"]
+                         for r in rows if r["status"] == status) or "none"
+
+    def short(text, n=220):
+        text = text.replace("|", "/").replace("`", "'")
+        return text if len(text) <= n else text[:n] + "..."
+
+    command = ".venv/bin/python scripts/walk_model_types.py" + (f" --json {json_path}" if json_path else "") + \
+        f" --markdown {path}"
+    lines = [
+        "# Every model type, checked by machine",
+        "",
+        "`scripts/walk_model_types.py` walks every model type of the installed transformers whose base model "
+        "(`AutoModel`'s mapping) is defined in a module that calls `ALL_ATTENTION_FUNCTIONS`, or declares "
+        "`_supports_attention_backend` or `_supports_sdpa` (composite models whose attention lives in their "
+        "sub-models). For each it builds a tiny random model (2 layers, width 32, 4 heads, 2 KV heads, vocabulary "
+        "99, in every sub-config; wider only where a model's shapes are tied to its width), seeded, twice: "
+        "`attn_implementation=\"sdpa\"` and `\"multimax\"` with the same weights, runs one forward on small "
+        "generated inputs (token ids with a padded row, images, audio, or a vision encoder's patches and grid) "
+        "and one backward, and compares every floating output and every parameter's gradient in fp32. It also "
+        "checks that MultiMax actually ran (its layers' forward hooks fired). Each type runs in a forked child "
+        f"with a {PER_TYPE_TIMEOUT_S} s limit and an {MEMORY_LIMIT >> 30} GiB address-space limit. The slow test "
+        "[`tests/integrations/test_every_model_type.py`](../tests/integrations/test_every_model_type.py) runs "
+        "the walk and asserts that no type fails.",
+        "",
+        f"Tolerances: outputs within {OUT_TOL:g} of their scale (max |SDPA output|, at least 1), gradients within "
+        f"{GRAD_TOL:g} of the largest gradient. At identity MultiMax is softmax of the same scores; its kernels "
+        "differ from SDPA's in summation order only, which in fp32 moves these tiny models' results by about "
+        f"1e-7..1e-6 (measured maximum here: outputs {report['max_out_err']:.1e}, gradients "
+        f"{report['max_grad_err']:.1e}); a wrong mask, scale or causality moves them by 1e-2 or more.",
+        "",
+        "## Latest run",
+        "",
+        f"{report['date']}; transformers {report['transformers']}, torch {report['torch']}; {report['machine']} "
+        f"(shared with other jobs); the walk took {report['seconds'] / 60:.0f} min.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "| status | model types | meaning |",
+        "|---|---|---|",
+        f"| covered | {c['covered']} | outputs and gradients match SDPA |",
+        f"| refused | {c['refused']} | the plugin raises its own error naming what it does not compute and what to use |",
+        f"| not applicable | {c['not_applicable']} | no SDPA path in transformers, an attention class table of the "
+        "model's own (not `ALL_ATTENTION_FUNCTIONS`), or a package not installed |",
+        f"| untested | {c['untested']} | the walk's generic tiny config or inputs did not run the SDPA reference: "
+        "the walk's limit, not a verdict on the plugin |",
+        f"| failing | {c['failing']} | MultiMax raises or differs where SDPA runs |",
+        f"| walked | {report['walked']} | |",
+        "",
+        f"Not walked: {report['not_walked']['count']} types whose base class's module does not call "
+        "`ALL_ATTENTION_FUNCTIONS` and declares neither flag (convolutional models, state-space models, models "
+        "with hand-written attention).",
+        "",
+        "### Failing",
+        "",
+        names("failing") if not c["failing"] else "\n".join(f"- `{r['model_type']}`: {short(r['reason'])}"
+                                                           for r in rows if r["status"] == "failing"),
+        "",
+        "### Refused",
+        "",
+        *[f"- `{r['model_type']}`: {short(r['reason'])}" for r in rows if r["status"] == "refused"],
+        *(["none"] if not c["refused"] else []),
+        "",
+        "### Not applicable",
+        "",
+        *[f"- `{r['model_type']}`: {short(r['reason'], 160)}" for r in rows if r["status"] == "not_applicable"],
+        "",
+        "### Untested",
+        "",
+        "The first error the SDPA reference gave with the walk's tiny config and inputs:",
+        "",
+        *[f"- `{r['model_type']}`: {short(r['reason'].replace('the SDPA reference did not run: ', ''), 200)}"
+          for r in rows if r["status"] == "untested"],
+        "",
+        "### Covered",
+        "",
+        names("covered"),
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--only", nargs="*", help="these model types only")
+    parser.add_argument("--markdown", help="write the coverage page here (docs/model-coverage.md)")
+    parser.add_argument("--from-json", help="no walk: read the report from this JSON (with --markdown)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
@@ -746,12 +851,18 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    report = walk(args.only, log=lambda line: print(line, flush=True))
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+    else:
+        report = walk(args.only, log=lambda line: print(line, flush=True))
     print_table(report)
-    if args.json:
+    if args.json and not args.from_json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.markdown:
+        write_markdown(report, args.markdown, args.json or args.from_json)
     return 1 if report["counts"]["failing"] else 0
 
 
