@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_sparsemix", description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="sequence lengths to time")
-    parser.add_argument("--memory_lengths", type=int, nargs="+", default=[16384], help="lengths whose peak memory is measured (fresh process each)")
+    parser.add_argument("--memory_lengths", type=int, nargs="*", default=[16384], help="lengths whose peak memory is measured (fresh process each)")
     parser.add_argument("--variants", nargs="+", default=["sdpa", "blocked", "eager", "flex"], choices=list(MAX_LEN), help="what to time (sdpa is the dense baseline)")
     parser.add_argument("--block_size", type=int, default=SparseMixSettings.block_size, help="SparseMix block size")
     parser.add_argument("--top_k", type=int, default=SparseMixSettings.top_k, help="key blocks kept per query block besides sink and local")
