@@ -35,7 +35,7 @@ METHODS = ("joint", "ogm_ge", "rollingq", "attribution", "rollingq_attribution",
 # The same budget and early-stopping rule for every method of a task (max epochs, patience, batch).
 PROTOCOL = {
     "complementary": {"epochs": 12, "patience": 4, "task": "b at 3.5 on 1 of 4 tokens"},
-    "digits": {"epochs": 12, "patience": 3},
+    "digits": {"epochs": 30, "patience": 5},
 }
 SEEDS = (0, 1, 2, 3, 4)
 # A run has collapsed onto one modality when the CLS query's attention mass on it (test set, last
