@@ -567,7 +567,8 @@ def _passkey_summary(rows: list[dict]) -> dict:
     gaps = [e["sdpa"] - e["sparsemix"] for e in table if e.get("sdpa", 0) > 0 and "sparsemix" in e]
     return {"cells": table, "max_gap_points_where_dense_succeeds": max(gaps) if gaps else None,
             **{f"{label}_accuracy": round(100 * statistics.mean(r["correct"] for r in rows if r["model"] == name), 1)
-               for name, label in (("sdpa", "dense"), ("sparsemix", "sparsemix"))}}
+               for name, label in (("sdpa", "dense"), ("sparsemix", "sparsemix"))
+               if any(r["model"] == name for r in rows)}}
 
 
 # 4b. passkey diagnosis (`--stages passkey_diagnosis`; not part of the default run)
@@ -1165,12 +1166,15 @@ def run(quick: bool = False, stages=STAGES, output: str | None = None, seed: int
         for i, L in enumerate(cfg["passkey_lengths"]):
             models = {name: m for name, m in (("sdpa", dense), ("sparsemix", sparse))
                       if name in cfg.get("passkey_models", ("sdpa", "sparsemix"))}
-            passkey_rows += passkey(models, tokenizer, haystack, length=L,
-                                    depths=cfg["depths"], trials=cfg["trials"], new_tokens=cfg["new_tokens"],
-                                    block_size=settings.block_size, seed=seed, check_one_shot=i == 0)
+            oracle = oracle_selection(selector) if cfg.get("passkey_oracle") else contextlib.nullcontext()
+            with oracle:  # the oracle selection (same budget) instead of the scorer, when asked
+                passkey_rows += passkey(models, tokenizer, haystack, length=L,
+                                        depths=cfg["depths"], trials=cfg["trials"], new_tokens=cfg["new_tokens"],
+                                        block_size=settings.block_size, seed=seed, check_one_shot=i == 0)
             results["passkey"] = {"trials": cfg["trials"], "rows": passkey_rows,
                                   "summary": _passkey_summary(passkey_rows),
-                                  "scorer": "after warm-up" if trained is not None else "untrained"}
+                                  "scorer": "oracle selection (same budget)" if cfg.get("passkey_oracle") else
+                                  "after warm-up" if trained is not None else "untrained"}
             times["passkey"] = round(time.perf_counter() - t0, 1)
             _write(results, output)
 
@@ -1249,6 +1253,8 @@ def main(argv=None) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=None)
     parser.add_argument("--kl_target_power", type=float, default=None)
     parser.add_argument("--passkey_models", nargs="+", choices=("sdpa", "sparsemix"), default=None)
+    parser.add_argument("--passkey_oracle", action="store_true", default=None,
+                        help="SparseMix selects by dense mass (oracle_selection) in the passkey stage")
     parser.add_argument("--scorers", default=None, help="warmed scorers to load (default: the output's own)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "stages", "output", "seed", "scorers")}
