@@ -245,8 +245,8 @@ def sync_model(model: PreTrainedModel) -> None:
     # `{"": "multimax", "text_config": "eager", ...}`) has no module the top-level name governs: nothing to attach.
     subs = [c for c in config_tree(model.config) if c is not model.config]
     governs_nothing = bool(subs) and all(method_of(c.__dict__.get("_attn_implementation_internal")) is None for c in subs)
-    if root_layers and not counts.get(root_method.name) and root_settings.target_modules is None and not governs_nothing \
-            and not _built_inside_another(model):
+    if (root_layers and not counts.get(root_method.name) and root_settings.target_modules is None and not governs_nothing
+            and not _built_inside_another(model)):
         where = (f"none of its modules is one of {[c.__name__ for c in declared]}" if declared else f"{type(model).__name__} declares no attention classes (_can_record_outputs["
                  "'attentions']) and holds no module with a `config` and an `is_causal`")
         raise ValueError(

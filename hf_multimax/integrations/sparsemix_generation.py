@@ -196,6 +196,8 @@ def install() -> bool:
                        "for fast decoding)", tuple(found) if found else " (missing)", tuple(_EXPECTED))
         return False
     _ORIGINAL["_prepare_cache_for_generation"] = original
+    # No public hook: generate() builds its default cache here, and cache_implementation names a closed
+    # tuple of transformers' own caches (ALL_CACHE_IMPLEMENTATIONS), so a plugin cache cannot be named.
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
     return True
 

@@ -30,6 +30,7 @@ def quick_runs():
             for method in ("joint", "rollingq", "attribution")}
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_methods_reduce_the_imbalance(quick_runs):
     joint = quick_runs["joint"]["report"]
     assert joint["attention_mass/a"] > 0.7 and joint["attribution_share/a"] > 0.7  # a dominates
@@ -43,6 +44,7 @@ def test_methods_reduce_the_imbalance(quick_runs):
     assert joint["num_rotations"] == 0
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_traces_are_logged(quick_runs):
     history = quick_runs["rollingq"]["history"]
     assert len(history["rollingq"]) == QUICK["epochs"] and len(history["monitor"]) == QUICK["epochs"] + 1
@@ -94,6 +96,7 @@ class FakeHub:
         return f"file://{self.root / repo_id}"
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_script_checkpoint_and_pushed_folder_load_in_fresh_processes(tmp_path, monkeypatch):
     out = tmp_path / "run"
     from experiments.fusion.__main__ import main

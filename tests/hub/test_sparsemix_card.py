@@ -77,6 +77,7 @@ def test_trainer_writes_the_sparsemix_card_with_the_runs_hardware(trained_run):
     assert [r.metric_type for r in card.data.eval_results] == ["loss"]
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_published_sparsemix_card_states_settings_results_and_the_runs_hardware(trained_run, tmp_path):
     out, trainer = trained_run
     # The run's card records where it trained; a run on GPUs published from a laptop keeps its GPUs.

@@ -44,6 +44,7 @@ LONG_PROMPTS = [list(range(1, 26)), [(7 * i) % 97 + 1 for i in range(31)], [(3 *
                                            ("multimax:chunked", PROMPTS), ("sparsemix", LONG_PROMPTS),
                                            ("sparsemix", PROMPTS)],
                          ids=["multimax", "multimax-eager", "multimax-chunked", "sparsemix-sparse", "sparsemix-dense"])
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_generate_batch_gives_each_request_its_own_tokens(impl, prompts):
     model = trained(impl)
     outputs = model.generate_batch(prompts, generation_config=GenerationConfig(**GREEDY))
@@ -55,6 +56,7 @@ def test_generate_batch_gives_each_request_its_own_tokens(impl, prompts):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if f".{method}." in n)
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_requests_arriving_one_after_another():
     model = trained("multimax")
     with model.continuous_batching_context_manager(generation_config=GenerationConfig(**GREEDY), block=True,

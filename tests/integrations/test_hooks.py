@@ -5,6 +5,8 @@ in a fresh process: the registries and the wrapped methods are process-global.""
 import os
 import subprocess
 import sys
+
+import pytest
 import textwrap
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -35,6 +37,7 @@ hooks.sync_model = lambda model: walks.append(model) or sync(model)
 """
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_plugin_free_model_is_built_as_without_the_plugin(tmp_path):
     for with_plugin in (False, True):
         run((SPY if with_plugin else "walks = []\n") + textwrap.dedent(BUILD) + textwrap.dedent(f"""
@@ -53,6 +56,7 @@ def test_plugin_free_model_is_built_as_without_the_plugin(tmp_path):
     assert plain["config"] == plugged["config"]
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_uninstall_restores_transformers_and_register_puts_it_back():
     out = run(textwrap.dedent("""
         import transformers as tf
@@ -93,6 +97,7 @@ def test_uninstall_restores_transformers_and_register_puts_it_back():
     assert "OK" in out
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_import_refuses_a_transformers_whose_internals_differ():
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         from transformers import PreTrainedModel

@@ -191,6 +191,7 @@ def run_python(code, cwd):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_fresh_process_without_plugin_fails_loudly(vanilla_llama, tmp_path):
     AutoModelForCausalLM.from_pretrained(vanilla_llama, attn_implementation="multimax").save_pretrained(tmp_path)
     result = run_python(
@@ -206,6 +207,7 @@ def test_fresh_process_without_plugin_fails_loudly(vanilla_llama, tmp_path):
     assert 'attn_implementation="multimax"' in result.stderr and "not supported" in result.stderr
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_fresh_process_with_plugin_reloads_trained_scalars(vanilla_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(vanilla_llama, attn_implementation="multimax")
     train_steps(model)

@@ -213,6 +213,7 @@ def test_sparse_decode_step_equals_uncached_attention_over_its_selection():
     assert_close(step, full, what="decode step")
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_settings_persist_and_reload_in_a_fresh_process(tmp_path):
     model = build(settings={**SETTINGS, "normalizer": "multimax"})
     with torch.no_grad():

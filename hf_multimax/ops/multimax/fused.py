@@ -123,8 +123,8 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
 
 @_backward_op.register_fake
 def _(q, k, v, theta, affine, mask, bias, causal, scale, softcap, has_affine, dout, out, lse, dlse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), theta.new_empty(theta.shape), \
-        affine.new_empty(affine.shape)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), theta.new_empty(theta.shape),
+            affine.new_empty(affine.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -200,8 +200,8 @@ def fused_multimax_attention(
     q, k, v = (t.float().contiguous() for t in (query, key, value))
     args = (q, k, v, theta_h, affine_h, mask, bias, bool(is_causal), float(scale), float(softcap or 0.0),
             affine is not None)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h, sink_logits)) \
-            or torch.compiler.is_compiling():
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, theta_h, affine_h, sink_logits))
+            or torch.compiler.is_compiling()):
         out, lse = _forward_op(*args)
     else:
         out, lse = load_fused_extension().forward(*args)
