@@ -99,19 +99,26 @@ def test_cached_targets_give_the_librarys_kl():
         torch.testing.assert_close(cached, library, rtol=1e-6, atol=1e-7)
 
 
-def test_dropped_mass_matches_a_loop_over_the_librarys_dense_rows():
+def _captured_tiny_run(length: int, seed: int):
+    """The tiny SparseMix model, its settings, the dense twin's captured queries/keys on random ids,
+    the scorers' weights and the attention scale."""
     from hf_multimax import SparseMixSettings
-    from hf_multimax.ops.sparsemix import block_geometry, select_sparsemix_blocks
-    from hf_multimax.ops.sparsemix.distill import dense_rows
 
     dense, sparse = tiny_models()
     settings = SparseMixSettings.from_dict(sparse.config.sparsemix)
-    ids = torch.randint(0, 100, (1, 128), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(seed))
     store = {}
     with torch.no_grad(), capture_queries_keys(dense, store):
         dense(input_ids=ids)
     weights = [tuple(w.detach() for w in layer.self_attn.sparsemix()) for layer in sparse.model.layers]
-    scale = sparse.model.layers[0].self_attn.scaling
+    return sparse, settings, store, weights, sparse.model.layers[0].self_attn.scaling
+
+
+def test_dropped_mass_matches_a_loop_over_the_librarys_dense_rows():
+    from hf_multimax.ops.sparsemix import block_geometry, select_sparsemix_blocks
+    from hf_multimax.ops.sparsemix.distill import dense_rows
+
+    sparse, settings, store, weights, scale = _captured_tiny_run(length=128, seed=3)
     got = dropped_mass(store, {"trained": weights}, selector="block_rotary", settings=settings, scale=scale,
                        lengths=[64, 128], stride=3)
     assert got["first_sampled_query_block"] == 4 and got["query_blocks_sampled_every"] == 3
@@ -228,18 +235,9 @@ def test_oracle_block_scores_rank_blocks_by_dense_mass_in_prefill_chunks_and_dec
 
 
 def test_warmup_diagnosis_takes_the_librarys_kl_and_counts_kept_blocks():
-    from hf_multimax import SparseMixSettings
-
     from experiments.real_model_sparsemix import warmup_diagnosis
 
-    dense, sparse = tiny_models()
-    settings = SparseMixSettings.from_dict(sparse.config.sparsemix)
-    ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(4))
-    store = {}
-    with torch.no_grad(), capture_queries_keys(dense, store):
-        dense(input_ids=ids)
-    weights = [tuple(w.detach() for w in layer.self_attn.sparsemix()) for layer in sparse.model.layers]
-    scale = sparse.model.layers[0].self_attn.scaling
+    sparse, settings, store, weights, scale = _captured_tiny_run(length=96, seed=4)
     got = warmup_diagnosis(store, {"trained": weights}, selector="block_rotary", settings=settings, scale=scale)
     library = [cached_kl(layer, *store[i], kl_targets(*store[i], settings, scale), settings).item()
                for i, layer in enumerate(sparse.model.layers)]
