@@ -29,7 +29,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
-from ..ops.sparsemix import BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention
+from ..ops.sparsemix import (BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention,
+                             statistics_for)
 from .attention_utils import (SELECTION_KWARGS, attention_call, call_is_causal, fold_selection, layer_outputs,
                               prepare_inputs, refuse_unsupported, score_bias_kwargs, settings_of)
 from .aux_losses import active_aux_losses
@@ -278,7 +279,8 @@ def sparsemix_attention_forward(
                                      block_size=settings.block_size, weights=weights,
                                      last_block_ranked=not (causal and settings.local),
                                      summarize=functools.partial(SELECTORS[selector].summarize,
-                                                                 w=weights, block_size=settings.block_size))
+                                                                 w=weights, block_size=settings.block_size,
+                                                                 statistics=statistics_for(backend.kernel)))
     out = sparsemix_attention(
         query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,

@@ -15,6 +15,7 @@ from hf_multimax.ops.sparsemix import (
     flex_sparsemix_attention,
     fused_sparsemix_attention,
     naive_sparsemix_attention,
+    block_statistics,
     pool_blocks,
     rotary_norms_and_slow_pairs,
     rotary_pair_norms,
@@ -24,7 +25,7 @@ from hf_multimax.ops.sparsemix import (
     select_blocks,
     selection_mask,
 )
-from hf_multimax.ops.sparsemix.fused import fused_select_blocks
+from hf_multimax.ops.sparsemix.fused import fused_block_statistics, fused_select_blocks
 from tests.conftest import assert_close
 
 BS = 16
@@ -428,8 +429,34 @@ def test_fused_all_blocks_kept_is_dense_and_multimax_training_is_refused():
         fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True, theta=theta)
 
 
+@pytest.mark.parametrize("L, front_pad", [(1, 0), (1, 5), (16, 0), (37, 0), (37, 11), (100, 15)])
+@pytest.mark.parametrize("D", [8, 12, 64])
+@pytest.mark.parametrize("pair_norms", [False, True], ids=["raw", "pair_norms"])
+def test_fused_block_statistics_is_the_reference(L, front_pad, D, pair_norms):
+    g = torch.Generator().manual_seed(L + D)
+    x = torch.randn(2, L, 3, D, generator=g).transpose(1, 2)  # [B, H, L, D] as attention gets it: strided
+    want = block_statistics(x, BS, front_pad, pair_norms)
+    got = fused_block_statistics(x, BS, front_pad, pair_norms)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert (got[1] is None) == (not pair_norms)
+    if pair_norms:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    # bf16 inputs are pooled in fp32, as the reference does
+    got16, want16 = fused_block_statistics(x.bfloat16(), BS, front_pad)[0], block_statistics(x.bfloat16(), BS, front_pad)[0]
+    assert got16.dtype == want16.dtype == torch.float32
+    torch.testing.assert_close(got16, want16, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_block_statistics_keeps_a_graph_by_taking_the_reference():
+    x = torch.randn(1, 2, 40, 8, requires_grad=True)
+    raw, norms = fused_block_statistics(x, BS, 0, True)
+    (raw.sum() + norms.sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("statistics", [block_statistics, fused_block_statistics], ids=["reference", "fused"])
 @pytest.mark.parametrize("Q, K", [(96, 96), (37, 100), (1, 101)], ids=["prefill", "chunk", "decode_step"])
-def test_block_rotary_scores_equal_pooling_the_features_of_every_token(Q, K):
+def test_block_rotary_scores_equal_pooling_the_features_of_every_token(Q, K, statistics):
     # block_rotary pools its slow pairs from the raw tokens' block means and maxima; the reference
     # builds every token's features (norms, then the slow pairs) and pools those.
     g = torch.Generator().manual_seed(0)
@@ -437,7 +464,8 @@ def test_block_rotary_scores_equal_pooling_the_features_of_every_token(Q, K):
     width = 4 + 2 * 2  # 4 pair norms and 2 slow pairs whole
     wq, wk = torch.randn(2, 2 * width, 3, generator=g), torch.randn(2, 2 * width, 3, generator=g)
     geometry = block_geometry(Q, K, BS, causal=True)
-    scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, features=rotary_norms_and_slow_pairs)
+    scores = scorer_block_scores(q, k, wq, wk, geometry, scale=0.5, features=rotary_norms_and_slow_pairs,
+                                 statistics=statistics)
 
     def pooled(x, front_pad=0, with_max=True):  # per block, averaged over the query heads of a group
         p = pool_blocks(x, BS, front_pad, with_max)

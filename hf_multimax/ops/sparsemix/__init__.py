@@ -17,11 +17,12 @@ from .flex import NO_SINKS, flex_sparsemix_attention
 from .fused import fused_sparsemix_attention
 from .naive import naive_sparsemix_attention
 from .indexer import indexer_block_scores, indexer_keys, indexer_kl
-from .pipeline import SELECTORS, Selector, select_sparsemix_blocks, sparsemix_attention
+from .pipeline import SELECTORS, Selector, select_sparsemix_blocks, sparsemix_attention, statistics_for
 from .selection import (
     BlockGeometry,
     block_geometry,
     block_key_features,
+    block_statistics,
     candidate_blocks,
     pool_blocks,
     rotary_norms_and_slow_pairs,
@@ -68,6 +69,7 @@ __all__ = [
     "BlockGeometry",
     "block_geometry",
     "block_key_features",
+    "block_statistics",
     "blocked_sparsemix_attention",
     "candidate_blocks",
     "dense_block_mass",
@@ -87,4 +89,5 @@ __all__ = [
     "selection_mask",
     "select_sparsemix_blocks",
     "sparsemix_attention",
+    "statistics_for",
 ]

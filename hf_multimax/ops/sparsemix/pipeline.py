@@ -11,19 +11,20 @@ from typing import Callable
 import torch
 
 from .distill import scorer_kl
-from .fused import fused_select_blocks, fused_sparsemix_attention
+from .fused import fused_block_statistics, fused_select_blocks, fused_sparsemix_attention
 from .indexer import indexer_block_scores, indexer_keys, indexer_kl
 from .selection import (
     BlockGeometry,
     block_geometry,
     block_key_features,
+    block_statistics,
     rotary_norms_and_slow_pairs,
     rotary_pair_norms,
     scorer_block_scores,
     select_blocks,
 )
 
-__all__ = ["SELECTORS", "Selector", "select_sparsemix_blocks", "sparsemix_attention"]
+__all__ = ["SELECTORS", "Selector", "select_sparsemix_blocks", "sparsemix_attention", "statistics_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +32,12 @@ class Selector:
     """What ranks the key blocks, as the three things SparseMix asks of it, each a function of the
     layer's selector weights (what `SparseMixScorer` returns):
 
-    - `block_scores(query, key, weights, geometry, scale, mask, key_summary)`: `[B, Hkv, nQB, nKB]`
-      block scores, top-k of which are kept;
+    - `block_scores(query, key, weights, geometry, scale, mask, key_summary, statistics=...)`:
+      `[B, Hkv, nQB, nKB]` block scores, top-k of which are kept (`statistics`: how the block scorers
+      pool, `block_statistics` or its C++ twin; the token indexer pools nothing);
     - `kl(query, key, weights, geometry, q_blocks, **kl_options)`: its distillation term on the
       sampled query blocks (`kl_options`: `scale, sink, local, mask, score_mod, target_power`);
-    - `summarize(key, weights, block_size)`: what it reads of the keys, which a KV cache keeps and
+    - `summarize(key, weights, block_size, statistics=...)`: what it reads of the keys, which a KV cache keeps and
       extends while decoding (`key_summary` above): one entry per block of keys
       (`summary_per_block`) or per key.
     """
@@ -55,10 +57,11 @@ def _block_scorer(features=None) -> Selector:
         return scorer_kl(sampled, query, key, geometry, q_blocks, **kl_options)
 
     return Selector(
-        block_scores=lambda q, k, w, g, scale, mask, summary: scorer_block_scores(
-            q, k, *w, g, scale, key_features=summary, features=features),
+        block_scores=lambda q, k, w, g, scale, mask, summary, statistics=block_statistics: scorer_block_scores(
+            q, k, *w, g, scale, key_features=summary, features=features, statistics=statistics),
         kl=kl,
-        summarize=lambda key, w, block_size: block_key_features(key, w[1], block_size, features),
+        summarize=lambda key, w, block_size, statistics=block_statistics: block_key_features(
+            key, w[1], block_size, features, statistics),
         summary_per_block=True,
     )
 
@@ -72,12 +75,20 @@ SELECTORS = {
     "block_norms": _block_scorer(rotary_pair_norms),
     "block_rotary": _block_scorer(rotary_norms_and_slow_pairs),
     "token": Selector(
-        block_scores=lambda q, k, w, g, scale, mask, summary: indexer_block_scores(q, k, w, g, mask=mask, keys=summary),
+        block_scores=lambda q, k, w, g, scale, mask, summary, statistics=None: indexer_block_scores(
+            q, k, w, g, mask=mask, keys=summary),
         kl=indexer_kl,
-        summarize=lambda key, w, block_size: indexer_keys(key, w[1]),
+        summarize=lambda key, w, block_size, statistics=None: indexer_keys(key, w[1]),
         summary_per_block=False,
     ),
 }
+
+
+def statistics_for(kernel: Callable) -> Callable[..., tuple]:
+    """How the block scorers pool blocks beside `kernel`: the fused kernel's extension pools too (one
+    pass over the queries or keys instead of about ten tensor ops), as it selects (one call instead of
+    ten small ops per decoding step); other kernels pool with the reference."""
+    return fused_block_statistics if kernel is fused_sparsemix_attention else block_statistics
 
 
 @torch.no_grad()
@@ -97,6 +108,7 @@ def select_sparsemix_blocks(
     key_summary: torch.Tensor | None = None,
     select: Callable[..., tuple[torch.Tensor, torch.Tensor]] = select_blocks,
     window: int | None = None,
+    statistics: Callable[..., tuple] = block_statistics,
 ) -> tuple[BlockGeometry, torch.Tensor, torch.Tensor]:
     """The key blocks each query block keeps (the selection is not differentiable: no graph).
 
@@ -120,6 +132,8 @@ def select_sparsemix_blocks(
         window (`int`, *optional*): the model's causal sliding window (query q sees keys q - window + 1
             .. q): no block wholly before a query block's window is kept, the sink block included.
             Default: `None`.
+        statistics (`Callable`): how the block scorers pool blocks: `block_statistics`, or its one-pass
+            C++ twin `fused_block_statistics` (CPU). Default: `block_statistics`.
 
     Returns:
         `(geometry, block_idx [B, Hkv, n_q_blocks, S], block_valid [B, Hkv, n_q_blocks, S])`.
@@ -129,7 +143,8 @@ def select_sparsemix_blocks(
     geometry = block_geometry(query.shape[-2], key.shape[-2], block_size, causal, window)
     if selector not in SELECTORS:
         raise ValueError(f"selector={selector!r} is not supported; allowed values: {tuple(SELECTORS)}")
-    scores = SELECTORS[selector].block_scores(query, key, weights, geometry, scale, mask, key_summary)
+    scores = SELECTORS[selector].block_scores(query, key, weights, geometry, scale, mask, key_summary,
+                                              statistics=statistics)
     block_idx, block_valid = select(scores, geometry, top_k=top_k, sink=sink, local=local)
     return geometry, block_idx, block_valid
 
@@ -171,8 +186,8 @@ def sparsemix_attention(
     _, block_idx, block_valid = select_sparsemix_blocks(
         query, key, weights, block_size=block_size, top_k=top_k, sink=sink, local=local, causal=causal,
         scale=scale, selector=selector, mask=mask, key_summary=key_summary, window=window,
-        # The fused kernel's extension also selects: one call instead of ten small ops per decoding step.
         select=fused_select_blocks if kernel is fused_sparsemix_attention else select_blocks,
+        statistics=statistics_for(kernel),
     )
     out, _ = kernel(query, key, value, block_idx, block_valid, block_size=block_size, scale=scale, mask=mask,
                     is_causal=causal, theta=theta, affine=affine, sink_logits=sink_logits)

@@ -20,6 +20,7 @@ __all__ = [
     "BlockGeometry",
     "block_geometry",
     "block_key_features",
+    "block_statistics",
     "rotary_norms_and_slow_pairs",
     "rotary_pair_norms",
     "pool_blocks",
@@ -103,6 +104,15 @@ def _blocked_rows(x: torch.Tensor, block_size: int, front_pad: int) -> tuple[tor
     return padded, real.view(n_blocks, block_size)
 
 
+def block_statistics(x: torch.Tensor, block_size: int, front_pad: int = 0,
+                     pair_norms: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the block scorer pools of `x` `[B, H, L, D]`: `(pool_blocks(x) [B, H, n, 2D], pool_blocks of
+    its rotary pair norms [B, H, n, D] or None)`, blocks as in `pool_blocks`. The reference of
+    `fused.fused_block_statistics`, which reads `x` once."""
+    norms = pool_blocks(rotary_pair_norms(x), block_size, front_pad) if pair_norms else None
+    return pool_blocks(x, block_size, front_pad), norms
+
+
 def scorer_block_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -113,6 +123,7 @@ def scorer_block_scores(
     q_blocks: torch.Tensor | None = None,
     key_features: torch.Tensor | None = None,
     features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    statistics: Callable[..., tuple] = block_statistics,
 ) -> torch.Tensor:
     """Block scores of the SparseMix scorer, one selection per key/value head.
 
@@ -137,54 +148,66 @@ def scorer_block_scores(
         features (*optional*): what the learned term pools of each query and key token instead of
             the token itself, `features(x, F)` -> `[..., F]`: `rotary_pair_norms` (the `"block_norms"`
             selector) or `rotary_norms_and_slow_pairs` (`"block_rotary"`).
+        statistics (*optional*): `block_statistics`, or its one-pass C++ twin
+            `fused_block_statistics` (CPU). Default: `block_statistics`.
 
     Returns:
         `[B, Hkv, n, n_k_blocks]` fp32 scores, `n` = `n_q_blocks` or `len(q_blocks)`.
     """
     Hkv = key.shape[1]
     mean_q, learned = _scorer_inputs(query, w_query.shape[-2] // 2, features,
-                                     lambda x, with_max: _pooled_queries(x, Hkv, geometry, with_max))
+                                     lambda x, norms: _pooled_queries(x, Hkv, geometry, norms, statistics))
     if q_blocks is not None:
         mean_q, learned = mean_q.index_select(2, q_blocks), learned.index_select(2, q_blocks)
     if key_features is None:
-        key_features = block_key_features(key, w_key, geometry.block_size, features)
+        key_features = block_key_features(key, w_key, geometry.block_size, features, statistics)
     # Both terms in one product: [scale * mean_q, pool_q Wq] . [mean_k, pool_k Wk].
     query_features = torch.cat([mean_q * scale, torch.matmul(learned, w_query.float())], -1)
     return torch.matmul(query_features, key_features.transpose(-1, -2))
 
 
-def _scorer_inputs(x: torch.Tensor, width: int, features, pool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scorer_inputs(x: torch.Tensor, width: int, features, stats) -> tuple[torch.Tensor, torch.Tensor]:
     """What the scorer reads of `x` `[B, H, L, D]` per block: `(mean [.., D], learned [.., 2F])`, the
-    raw means for the gate and the pooled (mean+max) input of the learned term, `pool(x, with_max)`
-    pooling tokens to blocks."""
+    raw means for the gate and the pooled (mean+max) input of the learned term; `stats(x, pair_norms)`
+    pools tokens to blocks as `block_statistics` does."""
     D = x.shape[-1]
     if features is None:
-        pooled = pool(x, True)
+        pooled, _ = stats(x, False)
         return pooled[..., :D], pooled
+    if features is rotary_pair_norms:
+        pooled, norms = stats(x, True)
+        return pooled[..., :D], norms
     if features is rotary_norms_and_slow_pairs:
         # The slow pairs are raw features: their block means and maxima are slices of the raw ones,
         # so only the norms are built per token (building every token's features first took half
         # the scorer's time at 16k).
-        raw, norms = pool(x, True), pool(rotary_pair_norms(x), True)
+        raw, norms = stats(x, True)
         half, n = D // 2, (width - D // 2) // 2
         mean, peak = raw[..., :D], raw[..., D:]
         slow = [m[..., i - n : i] for m in (mean, peak) for i in (half, D)]
         return mean, torch.cat([norms[..., :half], *slow[:2], norms[..., half:], *slow[2:]], dim=-1)
-    # The raw tokens feed only the gate: their means suffice.
-    return pool(x, False), pool(features(x, width), True)
+    # Other features: the raw tokens feed only the gate.
+    pooled, _ = stats(x, False)
+    learned, _ = stats(features(x, width), False)
+    return pooled[..., :D], learned
 
 
-def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry, with_max: bool = True) -> torch.Tensor:
-    """Mean and max (or the mean only) of each query block `[B, Hkv, nQB, 2F or F]`, averaged over the
-    query heads of a group."""
+def _pooled_queries(x: torch.Tensor, n_kv_heads: int, geometry: BlockGeometry, pair_norms: bool,
+                    statistics: Callable[..., tuple]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`statistics` of each query block, averaged over the query heads of a group."""
     B, H, Q, F = x.shape
     if Q == 1:  # decoding: one query is its own mean and max
-        pq = x.float() if H == n_kv_heads else x.float().view(B, n_kv_heads, H // n_kv_heads, 1, F).mean(dim=2)
-        return torch.cat([pq, pq], dim=-1) if with_max else pq
-    pq = pool_blocks(x, geometry.block_size, geometry.front_pad, with_max)  # [B, H, nQB, 2F or F]
+        x = x.float()
+        raw, norms = torch.cat([x, x], dim=-1), None
+        if pair_norms:
+            n = rotary_pair_norms(x)
+            norms = torch.cat([n, n], dim=-1)
+    else:
+        raw, norms = statistics(x, geometry.block_size, geometry.front_pad, pair_norms)
     if H == n_kv_heads:
-        return pq
-    return pq.view(B, n_kv_heads, H // n_kv_heads, *pq.shape[2:]).mean(dim=2)
+        return raw, norms
+    group = lambda t: None if t is None else t.view(B, n_kv_heads, H // n_kv_heads, *t.shape[2:]).mean(dim=2)
+    return group(raw), group(norms)
 
 
 def rotary_pair_norms(x: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -217,12 +240,14 @@ def rotary_norms_and_slow_pairs(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def block_key_features(key: torch.Tensor, w_key: torch.Tensor, block_size: int,
-                       features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                       features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       statistics: Callable[..., tuple] = block_statistics) -> torch.Tensor:
     """What the block scorer reads of each key block: `[B, Hkv, n_blocks, D + r]`, the block's mean
     key beside its pooled (mean+max) key, or pooled `features(key)`, projected by `w_key`. Per block, so
-    a KV cache's features grow by appending blocks (see `integrations.sparsemix_decoding`)."""
+    a KV cache's features grow by appending blocks (see `integrations.sparsemix_decoding`).
+    `statistics` as in `scorer_block_scores`."""
     mean, learned = _scorer_inputs(key, w_key.shape[-2] // 2, features,
-                                   lambda x, with_max: pool_blocks(x, block_size, with_max=with_max))
+                                   lambda x, pair_norms: statistics(x, block_size, 0, pair_norms))
     return torch.cat([mean, torch.matmul(learned, w_key.float())], -1)
 
 
