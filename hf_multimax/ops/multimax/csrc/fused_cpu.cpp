@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -339,21 +340,21 @@ inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
 }
 
 // SparseMix's exact attention over selected key blocks. One task per (batch, key/value head, block of
-// queries): the selected key blocks are copied side by side (a few hundred KB, in L2) so that each
-// query head of the group multiplies them in one score product and one P.V product, instead of two
-// 64 x 64 x 64 BLAS calls per block whose fixed cost (packing, dispatch) is as large as their work.
-// Masks and causality are applied per block (segment) of the gathered row. A one-row block of
-// queries (decoding) walks the blocks in place with the dot/axpy tile. Queries sit at absolute
-// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. It also returns
-// the rows' log-sum-exp, from which `sparse_backward` (softmax) recomputes the tiles.
+// queries): each query head of the group multiplies its rows with the selected key blocks, one block
+// after another into one row of scores per query, applies masks and causality per block (segment) of
+// that row, takes one softmax over the whole row, then multiplies it with each block's V. A one-row
+// block of queries (decoding) walks the blocks with the dot/axpy tile. Queries sit at absolute
+// positions i + q_offset; query block qb covers absolute block qb + q_offset / bs. It also returns the
+// rows' log-sum-exp, from which `sparse_backward` (softmax) recomputes the tiles.
 //
-// Its two products go through torch's `cpublas::brgemm`: oneDNN's brgemm micro-kernel where oneDNN
-// has one for fp32 (x86 with AVX2 or later, unless torch.backends.mkldnn is switched off), else the
-// same BLAS gemm. The micro-kernel reads both operands as they lie, where sgemm repacks both on every
-// call: with 64 query rows per product, repacking the 640 gathered keys cost as much per flop as the
-// product (1/64); skipping it made the 16k forward 14-17% faster. It takes no transpose and no alpha,
-// so K is gathered transposed ([D, cols]) and each head's query rows are scaled once.
-constexpr int64_t kGatherColumns = 1024;  // keys gathered per product: 16 blocks of 64, 256 KB of K
+// The products go through torch's `cpublas::brgemm`: oneDNN's brgemm micro-kernel where oneDNN has one
+// for fp32 (x86 with AVX2 or later, unless torch.backends.mkldnn is switched off), else the same BLAS
+// gemm. The micro-kernel reads both operands where they lie and costs little per call, where sgemm
+// repacks both on every call; it takes no transpose and no alpha, so the scores read each key block
+// as a [D, bs] tile of K^T (`TransposedHead`) and each head's query rows are scaled once. One call per
+// block reads K^T tiles and V rows in place: copying the selected blocks side by side first, for one
+// wide product each, moved ~160 KB per query block and took ~12% more time at 16k (1 thread, AVX2).
+constexpr int64_t kGatherColumns = 1024;  // keys per run of blocks: the row of scores a run fills
 
 // One key/value head's rows transposed block by block (block i as a [D, bs] tile, key j of it in
 // column j), each block transposed the first time it is asked for. The products' micro-kernel reads
@@ -394,17 +395,9 @@ struct TransposedHead {
   }
 };
 
-// dst[0, n) = src[0, n), inline: the gathers copy runs of a few dozen floats, which a memcpy call
-// costs more to dispatch than to move.
-inline void copy_floats(const float* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).store(dst + i);
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
 // The key blocks one SparseMix task (query rows [r0, r1) of batch b, query heads h0 .. h0 + group
 // sharing one key/value head) attends: selected, valid, not past the causal frontier and not masked
-// for every head of the group. Runs of them that fit the gather buffers are copied side by side.
+// for every head of the group. A run of them holding at most max_cols keys fills one row of scores.
 struct SelectedBlocks {
   std::vector<int64_t> c0, n;  // first key and key count of each attended block
   int64_t count = 0;
@@ -431,21 +424,6 @@ struct SelectedBlocks {
     int64_t last = first;
     for (cols = 0; last < count && cols + n[last] <= max_cols; ++last) cols += n[last];
     return last;
-  }
-
-  // Blocks [first, last) of one key/value head side by side, as columns: key c of the run in column
-  // c of buf [width, cols], from the head's transposed tiles (its rows `rows`, width `t.D`).
-  void gather_columns(int64_t first, int64_t last, int64_t cols, TransposedHead& t, const float* rows, float* buf) const {
-    for (int64_t s = first, c = 0; s < last; c += n[s++]) {
-      const float* src = t.tile(rows, c0[s]);
-      for (int64_t d = 0; d < t.D; ++d) copy_floats(src + d * t.bs, n[s], buf + d * cols + c);
-    }
-  }
-
-  // The same blocks as rows: key c of the run in row c of buf [cols, width].
-  void gather_rows(int64_t first, int64_t last, const float* rows, int64_t width, float* buf) const {
-    for (int64_t s = first, c = 0; s < last; c += n[s++])
-      std::memcpy(buf + c * width, rows + c0[s] * width, n[s] * width * sizeof(float));
   }
 };
 
@@ -505,11 +483,10 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
   const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
-    // A decoding step (one query row) walks the blocks in place: no gather buffers to allocate. A
-    // one-row task's row holds the scores of every selected key (at most S blocks).
-    const int64_t gathered = p.Q > 1 ? max_cols : 0;
-    std::unique_ptr<float[]> tile(new float[std::max(bs * std::max(bs, gathered), S * bs)]), kbuf(new float[gathered * p.D]),
-        vbuf(new float[gathered * p.Dv]), acc(new float[group * bs * p.Dv]), qbuf(new float[bs * p.D]);
+    // A one-row task's row (a decoding step) holds the scores of every selected key (at most S blocks).
+    const int64_t tile_cols = p.Q > 1 ? max_cols : 0;
+    std::unique_ptr<float[]> tile(new float[std::max(bs * std::max(bs, tile_cols), S * bs)]),
+        acc(new float[group * bs * p.Dv]), qbuf(new float[bs * p.D]);
     std::vector<float> m(group * bs), l(group * bs);
     SelectedBlocks seg(S);
     TransposedHead key_cols(p.K, p.D, bs, p.Q > 1);
@@ -544,8 +521,6 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
         for (int64_t first = 0, last, cols; first < seg.count; first = last) {
           last = seg.run_end(first, max_cols, cols);
           key_cols.use_head(kvh);
-          seg.gather_columns(first, last, cols, key_cols, kb, kbuf.get());  // K^T
-          seg.gather_rows(first, last, vb, p.Dv, vbuf.get());  // V
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = h0 + g, bh = b * p.H + h;
             const float* q_rows = qp + (bh * p.Q + r0) * p.D;
@@ -553,7 +528,10 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
             const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
             float *acc_h = acc.get() + g * rows * p.Dv, *m_h = m.data() + g * rows, *l_h = l.data() + g * rows;
             scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
-            at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kbuf.get(), tile.get(), false);
+            // Scores block by block, each a product with the block's K^T tile where it lies.
+            for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
+              at::native::cpublas::brgemm(rows, seg.n[s], p.D, p.D, bs, cols, false, qbuf.get(), key_cols.tile(kb, seg.c0[s]),
+                                          tile.get() + c, false);
             const bool plain = ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = r0 + i;
@@ -573,7 +551,10 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
               if (plain) mx = std::max(mx, row_max(row, cols));
               online_softmax_row(row, cols, mx, m_h[i], l_h[i], acc_h + i * p.Dv, p.Dv);
             }
-            at::native::cpublas::brgemm(rows, p.Dv, cols, cols, p.Dv, p.Dv, true, tile.get(), vbuf.get(), acc_h, false);
+            // P.V block by block, each block's V rows read where they lie, summed into acc.
+            for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
+              at::native::cpublas::brgemm(rows, p.Dv, seg.n[s], cols, p.Dv, p.Dv, true, tile.get() + c, vb + seg.c0[s] * p.Dv,
+                                          acc_h, false);
           }
         }
       }
@@ -605,14 +586,14 @@ void probs_row(float* row, int64_t n, float lse, int64_t visible, const float* m
   std::fill(row + j, row + n, 0.f);
 }
 
-// SparseMix's softmax backward over the same gathered blocks as `sparse_forward`, from its output
-// and log-sum-exp (FlashAttention-2's recipe): per task and head, the score and dO.V^T products,
-// dS = P * (dP - rowsum(dO * O)), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into gathered
-// buffers. The first three products run on the brgemm micro-kernel as in the forward (~9% off a 16k
-// forward+backward); the last two read their left operand transposed, which it does not take, and
-// stay on BLAS. dK and dV are added back to the key/value head's rows under its lock (query blocks
-// of one head run in parallel and may share key blocks). out and dout may be strided views ([B, Q,
-// H, D] memory).
+// SparseMix's softmax backward over the same blocks as `sparse_forward`, from its output and
+// log-sum-exp (FlashAttention-2's recipe): per task and head, the score and dO.V^T products,
+// dS = P * (dP - rowsum(dO * O)), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into per-run
+// buffers. The first three products run on the brgemm micro-kernel block by block as in the forward,
+// reading K^T and V^T tiles and K's rows in place; the last two read their left operand transposed,
+// which it does not take, and stay on BLAS. dK and dV are added back to the key/value head's rows
+// under its lock (query blocks of one head run in parallel and may share key blocks). out and dout
+// may be strided views ([B, Q, H, D] memory).
 std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                         const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                         const at::Tensor& block_idx, const at::Tensor& block_valid, int64_t bs,
@@ -631,7 +612,6 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
   std::vector<std::mutex> head_locks(p.B * p.Hkv);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * 3 * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> prob(new float[bs * max_cols]), dscore(new float[bs * max_cols]),
-        kbuf(new float[max_cols * p.D]), kt(new float[p.D * max_cols]), vt(new float[p.Dv * max_cols]),
         qbuf(new float[bs * p.D]), dkbuf(new float[max_cols * p.D]), dvbuf(new float[max_cols * p.Dv]);
     SelectedBlocks seg(S);
     TransposedHead key_cols(p.K, p.D, bs, true), value_cols(p.K, p.Dv, bs, true);
@@ -649,13 +629,10 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
       }
       for (int64_t first = 0, last, cols; first < seg.count; first = last) {
         last = seg.run_end(first, max_cols, cols);
-        // K side by side (dQ = dS.K reads it) and transposed (the scores read K^T), V transposed
-        // (dP = dO.V^T reads V^T): the products the micro-kernel takes without a transpose.
+        // The scores read K^T tiles, dP = dO.V^T reads V^T tiles, dQ = dS.K reads K's rows in place:
+        // the products the micro-kernel takes without a transpose, one call per block as in the forward.
         key_cols.use_head(kvh);
         value_cols.use_head(kvh);
-        seg.gather_columns(first, last, cols, key_cols, kb, kt.get());
-        seg.gather_columns(first, last, cols, value_cols, vb, vt.get());
-        seg.gather_rows(first, last, kb, p.D, kbuf.get());
         std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
         std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
         for (int64_t g = 0; g < group; ++g) {
@@ -665,8 +642,12 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
           const float* do_rows = do_p + b * ds_[0] + h * ds_[1] + r0 * ds_[2];
           float* dq_rows = dqp + (bh * p.Q + r0) * p.D;
           scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
-          at::native::cpublas::brgemm(rows, cols, p.D, p.D, cols, cols, false, qbuf.get(), kt.get(), prob.get(), false);
-          at::native::cpublas::brgemm(rows, cols, p.Dv, ds_[2], cols, cols, false, do_rows, vt.get(), dscore.get(), false);
+          for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+            at::native::cpublas::brgemm(rows, seg.n[s], p.D, p.D, bs, cols, false, qbuf.get(), key_cols.tile(kb, seg.c0[s]),
+                                        prob.get() + c, false);
+            at::native::cpublas::brgemm(rows, seg.n[s], p.Dv, ds_[2], bs, cols, false, do_rows,
+                                        value_cols.tile(vb, seg.c0[s]), dscore.get() + c, false);
+          }
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
             float *pr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
@@ -685,7 +666,9 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
               (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - dlt) * sv).store(dr + j);
             for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - dl) * p.scale;
           }
-          at::native::cpublas::brgemm(rows, p.D, cols, cols, p.D, p.D, true, dscore.get(), kbuf.get(), dq_rows, false);
+          for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
+            at::native::cpublas::brgemm(rows, p.D, seg.n[s], cols, p.D, p.D, true, dscore.get() + c, kb + seg.c0[s] * p.D,
+                                        dq_rows, false);
           gemm(true, false, cols, p.D, rows, 1.f, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
           gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
         }
