@@ -76,8 +76,9 @@ def test_bench_sparsemix_quick(tmp_path):
     out = tmp_path / "outputs" / "bench_sparsemix_quick.json"
     data = json.loads(out.read_text())
     row = {r["length"]: r for r in data["rows"]}[512]
-    assert {"forward_s", "forward_backward_s", "peak_mib"} <= set(row["blocked"])
+    assert {"forward_s", "forward_backward_s", "peak_mib", "forward_gflops", "forward_backward_gflops"} <= set(row["blocked"])
     assert row["sdpa"]["peak_mib"] > 0 and data["settings"]["top_k"] == 2 and data["quick"] is True
+    assert "of SDPA" in result.stdout and f"ISA {data['machine']['capability']}" in result.stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| 512 |" in result.stdout
 
