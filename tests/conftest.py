@@ -35,16 +35,17 @@ def assert_close(actual, expected, dtype=torch.float32, what=""):
 #     |error| <= (SUM_CHAIN + d + TERM_ROUNDINGS) * u * M
 # u    the unit roundoff of fp32, which the kernels compute in (bf16 cases round dO to bf16 on the way in,
 #      which no fp32 bound covers: they keep the relative TOLERANCES above);
-# SUM_CHAIN  the longest chain of fp32 additions a kernel makes for one gradient: the fused kernel sums a
-#      tile row of at most 512 keys over 8 (AVX2) or 16 (AVX-512) lanes, then the lanes and a short tail
-#      (512 / 8 + 2 * 8 = 80), and adds rows in float64; chunked and triton add their tiles in float64;
+# SUM_CHAIN  the longest chain of fp32 additions a kernel makes for one gradient: the fused kernels sum a
+#      tile row of at most 1024 keys (dense: 512; SparseMix: a run of selected blocks) over 8 (AVX2) or 16
+#      (AVX-512) lanes, then the lanes and a short tail (1024 / 8 + 2 * 8 = 144), and add rows in
+#      float64; chunked and triton add their tiles in float64;
 # d    the head dim: each term holds dP = dO.V and delta = dO.O, dot products of length d;
 # TERM_ROUNDINGS  the few roundings inside one term (score, exp, modulator, products);
 # M    sum over scores of P * (|dO|.|V| + |dO|.|O|) * |d term / d scalar| in float64 (`scalar_grad_bounds`),
 #      so the bound holds wherever the terms cancel. It does not grow with the number of scores faster
 #      than M itself: a kernel whose error did (a plain fp32 running sum) fails it at ~1k x 1k scores.
 UNIT_ROUNDOFF = 2.0**-24
-SUM_CHAIN = 512 // 8 + 2 * 8
+SUM_CHAIN = 1024 // 8 + 2 * 8
 TERM_ROUNDINGS = 16
 
 

@@ -26,7 +26,7 @@ from hf_multimax.ops.sparsemix import (
     selection_mask,
 )
 from hf_multimax.ops.sparsemix.fused import fused_block_statistics, fused_select_blocks
-from tests.conftest import assert_close
+from tests.conftest import assert_close, scalar_grad_bounds
 
 BS = 16
 # (id, B, H, Hkv, Q, K, causal, mask kind, top_k)
@@ -65,13 +65,15 @@ def _inputs(case, dtype, multimax):
     return q, k, v, mask, theta, geometry, idx, valid
 
 
-def _dense_reference(q, k, v, mask, theta, geometry, idx, valid):
+def _dense_reference(q, k, v, mask, theta, geometry, idx, valid, affine=None):
     keep = selection_mask(idx, valid, geometry, q.shape[1])
     keep = keep if mask is None else keep & mask
     q, k, v = q.float(), k.float(), v.float()
     if theta is None:
         return naive_attention(q, k, v, mask=keep, is_causal=geometry.causal)[0]
-    return naive_multimax_attention(q, k, v, theta[:, :, None, None], mask=keep, is_causal=geometry.causal)[0]
+    affine = None if affine is None else affine[:, :, None, None]
+    return naive_multimax_attention(q, k, v, theta[:, :, None, None], mask=keep, is_causal=geometry.causal,
+                                    affine=affine)[0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -343,31 +345,51 @@ def test_selection_names_the_score_shape_it_needs(select, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
 def test_fused_matches_dense_reference(case, multimax, dtype, onednn):
-    """The fused C++ kernel over the gathered selected blocks: outputs, and with softmax the gradients
-    of q, k and v from its own backward (MultiMax's forward only: its scalars train on `blocked`).
-    Its products run on oneDNN's brgemm micro-kernel where torch has it; with torch.backends.mkldnn
-    switched off, torch's brgemm runs them on BLAS instead."""
+    """The fused C++ kernel over the selected blocks: outputs, and the gradients of q, k, v and (with
+    MultiMax) of its scalars from its own backward. Its products run on oneDNN's brgemm micro-kernel
+    where torch has it; with torch.backends.mkldnn switched off, torch's brgemm runs them on BLAS."""
     with torch.backends.mkldnn.flags(enabled=onednn):
         _check_fused_against_reference(case, multimax, dtype)
 
 
-def _check_fused_against_reference(case, multimax, dtype):
+def _check_fused_against_reference(case, multimax, dtype, affine=False):
     q, k, v, mask, theta, g, idx, valid = _inputs(case, dtype, multimax)
+    aff = (torch.randn(2, q.shape[1]) * 0.2).requires_grad_() if affine else None
     with torch.no_grad():
-        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta)
-    ref = _dense_reference(q, k, v, mask, theta, g, idx, valid)
+        out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal,
+                                           theta=theta, affine=aff)
+    ref = _dense_reference(q, k, v, mask, theta, g, idx, valid, aff)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, dtype, "output")
-    if multimax:
-        return
-    out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal)
+    out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, mask=mask, is_causal=g.causal, theta=theta,
+                                       affine=aff)
     assert_close(out, ref, dtype, "output with autograd")
     grad_out = torch.randn_like(ref)
-    grads = torch.autograd.grad((out.float() * grad_out).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * grad_out).sum(), (q, k, v))
+    scalars = [t for t in (theta, aff) if t is not None]
+    grads = torch.autograd.grad((out.float() * grad_out).sum(), (q, k, v, *scalars))
+    ref_grads = torch.autograd.grad((ref * grad_out).sum(), (q, k, v, *scalars))
     for name, got, want in zip("qkv", grads, ref_grads):
         assert got.dtype == dtype
         assert_close(got, want, dtype, f"d{name}")
+    if not scalars:
+        return
+    if dtype == torch.float32:  # against float64, within the rounding bound of their sums (conftest)
+        keep = selection_mask(idx, valid, g, q.shape[1])
+        keep = keep if mask is None else keep & mask
+        exact = scalar_grad_bounds(q, k, v, theta[:, :, None, None], None if aff is None else aff[:, :, None, None],
+                                   grad_out, mask=keep, is_causal=g.causal)
+        for name, got, want, bound in zip(("theta", "affine"), grads[3:], exact[:2], exact[2:]):
+            err = (got.double() - want.reshape(got.shape)).abs()
+            assert (err <= bound.reshape(got.shape)).all(), f"d{name}: error {err.max():.3e}, bound {bound.min():.3e}"
+    else:  # bf16 inputs round each term: relative to the gradient's size
+        for name, got, want in zip(("theta", "affine"), grads[3:], ref_grads[3:]):
+            scale = want.abs().max().clamp_min(1.0)
+            assert_close(got.float() / scale, want / scale, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["causal_padded", "bidirectional_padded"])
+def test_fused_trains_multimax_with_affine_scalars(case):
+    _check_fused_against_reference(case, True, torch.float32, affine=True)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("decode_step", "cache_chunk")], ids=lambda c: c[0])
@@ -416,7 +438,7 @@ def test_fused_gathers_long_selections_in_chunks(multimax):
         assert_close(got, want, torch.float32, f"d{name}, chunked gather")
 
 
-def test_fused_all_blocks_kept_is_dense_and_multimax_training_is_refused():
+def test_fused_all_blocks_kept_is_dense():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 300, 8, generator=g) for _ in range(3))
     geometry = block_geometry(300, 300, BS, True)
@@ -424,9 +446,6 @@ def test_fused_all_blocks_kept_is_dense_and_multimax_training_is_refused():
     with torch.no_grad():
         out, _ = fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True)
     assert_close(out, naive_attention(q, k, v, is_causal=True)[0], torch.float32, "all kept")
-    theta = torch.zeros(8, 2, requires_grad=True)
-    with pytest.raises(ValueError, match="trains softmax only; train MultiMax with backend 'blocked'"):
-        fused_sparsemix_attention(q, k, v, idx, valid, block_size=BS, is_causal=True, theta=theta)
 
 
 @pytest.mark.parametrize("L, front_pad", [(1, 0), (1, 5), (16, 0), (37, 0), (37, 11), (100, 15)])

@@ -1,9 +1,8 @@
 """SparseMix kernels: exact attention over learned top-k key blocks. Pure tensor maths.
 
 Every backend has the signature of `naive_sparsemix_attention` and matches it in outputs and in the
-gradients it computes (including MultiMax scalars when MultiMax is the normalizer; `fused` computes
-gradients with softmax only and refuses to train MultiMax, `flex` has no CPU backward and no attention
-sinks yet: its `supports` says so, and `auto` passes it over).
+gradients it computes (including MultiMax scalars when MultiMax is the normalizer; `flex` has no CPU
+backward and no attention sinks yet: its `supports` says so, and `auto` passes it over).
 """
 
 from ..backends import Backend, BackendRegistry
@@ -32,12 +31,6 @@ from .selection import (
     selection_mask,
 )
 
-def _fused_sparse_supports(call: AttentionCall) -> tuple[bool, str]:
-    if call.needs_grad and call.modulated:
-        return False, "its backward is softmax only (MultiMax's scalars train on 'blocked')"
-    return fused_supports(call)
-
-
 def _flex_sparse_supports(call: AttentionCall) -> tuple[bool, str]:
     if call.sink_logits:
         return False, f"it {NO_SINKS}"
@@ -50,11 +43,11 @@ BACKENDS = BackendRegistry(
         # The reference: gathers every kept tile and keeps them for autograd.
         Backend("eager", naive_sparsemix_attention, priority=10),
         # Only the output and log-sum-exp kept, tiles recomputed in backward (torch's flash kernels per
-        # tile with softmax): trains MultiMax, and anything on other devices.
+        # tile with softmax): trains anything on other devices.
         Backend("blocked", blocked_sparsemix_attention, priority=20),
-        # MultiMax's fused C++ kernel over the gathered selected blocks: CPU inference, and softmax
-        # training (its own backward).
-        Backend("fused", fused_sparsemix_attention, priority=25, supports=_fused_sparse_supports,
+        # MultiMax's fused C++ kernel over the selected blocks: CPU inference and training, softmax or
+        # MultiMax (its own backward, the scalars' gradients included).
+        Backend("fused", fused_sparsemix_attention, priority=25, supports=fused_supports,
                 available=fused_is_available),
         # Forward and backward on GPU; on this CPU `blocked` beat compiled flex's forward.
         Backend("flex", flex_sparsemix_attention, priority=30, supports=_flex_sparse_supports, available=flex_is_available,

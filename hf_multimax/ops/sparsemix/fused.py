@@ -1,13 +1,14 @@
 """SparseMix's exact attention over the selected key blocks through the fused C++ CPU kernel of
 MultiMax (`ops/multimax/csrc/fused_cpu.cpp`): each block of queries multiplies its selected key
-blocks, copied side by side, in one score product and one P.V product per head, with the same
-vectorised row code, masks and normalizer (softmax, or MultiMax when `theta` is given).
+blocks one after another into one row of scores per query, with the same vectorised row code, masks
+and normalizer (softmax, or MultiMax when `theta` is given), then P.V block by block.
 
-With softmax it also trains: the forward keeps the rows' log-sum-exp and the backward recomputes
-each tile over the same gathered blocks (FlashAttention-2's recipe), adding the key/value gradients
-back into the blocks in place. MultiMax's scalars have no gradient here: MultiMax trains on
-`blocked`. Attention sinks are folded in from the rows' log-sum-exp, in the backward too, as
-`blocked` does (its module docstring: the C++ backward runs on the sinked output unchanged).
+It also trains, with softmax or MultiMax: the forward keeps the rows' log-sum-exp and the backward
+recomputes each tile over the same blocks (FlashAttention-2's recipe), adding the key/value
+gradients back into the blocks in place and, with MultiMax, summing the scalars' gradients (fp64
+across rows, as the dense kernel). Attention sinks are folded in from the rows' log-sum-exp, in the
+backward too, as `blocked` does (its module docstring: the C++ backward runs on the sinked output
+unchanged).
 """
 
 from __future__ import annotations
@@ -34,31 +35,37 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
-class _FusedSparseMixSoftmax(torch.autograd.Function):
-    """Softmax over the selected blocks, forward and backward in C++. The output is a `[B, H, Q, Dv]`
-    view of `[B, Q, H, Dv]` memory, the layout attention functions return."""
+class _FusedSparseMix(torch.autograd.Function):
+    """Softmax, or MultiMax when `theta` is given, over the selected blocks, forward and backward in
+    C++ (the backward also returns the scalars' gradients). The output is a `[B, H, Q, Dv]` view of
+    `[B, Q, H, Dv]` memory, the layout attention functions return."""
 
     @staticmethod
-    def forward(ctx, query, key, value, sink, block_idx, block_valid, mask, block_size: int, q_offset: int,
-                causal: bool, scale: float):
+    def forward(ctx, query, key, value, theta, affine, sink, block_idx, block_valid, mask, block_size: int,
+                q_offset: int, causal: bool, scale: float):
         q, k, v = query.detach().float().contiguous(), _rows(key.detach()), _rows(value.detach())
-        no_modulator = torch.zeros(8, 1), torch.zeros(2, 1)
+        modulated = theta is not None
+        theta_c, affine_c = _columns(theta.detach() if modulated else torch.zeros(8),
+                                     None if affine is None else affine.detach())
         out, lse = load_fused_extension().sparse_forward(
-            q, k, v, *no_modulator, mask, block_idx, block_valid, block_size, q_offset, causal, scale, False, True,
+            q, k, v, theta_c, affine_c, mask, block_idx, block_valid, block_size, q_offset, causal, scale,
+            affine is not None, True,
         )
         sigma = None
         if sink is not None:
             sigma = torch.sigmoid(lse - sink.float().view(1, -1, 1))  # [B, H, Q]: the mass kept beside the sink
             out = out * sigma[..., None]
-        ctx.save_for_backward(q, k, v, out, lse, block_idx, block_valid, mask, sigma, sink)
-        ctx.args = block_size, q_offset, causal, scale
+        ctx.save_for_backward(q, k, v, theta_c, affine_c, out, lse, block_idx, block_valid, mask, sigma, sink)
+        ctx.args = block_size, q_offset, causal, scale, modulated, affine is not None
         ctx.dtypes = query.dtype, key.dtype, value.dtype
+        ctx.scalar_shapes = (None if theta is None else (theta.shape, theta.dtype),
+                             None if affine is None else (affine.shape, affine.dtype))
         return out.to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, block_idx, block_valid, mask, sigma, sink = ctx.saved_tensors
-        block_size, q_offset, causal, scale = ctx.args
+        q, k, v, theta_c, affine_c, out, lse, block_idx, block_valid, mask, sigma, sink = ctx.saved_tensors
+        block_size, q_offset, causal, scale, modulated, has_affine = ctx.args
         grad_out = grad_out.float()
         dsink = None
         if sigma is not None:  # d out / d sink = -out (1 - sigma); the tiles see the gradient of the unsinked output
@@ -66,11 +73,21 @@ class _FusedSparseMixSoftmax(torch.autograd.Function):
             grad_out = grad_out * sigma[..., None]
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        dq, dk, dv = load_fused_extension().sparse_backward(
-            q, k, v, mask, block_idx, block_valid, block_size, q_offset, causal, scale, out, grad_out, lse,
+        dq, dk, dv, dscalars = load_fused_extension().sparse_backward(
+            q, k, v, theta_c, affine_c, has_affine, modulated, mask, block_idx, block_valid, block_size, q_offset,
+            causal, scale, out, grad_out, lse,
         )
         dq, dk, dv = (g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes))
-        return dq, dk, dv, dsink, None, None, None, None, None, None, None
+        dtheta = daffine = None
+        if modulated:
+            per_head = dscalars.sum(0).t()  # [10, H]; shared scalars (one column) sum over the heads
+            grads = [per_head[:8], per_head[8:]]
+            for i, (shaped, columns) in enumerate(zip(ctx.scalar_shapes, (theta_c, affine_c))):
+                if shaped is not None:
+                    g = grads[i].sum(1, keepdim=True) if columns.shape[1] == 1 else grads[i]
+                    grads[i] = g.reshape(shaped[0]).to(shaped[1])
+            dtheta, daffine = grads[0], grads[1] if has_affine else None
+        return dq, dk, dv, dtheta, daffine, dsink, None, None, None, None, None, None, None
 
 
 def fused_sparsemix_attention(
@@ -88,7 +105,7 @@ def fused_sparsemix_attention(
     affine: torch.Tensor | None = None,
     sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
-    """Same contract as `naive_sparsemix_attention` on CPU tensors; gradients with softmax only.
+    """Same contract as `naive_sparsemix_attention` on CPU tensors, gradients included.
 
     Examples:
         >>> from hf_multimax.ops.sparsemix import block_geometry, select_blocks
@@ -110,14 +127,12 @@ def fused_sparsemix_attention(
     block_idx, block_valid = block_idx.contiguous(), block_valid.contiguous()
     if sink_logits is not None:
         check_sink(sink_logits, H)
-    modulated = theta is not None or affine is not None
+    if affine is not None and theta is None:
+        theta = torch.zeros(8, dtype=affine.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (query, key, value, theta, affine, sink_logits)):
-        if modulated:
-            raise ValueError("the fused SparseMix backend trains softmax only; train MultiMax with backend 'blocked' "
-                             "(or 'auto')")
-        out = _FusedSparseMixSoftmax.apply(query, key, value, sink_logits, block_idx, block_valid, mask, block_size,
-                                           geometry.q_offset, bool(is_causal), float(scale))
+        out = _FusedSparseMix.apply(query, key, value, theta, affine, sink_logits, block_idx, block_valid, mask,
+                                    block_size, geometry.q_offset, bool(is_causal), float(scale))
         return out.to(value.dtype), None
     theta_c, affine_c = _columns(torch.zeros(8) if theta is None else theta, affine)
     out, lse = load_fused_extension().sparse_forward(

@@ -586,105 +586,6 @@ void probs_row(float* row, int64_t n, float lse, int64_t visible, const float* m
   std::fill(row + j, row + n, 0.f);
 }
 
-// SparseMix's softmax backward over the same blocks as `sparse_forward`, from its output and
-// log-sum-exp (FlashAttention-2's recipe): per task and head, the score and dO.V^T products,
-// dS = P * (dP - rowsum(dO * O)), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into per-run
-// buffers. The first three products run on the brgemm micro-kernel block by block as in the forward,
-// reading K^T and V^T tiles and K's rows in place; the last two read their left operand transposed,
-// which it does not take, and stay on BLAS. dK and dV are added back to the key/value head's rows
-// under its lock (query blocks of one head run in parallel and may share key blocks). out and dout
-// may be strided views ([B, Q, H, D] memory).
-std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
-                                        const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
-                                        const at::Tensor& block_idx, const at::Tensor& block_valid, int64_t bs,
-                                        int64_t q_offset) {
-  auto dq = at::empty({p.B, p.H, p.Q, p.D}, q.options());
-  auto dk = at::zeros({p.B, p.Hkv, p.K, p.D}, q.options());
-  auto dv = at::zeros({p.B, p.Hkv, p.K, p.Dv}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *o_p = out.data_ptr<float>(), *do_p = dout.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)}, ds_[3] = {dout.stride(0), dout.stride(1), dout.stride(2)};
-  const int64_t* ip = block_idx.data_ptr<int64_t>();
-  const bool* okp = block_valid.data_ptr<bool>();
-  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
-  const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
-  std::vector<std::mutex> head_locks(p.B * p.Hkv);
-  at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * 3 * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> prob(new float[bs * max_cols]), dscore(new float[bs * max_cols]),
-        qbuf(new float[bs * p.D]), dkbuf(new float[max_cols * p.D]), dvbuf(new float[max_cols * p.Dv]);
-    SelectedBlocks seg(S);
-    TransposedHead key_cols(p.K, p.D, bs, true), value_cols(p.K, p.Dv, bs, true);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
-      const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
-      const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
-      if (rows <= 0) continue;
-      const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
-      // The blocks the forward attended (tiles it skipped hold zero probabilities).
-      seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
-      for (int64_t g = 0; g < group; ++g) {  // dQ of rows that attend nothing stays zero
-        float* dq_rows = dqp + ((b * p.H + h0 + g) * p.Q + r0) * p.D;
-        std::fill(dq_rows, dq_rows + rows * p.D, 0.f);
-      }
-      for (int64_t first = 0, last, cols; first < seg.count; first = last) {
-        last = seg.run_end(first, max_cols, cols);
-        // The scores read K^T tiles, dP = dO.V^T reads V^T tiles, dQ = dS.K reads K's rows in place:
-        // the products the micro-kernel takes without a transpose, one call per block as in the forward.
-        key_cols.use_head(kvh);
-        value_cols.use_head(kvh);
-        std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
-        std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = h0 + g, bh = b * p.H + h;
-          const float* q_rows = qp + (bh * p.Q + r0) * p.D;
-          const float* o_rows = o_p + b * os[0] + h * os[1] + r0 * os[2];
-          const float* do_rows = do_p + b * ds_[0] + h * ds_[1] + r0 * ds_[2];
-          float* dq_rows = dqp + (bh * p.Q + r0) * p.D;
-          scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
-          for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
-            at::native::cpublas::brgemm(rows, seg.n[s], p.D, p.D, bs, cols, false, qbuf.get(), key_cols.tile(kb, seg.c0[s]),
-                                        prob.get() + c, false);
-            at::native::cpublas::brgemm(rows, seg.n[s], p.Dv, ds_[2], bs, cols, false, do_rows,
-                                        value_cols.tile(vb, seg.c0[s]), dscore.get() + c, false);
-          }
-          for (int64_t i = 0; i < rows; ++i) {
-            const int64_t r = r0 + i;
-            float *pr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
-            const float l = lp[bh * p.Q + r];
-            for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
-              const int64_t c0 = seg.c0[s], n = seg.n[s];
-              const float* mask_row = p.mask_row(b, h, r, c0);
-              const int64_t visible = p.visible(r, c0, n);
-              probs_row(pr + c, n, l, visible, mask_row);
-            }
-            const float dl = dot(do_rows + i * ds_[2], o_rows + i * os[2], p.Dv);  // rowsum(dO * O)
-            // scale * dS: both products below take the scale from here.
-            const Vec dlt(dl), sv(p.scale);
-            int64_t j = 0;
-            for (; j + Vec::size() <= cols; j += Vec::size())
-              (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - dlt) * sv).store(dr + j);
-            for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - dl) * p.scale;
-          }
-          for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
-            at::native::cpublas::brgemm(rows, p.D, seg.n[s], cols, p.D, p.D, true, dscore.get() + c, kb + seg.c0[s] * p.D,
-                                        dq_rows, false);
-          gemm(true, false, cols, p.D, rows, 1.f, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
-          gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
-        }
-        {
-          std::lock_guard<std::mutex> hold(head_locks[kvh]);
-          for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
-            axpy(1.f, dkbuf.get() + c * p.D, dkp + (kvh * p.K + seg.c0[s]) * p.D, seg.n[s] * p.D);
-            axpy(1.f, dvbuf.get() + c * p.Dv, dvp + (kvh * p.K + seg.c0[s]) * p.Dv, seg.n[s] * p.Dv);
-          }
-        }
-      }
-    }
-  });
-  return {dq, dk, dv};
-}
-
 // Gradient of the 10 scalars (t1..t4, b1, d1, b2, d2, a, c) accumulated over one tile row.
 template <typename T>
 struct ScalarGrads {
@@ -824,6 +725,159 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return {dq, dk, dv, dscalars};
 }
 
+// SparseMix's backward over the same blocks as `sparse_forward`, from its output and log-sum-exp
+// (FlashAttention-2's recipe): per task and head, the score and dO.V^T products, then dS (softmax:
+// P * (dP - rowsum(dO * O)); MultiMax (`modulated`): `backward_row`, which also sums the scalars'
+// gradients), then dQ = dS.K, and dK += dS^T.Q, dV += P^T.dO into per-run buffers. The first three
+// products run on the brgemm micro-kernel block by block as in the forward, reading K^T and V^T tiles
+// and K's rows in place; the last two read their left operand transposed, which it does not take,
+// and stay on BLAS. dK, dV and the scalars' sums are added to the key/value head's under its lock
+// (query blocks of one head run in parallel and may share key blocks). out and dout may be strided
+// views ([B, Q, H, D] memory).
+std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
+                                        const at::Tensor& theta, const at::Tensor& affine, bool modulated,
+                                        const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
+                                        const at::Tensor& block_idx, const at::Tensor& block_valid, int64_t bs,
+                                        int64_t q_offset) {
+  auto dq = at::empty({p.B, p.H, p.Q, p.D}, q.options());
+  const float *tp = theta.data_ptr<float>(), *ap = affine.data_ptr<float>();
+  const int64_t tn = theta.size(1), an = affine.size(1);
+  // The scalars' gradients per (batch, query head), summed in fp64 across tile rows as in `backward`.
+  std::vector<double> scalar_totals(modulated ? p.B * p.H * 10 : 0, 0.0);
+  auto dk = at::zeros({p.B, p.Hkv, p.K, p.D}, q.options());
+  auto dv = at::zeros({p.B, p.Hkv, p.K, p.Dv}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *o_p = out.data_ptr<float>(), *do_p = dout.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)}, ds_[3] = {dout.stride(0), dout.stride(1), dout.stride(2)};
+  const int64_t* ip = block_idx.data_ptr<int64_t>();
+  const bool* okp = block_valid.data_ptr<bool>();
+  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
+  const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
+  std::vector<std::mutex> head_locks(p.B * p.Hkv);
+  at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * 3 * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> prob(new float[bs * max_cols]), dscore(new float[bs * max_cols]),
+        qbuf(new float[bs * p.D]), dkbuf(new float[max_cols * p.D]), dvbuf(new float[max_cols * p.Dv]);
+    SelectedBlocks seg(S);
+    TransposedHead key_cols(p.K, p.D, bs, true), value_cols(p.K, p.Dv, bs, true);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
+      const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
+      const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
+      if (rows <= 0) continue;
+      const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
+      // The blocks the forward attended (tiles it skipped hold zero probabilities).
+      seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
+      for (int64_t g = 0; g < group; ++g) {  // dQ of rows that attend nothing stays zero
+        float* dq_rows = dqp + ((b * p.H + h0 + g) * p.Q + r0) * p.D;
+        std::fill(dq_rows, dq_rows + rows * p.D, 0.f);
+      }
+      for (int64_t first = 0, last, cols; first < seg.count; first = last) {
+        last = seg.run_end(first, max_cols, cols);
+        // The scores read K^T tiles, dP = dO.V^T reads V^T tiles, dQ = dS.K reads K's rows in place:
+        // the products the micro-kernel takes without a transpose, one call per block as in the forward.
+        key_cols.use_head(kvh);
+        value_cols.use_head(kvh);
+        std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
+        std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = h0 + g, bh = b * p.H + h;
+          const float* q_rows = qp + (bh * p.Q + r0) * p.D;
+          const float* o_rows = o_p + b * os[0] + h * os[1] + r0 * os[2];
+          const float* do_rows = do_p + b * ds_[0] + h * ds_[1] + r0 * ds_[2];
+          float* dq_rows = dqp + (bh * p.Q + r0) * p.D;
+          scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
+          for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+            at::native::cpublas::brgemm(rows, seg.n[s], p.D, p.D, bs, cols, false, qbuf.get(), key_cols.tile(kb, seg.c0[s]),
+                                        prob.get() + c, false);
+            at::native::cpublas::brgemm(rows, seg.n[s], p.Dv, ds_[2], bs, cols, false, do_rows,
+                                        value_cols.tile(vb, seg.c0[s]), dscore.get() + c, false);
+          }
+          if (modulated) {
+            // MultiMax: each row's scores become scale * dS in place (prob) and its dP becomes P
+            // (dscore), as in `backward`; the products below then read them swapped.
+            const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
+            const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
+            double total[10] = {};
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = r0 + i;
+              float *sr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
+              const float l = lp[bh * p.Q + r];
+              if (l == kInf) {  // nothing attended: no gradient
+                std::fill(sr, sr + cols, 0.f);
+                std::fill(dr, dr + cols, 0.f);
+                continue;
+              }
+              const float dl = dot(do_rows + i * ds_[2], o_rows + i * os[2], p.Dv);  // rowsum(dO * O)
+              ScalarGrads<float> gs;
+              ScalarGrads<Vec> gv;
+              for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+                const int64_t c0 = seg.c0[s], n = seg.n[s];
+                backward_row(sr + c, dr + c, n, p, ms, mv, nullptr, p.mask_row(b, h, r, c0), p.visible(r, c0, n), l, dl,
+                             gs, gv);
+              }
+              for (int g2 = 0; g2 < (p.has_affine ? 10 : 8); ++g2) total[g2] += static_cast<double>(gs.g[g2]) + hsum(gv.g[g2]);
+            }
+            {
+              std::lock_guard<std::mutex> hold(head_locks[kvh]);
+              for (int g2 = 0; g2 < 10; ++g2) scalar_totals[bh * 10 + g2] += total[g2];
+            }
+            for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
+              at::native::cpublas::brgemm(rows, p.D, seg.n[s], cols, p.D, p.D, true, prob.get() + c,
+                                          kb + seg.c0[s] * p.D, dq_rows, false);
+            gemm(true, false, cols, p.D, rows, 1.f, prob.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
+            gemm(true, false, cols, p.Dv, rows, 1.f, dscore.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
+            continue;
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = r0 + i;
+            float *pr = prob.get() + i * cols, *dr = dscore.get() + i * cols;
+            const float l = lp[bh * p.Q + r];
+            for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+              const int64_t c0 = seg.c0[s], n = seg.n[s];
+              const float* mask_row = p.mask_row(b, h, r, c0);
+              const int64_t visible = p.visible(r, c0, n);
+              probs_row(pr + c, n, l, visible, mask_row);
+            }
+            const float dl = dot(do_rows + i * ds_[2], o_rows + i * os[2], p.Dv);  // rowsum(dO * O)
+            // scale * dS: both products below take the scale from here.
+            const Vec dlt(dl), sv(p.scale);
+            int64_t j = 0;
+            for (; j + Vec::size() <= cols; j += Vec::size())
+              (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - dlt) * sv).store(dr + j);
+            for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - dl) * p.scale;
+          }
+          for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
+            at::native::cpublas::brgemm(rows, p.D, seg.n[s], cols, p.D, p.D, true, dscore.get() + c, kb + seg.c0[s] * p.D,
+                                        dq_rows, false);
+          gemm(true, false, cols, p.D, rows, 1.f, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
+          gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
+        }
+        {
+          std::lock_guard<std::mutex> hold(head_locks[kvh]);
+          for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
+            axpy(1.f, dkbuf.get() + c * p.D, dkp + (kvh * p.K + seg.c0[s]) * p.D, seg.n[s] * p.D);
+            axpy(1.f, dvbuf.get() + c * p.Dv, dvp + (kvh * p.K + seg.c0[s]) * p.Dv, seg.n[s] * p.Dv);
+          }
+        }
+      }
+    }
+  });
+  // [B, H, 10] as `backward` returns them: the accumulators of b1, d1, b2, d2 times t1, -t2, 2 t3, -2 t4.
+  auto dscalars = at::zeros({p.B, p.H, modulated ? 10 : 0}, q.options());
+  float* dsp = dscalars.data_ptr<float>();
+  for (int64_t bh = 0; modulated && bh < p.B * p.H; ++bh) {
+    const auto ms = Scalars<float>::of_head(tp, tn, ap, an, bh % p.H);
+    double* t = scalar_totals.data() + bh * 10;
+    t[4] *= ms.t1;
+    t[5] *= -ms.t2;
+    t[6] *= 2.0 * ms.t3;
+    t[7] *= -2.0 * ms.t4;
+    for (int g = 0; g < 10; ++g) dsp[bh * 10 + g] = static_cast<float>(t[g]);
+  }
+  return {dq, dk, dv, dscalars};
+}
+
 // Elements between consecutive (batch, key/value head) row blocks of t [B, Hkv, K, D], which the
 // kernel addresses as (b * Hkv + h) * step + row * D: each block's K rows of D lie contiguously and the
 // blocks follow each other at one stride (a contiguous tensor, or a prefix along K of one, as a static
@@ -902,16 +956,18 @@ std::vector<at::Tensor> sparse_forward_op(const at::Tensor& q, const at::Tensor&
 }
 
 std::vector<at::Tensor> sparse_backward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const c10::optional<at::Tensor>& mask, const at::Tensor& block_idx,
-                                           const at::Tensor& block_valid, int64_t block_size, int64_t q_offset,
-                                           bool causal, double scale, const at::Tensor& out, const at::Tensor& dout,
-                                           const at::Tensor& lse) {
-  const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, false);
+                                           const at::Tensor& theta, const at::Tensor& affine, bool has_affine,
+                                           bool modulated, const c10::optional<at::Tensor>& mask,
+                                           const at::Tensor& block_idx, const at::Tensor& block_valid,
+                                           int64_t block_size, int64_t q_offset, bool causal, double scale,
+                                           const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse) {
+  const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, has_affine);
   TORCH_CHECK(block_idx.dtype() == at::kLong && block_valid.dtype() == at::kBool && block_idx.is_contiguous() &&
               block_valid.is_contiguous(), "contiguous int64 block_idx and bool block_valid expected");
   TORCH_CHECK(out.dtype() == at::kFloat && dout.dtype() == at::kFloat && out.stride(3) == 1 && dout.stride(3) == 1 &&
               lse.dtype() == at::kFloat && lse.is_contiguous(), "fp32 out, dout with contiguous rows and contiguous lse expected");
-  return sparse_backward(q, k, v, p, out, dout, lse, block_idx, block_valid, block_size, q_offset);
+  return sparse_backward(q, k, v, p, theta.contiguous(), affine.contiguous(), modulated, out, dout, lse, block_idx,
+                         block_valid, block_size, q_offset);
 }
 
 // SparseMix's top-k block selection (ops/sparsemix/selection.py `select_blocks`, the reference) in one
@@ -1045,7 +1101,8 @@ std::vector<at::Tensor> block_statistics_op(const at::Tensor& x, int64_t bs, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward_op, "MultiMax attention forward: (out, lse)");
   m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out, lse)");
-  m.def("sparse_backward", &sparse_backward_op, "SparseMix softmax attention over selected key blocks, backward: (dq, dk, dv)");
+  m.def("sparse_backward", &sparse_backward_op,
+        "SparseMix attention over selected key blocks, backward: (dq, dk, dv, d scalars [B, H, 10] when modulated)");
   m.def("block_statistics", &block_statistics_op, "SparseMix block scorer statistics: ([mean | max], [norm mean | norm max])");
   m.def("select_top_blocks", &select_top_blocks_op, "SparseMix top-k block selection: (block_idx, block_valid)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
