@@ -778,14 +778,14 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
         // the products the micro-kernel takes without a transpose, one call per block as in the forward.
         key_cols.use_head(kvh);
         value_cols.use_head(kvh);
-        std::fill(dkbuf.get(), dkbuf.get() + cols * p.D, 0.f);
-        std::fill(dvbuf.get(), dvbuf.get() + cols * p.Dv, 0.f);
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = h0 + g, bh = b * p.H + h;
           const float* q_rows = qp + (bh * p.Q + r0) * p.D;
           const float* o_rows = o_p + b * os[0] + h * os[1] + r0 * os[2];
           const float* do_rows = do_p + b * ds_[0] + h * ds_[1] + r0 * ds_[2];
           float* dq_rows = dqp + (bh * p.Q + r0) * p.D;
+          // The group's first head writes the run's dK/dV buffers, the others add (no zeroing pass).
+          const bool first_head = g == 0;
           scale_rows(q_rows, rows * p.D, p.scale, qbuf.get());
           for (int64_t s = first, c = 0; s < last; c += seg.n[s++]) {
             at::native::cpublas::brgemm(rows, seg.n[s], p.D, p.D, bs, cols, false, qbuf.get(), key_cols.tile(kb, seg.c0[s]),
@@ -825,8 +825,9 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
             for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
               at::native::cpublas::brgemm(rows, p.D, seg.n[s], cols, p.D, p.D, true, prob.get() + c,
                                           kb + seg.c0[s] * p.D, dq_rows, false);
-            gemm(true, false, cols, p.D, rows, 1.f, prob.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
-            gemm(true, false, cols, p.Dv, rows, 1.f, dscore.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
+            gemm(true, false, cols, p.D, rows, 1.f, prob.get(), cols, q_rows, p.D, first_head ? 0.f : 1.f, dkbuf.get(), p.D);
+            gemm(true, false, cols, p.Dv, rows, 1.f, dscore.get(), cols, do_rows, ds_[2], first_head ? 0.f : 1.f,
+                 dvbuf.get(), p.Dv);
             continue;
           }
           for (int64_t i = 0; i < rows; ++i) {
@@ -850,8 +851,9 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
           for (int64_t s = first, c = 0; s < last; c += seg.n[s++])
             at::native::cpublas::brgemm(rows, p.D, seg.n[s], cols, p.D, p.D, true, dscore.get() + c, kb + seg.c0[s] * p.D,
                                         dq_rows, false);
-          gemm(true, false, cols, p.D, rows, 1.f, dscore.get(), cols, q_rows, p.D, 1.f, dkbuf.get(), p.D);
-          gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], 1.f, dvbuf.get(), p.Dv);
+          gemm(true, false, cols, p.D, rows, 1.f, dscore.get(), cols, q_rows, p.D, first_head ? 0.f : 1.f, dkbuf.get(), p.D);
+          gemm(true, false, cols, p.Dv, rows, 1.f, prob.get(), cols, do_rows, ds_[2], first_head ? 0.f : 1.f, dvbuf.get(),
+               p.Dv);
         }
         {
           std::lock_guard<std::mutex> hold(head_locks[kvh]);
