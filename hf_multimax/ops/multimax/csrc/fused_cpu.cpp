@@ -918,6 +918,150 @@ std::vector<at::Tensor> select_top_blocks_op(const at::Tensor& scores, const at:
   return {idx, ok};
 }
 
+// SparseMix's decoding step in one call per layer: the block scorer's query features, the block
+// scores against the cache's block summaries, the top-k selection and the one-row kernel, for each
+// (batch, key/value head). Selecting head t + 1 and requesting its blocks from memory happen before
+// head t's kernel runs, so the selector's reads and the next head's block fetches overlap the
+// kernel. Twin of `scorer_block_scores` (its Q == 1 path) + `select_blocks` + `sparse_forward`
+// (ops/sparsemix/fused.py `fused_sparsemix_decode`; references in selection.py and naive.py).
+enum class DecodeFeatures : int64_t { kBlock = 0, kNorms = 1, kRotary = 2 };
+
+// The learned term's input for one decoding query of a key/value head group (`_scorer_inputs` with one
+// query: its mean and max are itself): `pq` is the group's mean query [D], `nm` the group's mean of the
+// per-head rotary pair norms [D / 2]; `in` gets the input w_query reads ([win]).
+void decode_learned_input(DecodeFeatures kind, const float* pq, const float* nm, int64_t D, int64_t slow, float* in) {
+  const int64_t half = D / 2;
+  switch (kind) {
+    case DecodeFeatures::kBlock:  // [mean, max] of the raw query
+      std::memcpy(in, pq, D * sizeof(float));
+      std::memcpy(in + D, pq, D * sizeof(float));
+      return;
+    case DecodeFeatures::kNorms:  // [mean, max] of the norms
+      std::memcpy(in, nm, half * sizeof(float));
+      std::memcpy(in + half, nm, half * sizeof(float));
+      return;
+    case DecodeFeatures::kRotary:  // [norms, slow pairs of the mean] then [norms, slow pairs of the max]
+      for (int64_t part = 0, o = 0; part < 2; ++part) {
+        std::memcpy(in + o, nm, half * sizeof(float));
+        o += half;
+        std::memcpy(in + o, pq + half - slow, slow * sizeof(float));
+        o += slow;
+        std::memcpy(in + o, pq + D - slow, slow * sizeof(float));
+        o += slow;
+      }
+      return;
+  }
+}
+
+// The k best candidate blocks of one row of scores, best first (ties: the lower block), after the two
+// fixed slots: what `select_top_blocks_op` does per row.
+void decode_top_blocks(const float* r, const bool* hidden, int64_t nKB, const int64_t* fixed_idx, const bool* fixed_ok,
+                       int64_t k, std::vector<int64_t>& cand, int64_t* oi, bool* oo) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < nKB; ++j)
+    if (!hidden[j] && !std::isnan(r[j]) && r[j] > kNegInf) cand[n++] = j;
+  const int64_t take = std::min(n, k);
+  const auto better = [r](int64_t x, int64_t y) { return r[x] > r[y] || (r[x] == r[y] && x < y); };
+  std::partial_sort(cand.begin(), cand.begin() + take, cand.begin() + n, better);
+  for (int s = 0; s < 2; ++s) oi[s] = fixed_idx[s], oo[s] = fixed_ok[s];
+  for (int64_t s = 0; s < k; ++s) oi[2 + s] = s < take ? cand[s] : 0, oo[2 + s] = s < take;
+}
+
+std::vector<at::Tensor> sparse_decode_step_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& mask, const at::Tensor& key_features,
+                                              const at::Tensor& w_query, int64_t features, int64_t slow_pairs,
+                                              const at::Tensor& hidden, const at::Tensor& fixed_idx,
+                                              const at::Tensor& fixed_ok, int64_t top_k, int64_t bs, bool causal,
+                                              double scale) {
+  const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, false);
+  TORCH_CHECK(p.Q == 1, "sparse_decode_step takes one query row, got ", p.Q);
+  const int64_t nKB = (p.K + bs - 1) / bs, D = p.D, group = p.H / p.Hkv;
+  TORCH_CHECK(key_features.dtype() == at::kFloat && key_features.dim() == 4 && key_features.size(0) == p.B &&
+              key_features.size(1) == p.Hkv && key_features.size(2) == nKB && key_features.stride(3) == 1 &&
+              key_features.stride(2) == key_features.size(3),
+              "fp32 key_features [B, Hkv, nKB, F] with contiguous rows expected");
+  const int64_t F = key_features.size(3);
+  TORCH_CHECK(w_query.dtype() == at::kFloat && w_query.is_contiguous() && w_query.dim() == 3 && w_query.size(0) == p.Hkv &&
+              F == D + w_query.size(2), "fp32 contiguous w_query [Hkv, in, r] with key_features of width D + r expected");
+  const auto kind = static_cast<DecodeFeatures>(features);
+  const int64_t win = w_query.size(1), r = w_query.size(2);
+  TORCH_CHECK((kind == DecodeFeatures::kBlock && win == 2 * D) || (kind == DecodeFeatures::kNorms && win == D) ||
+              (kind == DecodeFeatures::kRotary && D % 2 == 0 && 0 <= slow_pairs && 2 * slow_pairs <= D &&
+               win == D + 4 * slow_pairs),
+              "w_query's input size does not match the selector's features");
+  TORCH_CHECK(hidden.dtype() == at::kBool && hidden.is_contiguous() && hidden.numel() == nKB && fixed_idx.dtype() == at::kLong &&
+              fixed_ok.dtype() == at::kBool && fixed_idx.is_contiguous() && fixed_ok.is_contiguous() &&
+              fixed_idx.numel() == 2 && fixed_ok.numel() == 2, "one query block's slot layout expected");
+  TORCH_CHECK(0 <= top_k && top_k <= nKB, "0 <= top_k <= nKB expected");
+  const int64_t S = 2 + top_k;
+  auto out = at::empty({p.B, 1, p.H, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.H, 1}, q.options());
+  auto idx = at::empty({p.B, p.Hkv, 1, S}, q.options().dtype(at::kLong));
+  auto ok = at::empty({p.B, p.Hkv, 1, S}, q.options().dtype(at::kBool));
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *kfp = key_features.data_ptr<float>(), *wp = w_query.data_ptr<float>();
+  const int64_t kf0 = key_features.stride(0), kf1 = key_features.stride(1);
+  const bool* hid = hidden.data_ptr<bool>();
+  const int64_t* fi = fixed_idx.data_ptr<int64_t>();
+  const bool* fo = fixed_ok.data_ptr<bool>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  bool* okp = ok.data_ptr<bool>();
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  // Softmax: no modulator (zero scalars, shared by all heads).
+  const float theta[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, affine[2] = {0.f, 0.f};
+  const float inv_group = 1.f / static_cast<float>(group);
+  at::parallel_for(0, p.B * p.Hkv, grain_for(group * S * bs * (p.D + p.Dv) + nKB * F), [&](int64_t begin, int64_t end) {
+    std::vector<float> pq(D), nm(D / 2 + 1), in(win), qf(F), scores(nKB), row(S * bs), acc(group * p.Dv), m(group), l(group);
+    std::vector<int64_t> cand(nKB);
+    SelectedBlocks seg(S);
+    // Scores and top-k of task t (batch b, key/value head kvh = t), then its blocks requested from memory.
+    auto select = [&](int64_t t) {
+      const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+      std::fill(pq.begin(), pq.end(), 0.f);
+      std::fill(nm.begin(), nm.end(), 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* x = qp + (b * p.H + hk * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) pq[d] += x[d];
+        if (kind != DecodeFeatures::kBlock)
+          for (int64_t d = 0; d < D / 2; ++d) nm[d] += std::sqrt(x[d] * x[d] + x[d + D / 2] * x[d + D / 2]);
+      }
+      for (int64_t d = 0; d < D; ++d) pq[d] *= inv_group;
+      for (int64_t d = 0; d < D / 2; ++d) nm[d] *= inv_group;
+      decode_learned_input(kind, pq.data(), nm.data(), D, slow_pairs, in.data());
+      for (int64_t d = 0; d < D; ++d) qf[d] = pq[d] * static_cast<float>(scale);
+      std::fill(qf.begin() + D, qf.end(), 0.f);
+      const float* w = wp + hk * win * r;
+      for (int64_t i = 0; i < win; ++i) axpy(in[i], w + i * r, qf.data() + D, r);
+      const float* kf = kfp + b * kf0 + hk * kf1;
+      for (int64_t j = 0; j < nKB; ++j) scores[j] = dot(qf.data(), kf + j * F, F);
+      int64_t* oi = ip + t * S;
+      bool* oo = okp + t * S;
+      decode_top_blocks(scores.data(), hid, nKB, fi, fo, top_k, cand, oi, oo);
+      for (int64_t s = 0; s < S; ++s) {
+        if (!oo[s]) continue;
+        const int64_t k0 = oi[s] * bs, k1 = std::min(p.K, k0 + bs);
+        for (int64_t i = k0 * p.D; i < k1 * p.D; i += kFloatsPerLine) prefetch_line(kp + t * p.k_head + i);
+        for (int64_t i = k0 * p.Dv; i < k1 * p.Dv; i += kFloatsPerLine) prefetch_line(vp + t * p.v_head + i);
+      }
+    };
+    if (begin < end) select(begin);
+    for (int64_t t = begin; t < end; ++t) {
+      if (t + 1 < end) select(t + 1);
+      const int64_t b = t / p.Hkv, h0 = (t % p.Hkv) * group;
+      seg.collect(p, ip + t * S, okp + t * S, S, bs, b, h0, group, 0, 1);
+      decode_row(p, seg, b, h0, group, 0, qp, kp + t * p.k_head, vp + t * p.v_head, theta, 1, affine, 1, row.data(),
+                 acc.data(), m.data(), l.data());
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = op + (b * p.H + h0 + g) * p.Dv;
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[g * p.Dv + d] * inv;
+        lp[b * p.H + h0 + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : kInf;
+      }
+    }
+  });
+  return {out.transpose(1, 2), lse, idx, ok};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -925,5 +1069,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_forward", &sparse_forward_op, "SparseMix attention over selected key blocks, forward: (out, lse)");
   m.def("sparse_backward", &sparse_backward_op, "SparseMix softmax attention over selected key blocks, backward: (dq, dk, dv)");
   m.def("select_top_blocks", &select_top_blocks_op, "SparseMix top-k block selection: (block_idx, block_valid)");
+  m.def("sparse_decode_step", &sparse_decode_step_op,
+        "SparseMix decoding step (block scores, top-k, one-row kernel): (out, lse, block_idx, block_valid)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
 }
