@@ -36,6 +36,8 @@ import torch
 __all__ = ["main", "measure_bandwidth", "profile_decode"]
 
 PIECES = ("summary", "selector", "topk", "kernel", "fused_step")
+_GLUE_HELPERS = ("refuse_unsupported", "fold_selection", "settings_of", "layer_outputs", "prepare_inputs",
+                 "_drop_empty_cache_tail", "block_geometry", "attention_call", "call_is_causal")
 
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
@@ -77,7 +79,7 @@ class _Timers:
 
 
 @contextlib.contextmanager
-def _instrumented(timers: _Timers):
+def _instrumented(timers: _Timers, detail: bool = False):
     """Timers around the attention functions and the pieces of SparseMix's (restored on exit)."""
     import dataclasses
 
@@ -108,6 +110,11 @@ def _instrumented(timers: _Timers):
             patch(pipeline.SELECTORS, sel, dataclasses.replace(spec, block_scores=timers.wrap("selector", spec.block_scores)))
         patch(pipeline, "fused_select_blocks", timers.wrap("topk", pipeline.fused_select_blocks))
         patch(ext, "sparse_forward", timers.wrap("kernel", ext.sparse_forward))
+        if hasattr(attn_mod, "fused_sparsemix_decode"):
+            patch(attn_mod, "fused_sparsemix_decode", timers.wrap("decode_wrapper", attn_mod.fused_sparsemix_decode))
+        if detail:  # the attention function's helpers, each timed on its own (what `glue` is made of)
+            for name in _GLUE_HELPERS:
+                patch(attn_mod, name, timers.wrap(f"glue:{name}", getattr(attn_mod, name)))
         if hasattr(ext, "sparse_decode_step"):
             patch(ext, "sparse_decode_step", timers.wrap("fused_step", ext.sparse_decode_step))
         yield
@@ -121,7 +128,10 @@ def _instrumented(timers: _Timers):
 
 @torch.no_grad()
 def profile_decode(context: int, steps: int, repeats: int, block_size: int, top_k: int,
-                   model_name: str = "sparsemix_block_rotary") -> dict:
+                   model_name: str = "sparsemix_block_rotary", detail: bool = False) -> dict:
+    """The step times and the split (module docstring); `detail` also times the attention function's
+    helpers one by one (`glue:<name>`) and the Python wrapper of the fused step (`decode_wrapper`),
+    whose timers then add their own cost to the step."""
     from transformers import StaticCache
 
     from .bench_sparsemix_decode import make_models
@@ -155,7 +165,7 @@ def profile_decode(context: int, steps: int, repeats: int, block_size: int, top_
             spent.update(timers.take())
         return total / steps, {k: v / steps for k, v in spent.items()}
 
-    with _instrumented(timers):
+    with _instrumented(timers, detail):
         for name in models:  # warm-up
             run(name)
         for _ in range(repeats):
@@ -168,9 +178,11 @@ def profile_decode(context: int, steps: int, repeats: int, block_size: int, top_
                     splits.append({"step": step, **spent})
     step_s = {name: statistics.median(ts) for name, ts in per_step.items()}
     split = {}
-    for key in ("step", "attention", *PIECES):
-        vals = [s.get(key, 0.0) for s in splits]
-        split[key] = statistics.median(vals)
+    keys = sorted({key for s in splits for key in s})
+    for key in keys:
+        split[key] = statistics.median([s.get(key, 0.0) for s in splits])
+    for key in PIECES:
+        split.setdefault(key, 0.0)
     split["outside"] = split["step"] - split["attention"]
     split["glue"] = split["attention"] - sum(split[k] for k in PIECES)
     sdpa_split = {key: statistics.median([s.get(key, 0.0) for s in sdpa_splits]) for key in ("step", "attention")}
@@ -208,10 +220,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="sparsemix_block_rotary")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--detail", action="store_true", help="also time the attention function's helpers")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bw = measure_bandwidth()
-    res = profile_decode(args.context, args.steps, args.repeats, args.block_size, args.top_k, args.model)
+    res = profile_decode(args.context, args.steps, args.repeats, args.block_size, args.top_k, args.model, args.detail)
     res["bandwidth"] = bw
     f = res["floor"]
     gbs = bw["read_gb_s"] * 1e9

@@ -30,6 +30,7 @@ from ..layers.sparsemix import SparseMixScorer, SparseMixSettings
 from ..ops.multimax import naive_multimax_modulate
 from ..ops.naive_attention import naive_attention
 from ..ops.sparsemix import BACKENDS, SELECTORS, block_geometry, sample_query_blocks, sparsemix_attention
+from ..ops.sparsemix.fused import DECODE_FEATURES, fused_sparsemix_attention, fused_sparsemix_decode
 from .attention_utils import (SELECTION_KWARGS, attention_call, call_is_causal, fold_selection, layer_outputs,
                               prepare_inputs, refuse_unsupported, score_bias_kwargs, settings_of)
 from .aux_losses import active_aux_losses
@@ -279,6 +280,14 @@ def sparsemix_attention_forward(
                                      last_block_ranked=not (causal and settings.local),
                                      summarize=functools.partial(SELECTORS[selector].summarize,
                                                                  w=weights, block_size=settings.block_size))
+    if (summary is not None and query.shape[-2] == 1 and backend.kernel is fused_sparsemix_attention
+            and selector in DECODE_FEATURES and not multimax and sink_logits is None):
+        # A decoding step: scores, top-k and kernel in one C++ call (the same blocks and output as below).
+        out, _, _ = fused_sparsemix_decode(
+            query, key, value, weights, summary, selector=selector, block_size=settings.block_size,
+            top_k=settings.top_k, sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask,
+            window=window)
+        return _tie(out.transpose(1, 2).contiguous(), kl), None
     out = sparsemix_attention(
         query, key, value, weights, kernel=backend.kernel, block_size=settings.block_size, top_k=settings.top_k,
         sink=settings.sink, local=settings.local, causal=causal, scale=scaling, mask=mask, theta=theta, affine=affine,

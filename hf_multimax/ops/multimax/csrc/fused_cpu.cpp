@@ -967,6 +967,115 @@ void decode_top_blocks(const float* r, const bool* hidden, int64_t nKB, const in
   for (int64_t s = 0; s < k; ++s) oi[2 + s] = s < take ? cand[s] : 0, oo[2 + s] = s < take;
 }
 
+// The selected key and value blocks of a decoding step, in the order the one-row kernel reads them
+// (per key/value head: its key blocks, then its value blocks), requested from memory a fixed distance
+// ahead of the read. Requesting a whole head's blocks at once (`sparse_forward`'s decoding prefetch)
+// stalls on the core's few outstanding misses, and, with a head's 320 KB of blocks (top-18, blocks
+// of 32, D = 64) already in L2, evicts blocks before they are read.
+struct BlockStream {
+  static constexpr size_t kAhead = 12;  // blocks in flight: 96 KB of 8 KB blocks (L2: 512 KB)
+  std::vector<const float*> start;
+  std::vector<int64_t> floats;
+  size_t issued = 0, read = 0;
+
+  void add(const float* x, int64_t n) {
+    start.push_back(x);
+    floats.push_back(n);
+  }
+  // One more block read: keep kAhead requested past it (into L2: they would not fit L1).
+  void advance() {
+    ++read;
+    for (const size_t until = std::min(start.size(), read + kAhead); issued < until; ++issued) {
+      for (int64_t i = 0; i < floats[issued]; i += kFloatsPerLine) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(start[issued] + i, 0, 2);
+#endif
+      }
+    }
+  }
+};
+
+// Scores of n keys of D_ = NV vectors (scale * q.k), four keys at a time: `dot`'s one accumulator
+// chain waits on each multiply-add's latency; four independent chains do not (the same sums).
+template <int64_t NV>
+inline void scores_of_block(const float* q, const float* k, int64_t n, float scale, float* out) {
+  constexpr int64_t V = Vec::size(), D = NV * V;
+  Vec qv[NV];
+  for (int64_t v = 0; v < NV; ++v) qv[v] = Vec::loadu(q + v * V);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = k + j * D;
+    Vec a0 = qv[0] * Vec::loadu(k0), a1 = qv[0] * Vec::loadu(k0 + D), a2 = qv[0] * Vec::loadu(k0 + 2 * D),
+        a3 = qv[0] * Vec::loadu(k0 + 3 * D);
+    for (int64_t v = 1; v < NV; ++v) {
+      a0 = at::vec::fmadd(qv[v], Vec::loadu(k0 + v * V), a0);
+      a1 = at::vec::fmadd(qv[v], Vec::loadu(k0 + D + v * V), a1);
+      a2 = at::vec::fmadd(qv[v], Vec::loadu(k0 + 2 * D + v * V), a2);
+      a3 = at::vec::fmadd(qv[v], Vec::loadu(k0 + 3 * D + v * V), a3);
+    }
+    out[j] = scale * hsum(a0), out[j + 1] = scale * hsum(a1), out[j + 2] = scale * hsum(a2), out[j + 3] = scale * hsum(a3);
+  }
+  for (; j < n; ++j) out[j] = scale * dot(q, k + j * D, D);
+}
+
+// acc (NV vectors, in registers) += sum_j p[j] v[j] over n value rows: `axpy` per row loads and stores
+// the accumulator, one chain through memory per key.
+template <int64_t NV>
+inline void accumulate_block(const float* pr, const float* v, int64_t n, Vec* acc) {
+  constexpr int64_t V = Vec::size(), D = NV * V;
+  for (int64_t j = 0; j < n; ++j) {
+    if (pr[j] == 0.f) continue;
+    const Vec pj(pr[j]);
+    for (int64_t u = 0; u < NV; ++u) acc[u] = at::vec::fmadd(pj, Vec::loadu(v + j * D + u * V), acc[u]);
+  }
+}
+
+// `decode_row` with softmax only and its first head's block reads counted in `stream` (the other heads
+// of a group read the same blocks again, from cache). NV > 0: D = Dv = NV vectors, the scores four
+// keys at a time and the accumulator in registers; NV = 0: any head size, `dot` and `axpy`.
+template <int64_t NV>
+void decode_row_streamed(const Problem& p, const SelectedBlocks& seg, int64_t b, int64_t h0, int64_t group,
+                         const float* qp, const float* kb, const float* vb, const Scalars<float>& ms,
+                         const Scalars<Vec>& mv, float* row, float* acc, float* m, float* l, BlockStream& stream) {
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = h0 + g, bh = b * p.H + h;
+    const float* q_row = qp + bh * p.D;
+    float mx = kNegInf;
+    int64_t cols = 0;
+    for (int64_t s = 0; s < seg.count; cols += seg.n[s++]) {
+      const int64_t c0 = seg.c0[s], n = seg.n[s];
+      if constexpr (NV > 0) {
+        scores_of_block<NV>(q_row, kb + c0 * p.D, n, p.scale, row + cols);
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[cols + j] = p.scale * dot(q_row, kb + (c0 + j) * p.D, p.D);
+      }
+      mx = std::max(mx, forward_row(row + cols, n, p, ms, mv, nullptr, p.mask_row(b, h, 0, c0), p.visible(0, c0, n)));
+      if (g == 0) stream.advance();
+    }
+    float* acc_h = acc + g * p.Dv;
+    std::fill(acc_h, acc_h + p.Dv, 0.f);
+    m[g] = mx;
+    l[g] = 0.f;
+    if (mx != kNegInf) l[g] = exp_row(row, cols, mx);
+    Vec acc_v[NV > 0 ? NV : 1];
+    for (int64_t u = 0; u < NV; ++u) acc_v[u] = Vec(0.f);
+    for (int64_t s = 0, c = 0; s < seg.count; c += seg.n[s++]) {
+      const float* v_rows = vb + seg.c0[s] * p.Dv;
+      if (mx != kNegInf) {
+        if constexpr (NV > 0) {
+          accumulate_block<NV>(row + c, v_rows, seg.n[s], acc_v);
+        } else {
+          for (int64_t j = 0; j < seg.n[s]; ++j) {
+            if (row[c + j] != 0.f) axpy(row[c + j], v_rows + j * p.Dv, acc_h, p.Dv);
+          }
+        }
+      }
+      if (g == 0) stream.advance();
+    }
+    for (int64_t u = 0; u < NV; ++u) acc_v[u].store(acc_h + u * Vec::size());
+  }
+}
+
 std::vector<at::Tensor> sparse_decode_step_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const c10::optional<at::Tensor>& mask, const at::Tensor& key_features,
                                               const at::Tensor& w_query, int64_t features, int64_t slow_pairs,
@@ -1009,12 +1118,17 @@ std::vector<at::Tensor> sparse_decode_step_op(const at::Tensor& q, const at::Ten
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   // Softmax: no modulator (zero scalars, shared by all heads).
   const float theta[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, affine[2] = {0.f, 0.f};
+  const auto ms = Scalars<float>::of_head(theta, 1, affine, 1, 0);
+  const auto mv = Scalars<Vec>::of_head(theta, 1, affine, 1, 0);
   const float inv_group = 1.f / static_cast<float>(group);
+  // Head sizes of 4, 8 or 16 vectors (32 to 256 floats by the build's vector width) take the register path.
+  const int64_t vectors = p.D == p.Dv && p.D % Vec::size() == 0 ? p.D / Vec::size() : 0;
   at::parallel_for(0, p.B * p.Hkv, grain_for(group * S * bs * (p.D + p.Dv) + nKB * F), [&](int64_t begin, int64_t end) {
     std::vector<float> pq(D), nm(D / 2 + 1), in(win), qf(F), scores(nKB), row(S * bs), acc(group * p.Dv), m(group), l(group);
     std::vector<int64_t> cand(nKB);
-    SelectedBlocks seg(S);
-    // Scores and top-k of task t (batch b, key/value head kvh = t), then its blocks requested from memory.
+    std::vector<SelectedBlocks> segs(end - begin, SelectedBlocks(S));
+    BlockStream stream;
+    // Scores and top-k of task t (batch b, key/value head kvh = t), then its blocks queued for the stream.
     auto select = [&](int64_t t) {
       const int64_t b = t / p.Hkv, hk = t % p.Hkv;
       std::fill(pq.begin(), pq.end(), 0.f);
@@ -1037,20 +1151,30 @@ std::vector<at::Tensor> sparse_decode_step_op(const at::Tensor& q, const at::Ten
       int64_t* oi = ip + t * S;
       bool* oo = okp + t * S;
       decode_top_blocks(scores.data(), hid, nKB, fi, fo, top_k, cand, oi, oo);
-      for (int64_t s = 0; s < S; ++s) {
-        if (!oo[s]) continue;
-        const int64_t k0 = oi[s] * bs, k1 = std::min(p.K, k0 + bs);
-        for (int64_t i = k0 * p.D; i < k1 * p.D; i += kFloatsPerLine) prefetch_line(kp + t * p.k_head + i);
-        for (int64_t i = k0 * p.Dv; i < k1 * p.Dv; i += kFloatsPerLine) prefetch_line(vp + t * p.v_head + i);
-      }
+      // Its blocks join the stream in the kernel's reading order (the blocks `collect` keeps).
+      segs[t - begin].collect(p, oi, oo, S, bs, b, hk * group, group, 0, 1);
+      const SelectedBlocks& sel = segs[t - begin];
+      for (int64_t s = 0; s < sel.count; ++s) stream.add(kp + t * p.k_head + sel.c0[s] * p.D, sel.n[s] * p.D);
+      for (int64_t s = 0; s < sel.count; ++s) stream.add(vp + t * p.v_head + sel.c0[s] * p.Dv, sel.n[s] * p.Dv);
     };
-    if (begin < end) select(begin);
+    if (begin < end) {
+      select(begin);
+      stream.advance();  // the first blocks requested (the count of blocks read stays one ahead: harmless)
+    }
     for (int64_t t = begin; t < end; ++t) {
-      if (t + 1 < end) select(t + 1);
+      if (t + 1 < end) select(t + 1);  // scored while this head's blocks arrive
       const int64_t b = t / p.Hkv, h0 = (t % p.Hkv) * group;
-      seg.collect(p, ip + t * S, okp + t * S, S, bs, b, h0, group, 0, 1);
-      decode_row(p, seg, b, h0, group, 0, qp, kp + t * p.k_head, vp + t * p.v_head, theta, 1, affine, 1, row.data(),
-                 acc.data(), m.data(), l.data());
+      const float *kb = kp + t * p.k_head, *vb = vp + t * p.v_head;
+      const SelectedBlocks& sel = segs[t - begin];
+      if (vectors == 4) {
+        decode_row_streamed<4>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      } else if (vectors == 8) {
+        decode_row_streamed<8>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      } else if (vectors == 16) {
+        decode_row_streamed<16>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      } else {
+        decode_row_streamed<0>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      }
       for (int64_t g = 0; g < group; ++g) {
         float* o = op + (b * p.H + h0 + g) * p.Dv;
         const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
