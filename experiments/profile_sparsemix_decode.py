@@ -2,8 +2,10 @@
 
 The benchmark's model (`bench_sparsemix_decode.make_models`: 2-layer Llama, hidden 512, 8 heads of 64,
 MLP 1024), a static cache prefilled with `context` tokens, then `steps` single-token forwards (each
-a decoding step at the next position). Dense SDPA and SparseMix steps alternate within each repeat
-(a shared machine's load drifts) and medians are reported. For SparseMix the step is split by
+a decoding step at the next position). Three variants alternate within each repeat (a shared
+machine's load drifts) and medians are reported: dense SDPA, SparseMix through its one-call decoding
+step (`fused`), and the same SparseMix model with that step switched off (`unfused`: scorer,
+`fused_select_blocks`, fused kernel, what decoding ran before the step). Each step is split by
 timers wrapped around the pieces (seconds per step, both layers together):
 
 - `outside`: everything but the attention functions (embeddings, projections, rotary, MLP, norms,
@@ -126,17 +128,32 @@ def _instrumented(timers: _Timers, detail: bool = False):
                 setattr(obj, name, old)
 
 
+def _split(runs: list[dict]) -> dict:
+    """Medians of each timer over the runs, with `outside` and `glue` derived (module docstring)."""
+    split = {key: statistics.median([r.get(key, 0.0) for r in runs]) for key in sorted({k for r in runs for k in r})}
+    for key in ("attention", *PIECES):
+        split.setdefault(key, 0.0)
+    split["outside"] = split["step"] - split["attention"]
+    split["glue"] = split["attention"] - sum(split[k] for k in PIECES)
+    return split
+
+
 @torch.no_grad()
 def profile_decode(context: int, steps: int, repeats: int, block_size: int, top_k: int,
                    model_name: str = "sparsemix_block_rotary", detail: bool = False) -> dict:
-    """The step times and the split (module docstring); `detail` also times the attention function's
-    helpers one by one (`glue:<name>`) and the Python wrapper of the fused step (`decode_wrapper`),
-    whose timers then add their own cost to the step."""
+    """The step times and the split (module docstring) of three variants, interleaved in every repeat:
+    `sdpa`, `fused` (SparseMix with its one-call decoding step) and `unfused` (the same model with the
+    step switched off: scorer, `fused_select_blocks` and the fused kernel, as before the step existed).
+    `detail` also times the attention function's helpers one by one (`glue:<name>`) and the Python
+    wrapper of the fused step (`decode_wrapper`), whose timers then add their own cost to the step."""
     from transformers import StaticCache
+
+    from hf_multimax.integrations import sparsemix_attention
 
     from .bench_sparsemix_decode import make_models
 
     models = make_models(block_size, top_k, names=("sdpa", model_name))
+    variants = {"sdpa": models["sdpa"], "fused": models[model_name], "unfused": models[model_name]}
     prompt = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_seed(0))
     prefilled = {}
     for name, model in models.items():
@@ -144,54 +161,44 @@ def profile_decode(context: int, steps: int, repeats: int, block_size: int, top_
         model(prompt, cache=cache, use_cache=True)
         prefilled[name] = cache
     timers = _Timers()
-    per_step = {name: [] for name in models}
-    splits, sdpa_splits = [], []
+    runs = {name: [] for name in variants}
+    step_features = sparsemix_attention.DECODE_FEATURES
 
     def run(name):
-        model, cache = models[name], copy.deepcopy(prefilled[name])
+        model = variants[name]
+        cache = copy.deepcopy(prefilled["sdpa" if name == "sdpa" else model_name])
+        sparsemix_attention.DECODE_FEATURES = {} if name == "unfused" else step_features
         token = prompt[:, -1:]
         total = 0.0
         spent = collections.Counter()
-        for i in range(steps + 1):
-            pos = torch.tensor([context + i])
-            timers.take()
-            t0 = time.perf_counter()
-            logits = model(token, cache=cache, use_cache=True, position_ids=pos[None], cache_position=pos).logits
-            dt = time.perf_counter() - t0
-            token = logits[:, -1:].argmax(-1)
-            if i == 0:
-                continue  # the first step after the copy: the summary is taken over, caches are cold
-            total += dt
-            spent.update(timers.take())
-        return total / steps, {k: v / steps for k, v in spent.items()}
+        try:
+            for i in range(steps + 1):
+                pos = torch.tensor([context + i])
+                timers.take()
+                t0 = time.perf_counter()
+                logits = model(token, cache=cache, use_cache=True, position_ids=pos[None], cache_position=pos).logits
+                dt = time.perf_counter() - t0
+                token = logits[:, -1:].argmax(-1)
+                if i == 0:
+                    continue  # the first step after the copy: the summary is taken over, caches are cold
+                total += dt
+                spent.update(timers.take())
+        finally:
+            sparsemix_attention.DECODE_FEATURES = step_features
+        return {"step": total / steps, **{k: v / steps for k, v in spent.items()}}
 
     with _instrumented(timers, detail):
-        for name in models:  # warm-up
+        for name in variants:  # warm-up
             run(name)
         for _ in range(repeats):
-            for name in models:
-                step, spent = run(name)
-                per_step[name].append(step)
-                if name == "sdpa":
-                    sdpa_splits.append({"step": step, **spent})
-                else:
-                    splits.append({"step": step, **spent})
-    step_s = {name: statistics.median(ts) for name, ts in per_step.items()}
-    split = {}
-    keys = sorted({key for s in splits for key in s})
-    for key in keys:
-        split[key] = statistics.median([s.get(key, 0.0) for s in splits])
-    for key in PIECES:
-        split.setdefault(key, 0.0)
-    split["outside"] = split["step"] - split["attention"]
-    split["glue"] = split["attention"] - sum(split[k] for k in PIECES)
-    sdpa_split = {key: statistics.median([s.get(key, 0.0) for s in sdpa_splits]) for key in ("step", "attention")}
-    sdpa_split["outside"] = sdpa_split["step"] - sdpa_split["attention"]
+            for name in variants:
+                runs[name].append(run(name))
+    split = {name: _split(r) for name, r in runs.items()}
+    step_s = {name: s["step"] for name, s in split.items()}
     return {"context": context, "steps": steps, "repeats": repeats, "model": model_name,
             "step_s": step_s, "tokens_per_s": {k: 1 / v for k, v in step_s.items()},
-            "speedup_vs_sdpa": step_s["sdpa"] / step_s[model_name],
-            "split_s": split, "sdpa": sdpa_split,
-            "floor": floor_bytes(models[model_name], context, block_size, top_k)}
+            "speedup_vs_sdpa": {k: step_s["sdpa"] / v for k, v in step_s.items()},
+            "split_s": split, "floor": floor_bytes(models[model_name], context, block_size, top_k)}
 
 
 def floor_bytes(model, context: int, block_size: int, top_k: int) -> dict:

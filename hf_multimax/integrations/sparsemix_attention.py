@@ -23,6 +23,7 @@ import functools
 import weakref
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -97,8 +98,15 @@ def _keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
 def _find_keys_seen(mask: torch.Tensor) -> tuple[int, bool]:
     one_row = mask.shape[:3] == (1, 1, 1)
     seen = mask.reshape(-1) if one_row else mask.any(dim=(0, 1, 2))
-    count = int(torch.count_nonzero(seen))  # no int64 copy of the row, as a sum of bools makes
-    prefix = bool(count) and bool(seen[:count].all())  # the keys seen are a prefix (a cache's real keys)
+    if seen.device.type == "cpu":
+        # numpy's count and all over a decoding step's 16k-key row take ~17 us, torch's bool reductions
+        # ~120 us on one thread (once per forward: ~1.5% of a 2-layer model's step).
+        row = seen.numpy()
+        count = int(np.count_nonzero(row))
+        prefix = bool(count) and bool(row[:count].all())
+    else:
+        count = int(torch.count_nonzero(seen))  # no int64 copy of the row, as a sum of bools makes
+        prefix = bool(count) and bool(seen[:count].all())  # the keys seen are a prefix (a cache's real keys)
     if prefix:
         last = count
     else:

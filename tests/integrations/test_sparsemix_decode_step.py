@@ -56,3 +56,35 @@ def test_generate_fused_step_matches_unfused(selector, cache, padded, monkeypatc
     assert torch.equal(fused.sequences, unfused.sequences)
     for a, b in zip(fused.logits, unfused.logits):
         assert_close(a, b, what=f"{selector} {cache}")
+
+
+def test_deep_copied_cache_keeps_the_key_summary():
+    """transformers' way to reuse a prefilled prompt cache, `copy.deepcopy(prompt_cache)`, takes the
+    summary along (valid for the copied keys: no recomputation from every key at the first step), and
+    decodes what a freshly prefilled cache decodes; a summary gone stale before the copy is not taken."""
+    from hf_multimax.integrations.sparsemix_decoding import key_summary
+
+    model = _model("block_rotary")
+    prompt = IDS[:1, :69]  # 5 blocks of 16: the sparse path, which keeps a summary
+    with torch.no_grad():
+        cache = tf.StaticCache(config=model.config, max_cache_len=96)
+        model(prompt, cache=cache, use_cache=True)
+        copied = copy.deepcopy(cache)
+        for original, layer in zip(cache.layers, copied.layers):
+            kept, taken = key_summary(original), key_summary(layer)
+            assert kept is not None and taken is not None
+            assert taken.data.data_ptr() != kept.data.data_ptr() and torch.equal(taken.data, kept.data)
+
+        def continuation(c):
+            return model.generate(IDS[:1, :70], attention_mask=torch.ones_like(IDS[:1, :70]), cache=c, max_new_tokens=8,
+                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+        fresh = tf.StaticCache(config=model.config, max_cache_len=96)
+        model(prompt, cache=fresh, use_cache=True)
+        got, want = continuation(copied), continuation(fresh)
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.logits, want.logits):
+            assert_close(a, b, what="deep-copied cache")
+        cache.layers[0].keys.add_(0)  # an in-place edit: the summary is stale, the copy must not take it
+        stale = copy.deepcopy(cache)
+        assert key_summary(stale.layers[0]) is None and key_summary(stale.layers[1]) is not None
