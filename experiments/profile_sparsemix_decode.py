@@ -203,7 +203,8 @@ def profile_decode(context: int, steps: int, repeats: int, block_size: int, top_
 
 def floor_bytes(model, context: int, block_size: int, top_k: int) -> dict:
     """Bytes a decoding step must read (both layers): the kept key/value blocks, the selector's block
-    summaries, and the weights (the whole model's, and the selectors')."""
+    summaries (the last, partial block's placeholder aside), the weights (the selectors' included), and
+    what dense SDPA reads of the cache instead of the kept blocks."""
     cfg = model.config
     layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     d = cfg.hidden_size // cfg.num_attention_heads
@@ -212,7 +213,10 @@ def floor_bytes(model, context: int, block_size: int, top_k: int) -> dict:
     scorer = model.model.layers[0].self_attn.sparsemix
     width = d + scorer.w_key.shape[-1]
     summary = layers * hkv * (context // block_size) * width * 4
+    # Every weight once, but of the input embedding only the token's row.
+    embedding = model.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= (embedding.shape[0] - 1) * embedding.shape[1] * embedding.element_size()
     dense_kv = layers * hkv * context * d * 4 * 2
     return {"kept_kv_bytes": kv, "summary_bytes": summary, "weight_bytes": weights, "dense_kv_bytes": dense_kv}
 
