@@ -90,3 +90,13 @@ def test_decode_step_refuses_what_it_does_not_compute():
         fused_sparsemix_decode(q, k, v, w, summary, **{**args, "selector": "token"})
     with pytest.raises(ValueError, match="key_summary must be"):
         fused_sparsemix_decode(q, k, v, w, summary[:, :, :-1], **args)
+
+
+def test_decode_step_refuses_norms_of_an_odd_head_size():
+    """The rotary-pair selectors pair the head's features: an odd head size has no such pairs."""
+    g = torch.Generator().manual_seed(42)
+    q, k = torch.randn(1, 2, 1, 13, generator=g), torch.randn(1, 2, 100, 13, generator=g)
+    w = (torch.randn(2, 13, 4, generator=g),) * 2
+    summary = torch.randn(1, 2, 7, 17, generator=g)
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_sparsemix_decode(q, k, k, w, summary, selector="block_norms", block_size=BS, top_k=2)

@@ -205,7 +205,11 @@ def fused_sparsemix_decode(
     summary = key_summary.float()
     if summary.stride(-1) != 1 or summary.stride(-2) != F:
         summary = summary.contiguous()
-    slow = (w_query.shape[-2] - D) // 4 if selector == "block_rotary" else 0
+    win = w_query.shape[-2]
+    slow = (win - D) // 4 if selector == "block_rotary" else 0
+    if (selector != "block" and D % 2) or win != {"block": 2 * D, "block_norms": D}.get(selector, D + 4 * slow):
+        raise ValueError(f"w_query [Hkv, {win}, r] does not fit the {selector!r} scorer of heads of {D} (inputs: 2D for "
+                         "'block', D for 'block_norms', D + 4 * slow pairs for 'block_rotary'; an even D for the last two)")
     # The geometry's slot layout (cached per geometry), as `slot_layout` gives `select_blocks`.
     hidden, fixed_idx, fixed_ok = _slot_layout(1, geometry.n_k_blocks, geometry.q_block0, geometry.causal,
                                                _window_in_blocks(geometry), sink, local, query.device)

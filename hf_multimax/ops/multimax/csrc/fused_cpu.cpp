@@ -1094,7 +1094,7 @@ std::vector<at::Tensor> sparse_decode_step_op(const at::Tensor& q, const at::Ten
               F == D + w_query.size(2), "fp32 contiguous w_query [Hkv, in, r] with key_features of width D + r expected");
   const auto kind = static_cast<DecodeFeatures>(features);
   const int64_t win = w_query.size(1), r = w_query.size(2);
-  TORCH_CHECK((kind == DecodeFeatures::kBlock && win == 2 * D) || (kind == DecodeFeatures::kNorms && win == D) ||
+  TORCH_CHECK((kind == DecodeFeatures::kBlock && win == 2 * D) || (kind == DecodeFeatures::kNorms && D % 2 == 0 && win == D) ||
               (kind == DecodeFeatures::kRotary && D % 2 == 0 && 0 <= slow_pairs && 2 * slow_pairs <= D &&
                win == D + 4 * slow_pairs),
               "w_query's input size does not match the selector's features");
