@@ -19,9 +19,10 @@ from ..multimax.fused import _columns, load_fused_extension
 from ..naive_attention import check_qkv, post_mask
 from ..sink import check_sink, fold_sink
 from .layout import check_selection
-from .selection import BlockGeometry, block_geometry, block_statistics, slot_layout
+from .selection import BlockGeometry, _slot_layout, _window_in_blocks, block_geometry, block_statistics, slot_layout
 
-__all__ = ["fused_block_statistics", "fused_select_blocks", "fused_sparsemix_attention"]
+__all__ = ["DECODE_FEATURES", "fused_block_statistics", "fused_select_blocks", "fused_sparsemix_attention",
+           "fused_sparsemix_decode"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -171,3 +172,82 @@ def fused_block_statistics(x: torch.Tensor, block_size: int, front_pad: int = 0,
         x = x.contiguous()
     raw, norms = load_fused_extension().block_statistics(x, block_size, front_pad, pair_norms)
     return raw, norms if pair_norms else None
+
+
+# The block scorers the one-call decoding step computes the query features of (the C++ enum
+# `DecodeFeatures`); the token indexer has no decoding step of its own.
+DECODE_FEATURES = {"block": 0, "block_norms": 1, "block_rotary": 2}
+
+
+def fused_sparsemix_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    key_summary: torch.Tensor,
+    *,
+    selector: str,
+    block_size: int,
+    top_k: int,
+    sink: bool = True,
+    local: bool = True,
+    causal: bool = True,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoding step of softmax SparseMix in one C++ call: the block scorer's scores of the cached
+    block summaries, the top-k selection and the one-row kernel. The same as
+    `select_sparsemix_blocks(..., key_summary=key_summary)` followed by `fused_sparsemix_attention`
+    (the references: `select_blocks` and `naive_sparsemix_attention`), without their ~20 small tensor
+    ops and Python calls per layer and token. Inference only (no graph).
+
+    Args:
+        query (`torch.Tensor`): `[B, H, 1, D]`, one query row.
+        key, value (`torch.Tensor`): `[B, Hkv, K, D]` / `[B, Hkv, K, Dv]`, read in place when fp32 with
+            contiguous (batch, head) rows (a static cache's buffer cut at its length).
+        weights (`tuple`): `(w_query, w_key)` of the block scorer `selector`.
+        key_summary (`torch.Tensor`): `block_key_features(key, w_key, block_size, features)`,
+            `[B, Hkv, ceil(K / block_size), D + r]` (the last block's entry may be a placeholder when
+            `local` keeps that block anyway).
+        selector (`str`): one of `DECODE_FEATURES`.
+        block_size, top_k, sink, local, causal, scale, mask, window: as in `sparsemix_attention`.
+
+    Returns:
+        `(out [B, H, 1, Dv], block_idx [B, Hkv, 1, S], block_valid [B, Hkv, 1, S])`; `out` is a view of
+        `[B, 1, H, Dv]` memory, the layout attention functions return.
+    """
+    if query.device.type != "cpu":
+        raise ValueError(f"the fused decoding step runs on CPU tensors, got {query.device}")
+    if selector not in DECODE_FEATURES:
+        raise ValueError(f"the fused decoding step supports the block scorers {tuple(DECODE_FEATURES)}, got {selector!r}")
+    if query.dim() != 4 or query.shape[-2] != 1:
+        raise ValueError(f"the fused decoding step takes one query row [B, H, 1, D], got {tuple(query.shape)}")
+    _, n_kv_heads = check_qkv(query, key, value)
+    B, H, _, D = query.shape
+    K = key.shape[-2]
+    geometry = block_geometry(1, K, block_size, causal, window)
+    w_query = weights[0].detach().float().contiguous()
+    F = D + w_query.shape[-1]
+    if tuple(key_summary.shape) != (B, n_kv_heads, geometry.n_k_blocks, F):
+        raise ValueError(f"key_summary must be [B, Hkv, n_k_blocks, D + r] = {(B, n_kv_heads, geometry.n_k_blocks, F)}, "
+                         f"got {tuple(key_summary.shape)}")
+    summary = key_summary.float()
+    if summary.stride(-1) != 1 or summary.stride(-2) != F:
+        summary = summary.contiguous()
+    win = w_query.shape[-2]
+    slow = (win - D) // 4 if selector == "block_rotary" else 0
+    if (selector != "block" and D % 2) or win != {"block": 2 * D, "block_norms": D}.get(selector, D + 4 * slow):
+        raise ValueError(f"w_query [Hkv, {win}, r] does not fit the {selector!r} scorer of heads of {D} (inputs: 2D for "
+                         "'block', D for 'block_norms', D + 4 * slow pairs for 'block_rotary'; an even D for the last two)")
+    # The geometry's slot layout (cached per geometry), as `slot_layout` gives `select_blocks`.
+    hidden, fixed_idx, fixed_ok = _slot_layout(1, geometry.n_k_blocks, geometry.q_block0, geometry.causal,
+                                               _window_in_blocks(geometry), sink, local, query.device)
+    scale = D ** -0.5 if scale is None else scale
+    mask = None if mask is None else post_mask(mask, B, H, 1, K)
+    out, _, block_idx, block_valid = load_fused_extension().sparse_decode_step(
+        query.detach().float().contiguous(), _rows(key.detach()), _rows(value.detach()), mask, summary, w_query,
+        DECODE_FEATURES[selector], slow, hidden, fixed_idx, fixed_ok, min(top_k, geometry.n_k_blocks), block_size,
+        bool(causal), float(scale),
+    )
+    return out.to(value.dtype), block_idx, block_valid

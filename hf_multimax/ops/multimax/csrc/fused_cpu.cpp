@@ -1140,6 +1140,274 @@ std::vector<at::Tensor> block_statistics_op(const at::Tensor& x, int64_t bs, int
   return {raw, norms};
 }
 
+// SparseMix's decoding step in one call per layer: the block scorer's query features, the block
+// scores against the cache's block summaries, the top-k selection and the one-row kernel, for each
+// (batch, key/value head). Selecting head t + 1 and requesting its blocks from memory happen before
+// head t's kernel runs, so the selector's reads and the next head's block fetches overlap the
+// kernel. Twin of `scorer_block_scores` (its Q == 1 path) + `select_blocks` + `sparse_forward`
+// (ops/sparsemix/fused.py `fused_sparsemix_decode`; references in selection.py and naive.py).
+enum class DecodeFeatures : int64_t { kBlock = 0, kNorms = 1, kRotary = 2 };
+
+// The learned term's input for one decoding query of a key/value head group (`_scorer_inputs` with one
+// query: its mean and max are itself): `pq` is the group's mean query [D], `nm` the group's mean of the
+// per-head rotary pair norms [D / 2]; `in` gets the input w_query reads ([win]).
+void decode_learned_input(DecodeFeatures kind, const float* pq, const float* nm, int64_t D, int64_t slow, float* in) {
+  const int64_t half = D / 2;
+  switch (kind) {
+    case DecodeFeatures::kBlock:  // [mean, max] of the raw query
+      std::memcpy(in, pq, D * sizeof(float));
+      std::memcpy(in + D, pq, D * sizeof(float));
+      return;
+    case DecodeFeatures::kNorms:  // [mean, max] of the norms
+      std::memcpy(in, nm, half * sizeof(float));
+      std::memcpy(in + half, nm, half * sizeof(float));
+      return;
+    case DecodeFeatures::kRotary:  // [norms, slow pairs of the mean] then [norms, slow pairs of the max]
+      for (int64_t part = 0, o = 0; part < 2; ++part) {
+        std::memcpy(in + o, nm, half * sizeof(float));
+        o += half;
+        std::memcpy(in + o, pq + half - slow, slow * sizeof(float));
+        o += slow;
+        std::memcpy(in + o, pq + D - slow, slow * sizeof(float));
+        o += slow;
+      }
+      return;
+  }
+}
+
+// The k best candidate blocks of one row of scores, best first (ties: the lower block), after the two
+// fixed slots: what `select_top_blocks_op` does per row.
+void decode_top_blocks(const float* r, const bool* hidden, int64_t nKB, const int64_t* fixed_idx, const bool* fixed_ok,
+                       int64_t k, std::vector<int64_t>& cand, int64_t* oi, bool* oo) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < nKB; ++j)
+    if (!hidden[j] && !std::isnan(r[j]) && r[j] > kNegInf) cand[n++] = j;
+  const int64_t take = std::min(n, k);
+  const auto better = [r](int64_t x, int64_t y) { return r[x] > r[y] || (r[x] == r[y] && x < y); };
+  std::partial_sort(cand.begin(), cand.begin() + take, cand.begin() + n, better);
+  for (int s = 0; s < 2; ++s) oi[s] = fixed_idx[s], oo[s] = fixed_ok[s];
+  for (int64_t s = 0; s < k; ++s) oi[2 + s] = s < take ? cand[s] : 0, oo[2 + s] = s < take;
+}
+
+// The selected key and value blocks of a decoding step, in the order the one-row kernel reads them
+// (per key/value head: its key blocks, then its value blocks), requested from memory a fixed distance
+// ahead of the read, rather than a whole head's blocks at once (`sparse_forward`'s decoding prefetch:
+// 320 KB at top-18, blocks of 32, D = 64, more than a core's outstanding misses can hold, and beside
+// the head being read a good part of L2). One 16k layer, 1 thread: ~815 -> ~740 us per call (noisy).
+struct BlockStream {
+  static constexpr size_t kAhead = 12;  // blocks in flight: 96 KB of 8 KB blocks (L2: 512 KB)
+  std::vector<const float*> start;
+  std::vector<int64_t> floats;
+  size_t issued = 0, read = 0;
+
+  void add(const float* x, int64_t n) {
+    start.push_back(x);
+    floats.push_back(n);
+  }
+  // One more block read: keep kAhead requested past it (into L2: they would not fit L1).
+  void advance() {
+    ++read;
+    for (const size_t until = std::min(start.size(), read + kAhead); issued < until; ++issued) {
+      for (int64_t i = 0; i < floats[issued]; i += kFloatsPerLine) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(start[issued] + i, 0, 2);
+#endif
+      }
+    }
+  }
+};
+
+// Scores of n keys of D_ = NV vectors (scale * q.k), four keys at a time: `dot`'s one accumulator
+// chain waits on each multiply-add's latency; four independent chains do not (the same sums).
+template <int64_t NV>
+inline void scores_of_block(const float* q, const float* k, int64_t n, float scale, float* out) {
+  constexpr int64_t V = Vec::size(), D = NV * V;
+  Vec qv[NV];
+  for (int64_t v = 0; v < NV; ++v) qv[v] = Vec::loadu(q + v * V);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = k + j * D;
+    Vec a0 = qv[0] * Vec::loadu(k0), a1 = qv[0] * Vec::loadu(k0 + D), a2 = qv[0] * Vec::loadu(k0 + 2 * D),
+        a3 = qv[0] * Vec::loadu(k0 + 3 * D);
+    for (int64_t v = 1; v < NV; ++v) {
+      a0 = at::vec::fmadd(qv[v], Vec::loadu(k0 + v * V), a0);
+      a1 = at::vec::fmadd(qv[v], Vec::loadu(k0 + D + v * V), a1);
+      a2 = at::vec::fmadd(qv[v], Vec::loadu(k0 + 2 * D + v * V), a2);
+      a3 = at::vec::fmadd(qv[v], Vec::loadu(k0 + 3 * D + v * V), a3);
+    }
+    out[j] = scale * hsum(a0), out[j + 1] = scale * hsum(a1), out[j + 2] = scale * hsum(a2), out[j + 3] = scale * hsum(a3);
+  }
+  for (; j < n; ++j) out[j] = scale * dot(q, k + j * D, D);
+}
+
+// acc (NV vectors, in registers) += sum_j p[j] v[j] over n value rows: `axpy` per row loads and stores
+// the accumulator, one chain through memory per key.
+template <int64_t NV>
+inline void accumulate_block(const float* pr, const float* v, int64_t n, Vec* acc) {
+  constexpr int64_t V = Vec::size(), D = NV * V;
+  for (int64_t j = 0; j < n; ++j) {
+    if (pr[j] == 0.f) continue;
+    const Vec pj(pr[j]);
+    for (int64_t u = 0; u < NV; ++u) acc[u] = at::vec::fmadd(pj, Vec::loadu(v + j * D + u * V), acc[u]);
+  }
+}
+
+// `decode_row` with softmax only and its first head's block reads counted in `stream` (the other heads
+// of a group read the same blocks again, from cache). NV > 0: D = Dv = NV vectors, the scores four
+// keys at a time and the accumulator in registers; NV = 0: any head size, `dot` and `axpy`.
+template <int64_t NV>
+void decode_row_streamed(const Problem& p, const SelectedBlocks& seg, int64_t b, int64_t h0, int64_t group,
+                         const float* qp, const float* kb, const float* vb, const Scalars<float>& ms,
+                         const Scalars<Vec>& mv, float* row, float* acc, float* m, float* l, BlockStream& stream) {
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = h0 + g, bh = b * p.H + h;
+    const float* q_row = qp + bh * p.D;
+    float mx = kNegInf;
+    int64_t cols = 0;
+    for (int64_t s = 0; s < seg.count; cols += seg.n[s++]) {
+      const int64_t c0 = seg.c0[s], n = seg.n[s];
+      if constexpr (NV > 0) {
+        scores_of_block<NV>(q_row, kb + c0 * p.D, n, p.scale, row + cols);
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[cols + j] = p.scale * dot(q_row, kb + (c0 + j) * p.D, p.D);
+      }
+      mx = std::max(mx, forward_row(row + cols, n, p, ms, mv, nullptr, p.mask_row(b, h, 0, c0), p.visible(0, c0, n)));
+      if (g == 0) stream.advance();
+    }
+    float* acc_h = acc + g * p.Dv;
+    std::fill(acc_h, acc_h + p.Dv, 0.f);
+    m[g] = mx;
+    l[g] = 0.f;
+    if (mx != kNegInf) l[g] = exp_row(row, cols, mx);
+    Vec acc_v[NV > 0 ? NV : 1];
+    for (int64_t u = 0; u < NV; ++u) acc_v[u] = Vec(0.f);
+    for (int64_t s = 0, c = 0; s < seg.count; c += seg.n[s++]) {
+      const float* v_rows = vb + seg.c0[s] * p.Dv;
+      if (mx != kNegInf) {
+        if constexpr (NV > 0) {
+          accumulate_block<NV>(row + c, v_rows, seg.n[s], acc_v);
+        } else {
+          for (int64_t j = 0; j < seg.n[s]; ++j) {
+            if (row[c + j] != 0.f) axpy(row[c + j], v_rows + j * p.Dv, acc_h, p.Dv);
+          }
+        }
+      }
+      if (g == 0) stream.advance();
+    }
+    for (int64_t u = 0; u < NV; ++u) acc_v[u].store(acc_h + u * Vec::size());
+  }
+}
+
+std::vector<at::Tensor> sparse_decode_step_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& mask, const at::Tensor& key_features,
+                                              const at::Tensor& w_query, int64_t features, int64_t slow_pairs,
+                                              const at::Tensor& hidden, const at::Tensor& fixed_idx,
+                                              const at::Tensor& fixed_ok, int64_t top_k, int64_t bs, bool causal,
+                                              double scale) {
+  const Problem p = make_problem(q, k, v, mask, c10::nullopt, causal, scale, 0.0, false);
+  TORCH_CHECK(p.Q == 1, "sparse_decode_step takes one query row, got ", p.Q);
+  const int64_t nKB = (p.K + bs - 1) / bs, D = p.D, group = p.H / p.Hkv;
+  TORCH_CHECK(key_features.dtype() == at::kFloat && key_features.dim() == 4 && key_features.size(0) == p.B &&
+              key_features.size(1) == p.Hkv && key_features.size(2) == nKB && key_features.stride(3) == 1 &&
+              key_features.stride(2) == key_features.size(3),
+              "fp32 key_features [B, Hkv, nKB, F] with contiguous rows expected");
+  const int64_t F = key_features.size(3);
+  TORCH_CHECK(w_query.dtype() == at::kFloat && w_query.is_contiguous() && w_query.dim() == 3 && w_query.size(0) == p.Hkv &&
+              F == D + w_query.size(2), "fp32 contiguous w_query [Hkv, in, r] with key_features of width D + r expected");
+  const auto kind = static_cast<DecodeFeatures>(features);
+  const int64_t win = w_query.size(1), r = w_query.size(2);
+  TORCH_CHECK((kind == DecodeFeatures::kBlock && win == 2 * D) || (kind == DecodeFeatures::kNorms && D % 2 == 0 && win == D) ||
+              (kind == DecodeFeatures::kRotary && D % 2 == 0 && 0 <= slow_pairs && 2 * slow_pairs <= D &&
+               win == D + 4 * slow_pairs),
+              "w_query's input size does not match the selector's features");
+  TORCH_CHECK(hidden.dtype() == at::kBool && hidden.is_contiguous() && hidden.numel() == nKB && fixed_idx.dtype() == at::kLong &&
+              fixed_ok.dtype() == at::kBool && fixed_idx.is_contiguous() && fixed_ok.is_contiguous() &&
+              fixed_idx.numel() == 2 && fixed_ok.numel() == 2, "one query block's slot layout expected");
+  TORCH_CHECK(0 <= top_k && top_k <= nKB, "0 <= top_k <= nKB expected");
+  const int64_t S = 2 + top_k;
+  auto out = at::empty({p.B, 1, p.H, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.H, 1}, q.options());
+  auto idx = at::empty({p.B, p.Hkv, 1, S}, q.options().dtype(at::kLong));
+  auto ok = at::empty({p.B, p.Hkv, 1, S}, q.options().dtype(at::kBool));
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *kfp = key_features.data_ptr<float>(), *wp = w_query.data_ptr<float>();
+  const int64_t kf0 = key_features.stride(0), kf1 = key_features.stride(1);
+  const bool* hid = hidden.data_ptr<bool>();
+  const int64_t* fi = fixed_idx.data_ptr<int64_t>();
+  const bool* fo = fixed_ok.data_ptr<bool>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  bool* okp = ok.data_ptr<bool>();
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  // Softmax: no modulator (zero scalars, shared by all heads).
+  const float theta[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, affine[2] = {0.f, 0.f};
+  const auto ms = Scalars<float>::of_head(theta, 1, affine, 1, 0);
+  const auto mv = Scalars<Vec>::of_head(theta, 1, affine, 1, 0);
+  const float inv_group = 1.f / static_cast<float>(group);
+  // Head sizes of 4, 8 or 16 vectors (32 to 256 floats by the build's vector width) take the register path.
+  const int64_t vectors = p.D == p.Dv && p.D % Vec::size() == 0 ? p.D / Vec::size() : 0;
+  at::parallel_for(0, p.B * p.Hkv, grain_for(group * S * bs * (p.D + p.Dv) + nKB * F), [&](int64_t begin, int64_t end) {
+    std::vector<float> pq(D), nm(D / 2 + 1), in(win), qf(F), scores(nKB), row(S * bs), acc(group * p.Dv), m(group), l(group);
+    std::vector<int64_t> cand(nKB);
+    std::vector<SelectedBlocks> segs(end - begin, SelectedBlocks(S));
+    BlockStream stream;
+    // Scores and top-k of task t (batch b, key/value head kvh = t), then its blocks queued for the stream.
+    auto select = [&](int64_t t) {
+      const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+      std::fill(pq.begin(), pq.end(), 0.f);
+      std::fill(nm.begin(), nm.end(), 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* x = qp + (b * p.H + hk * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) pq[d] += x[d];
+        if (kind != DecodeFeatures::kBlock)
+          for (int64_t d = 0; d < D / 2; ++d) nm[d] += std::sqrt(x[d] * x[d] + x[d + D / 2] * x[d + D / 2]);
+      }
+      for (int64_t d = 0; d < D; ++d) pq[d] *= inv_group;
+      for (int64_t d = 0; d < D / 2; ++d) nm[d] *= inv_group;
+      decode_learned_input(kind, pq.data(), nm.data(), D, slow_pairs, in.data());
+      for (int64_t d = 0; d < D; ++d) qf[d] = pq[d] * static_cast<float>(scale);
+      std::fill(qf.begin() + D, qf.end(), 0.f);
+      const float* w = wp + hk * win * r;
+      for (int64_t i = 0; i < win; ++i) axpy(in[i], w + i * r, qf.data() + D, r);
+      const float* kf = kfp + b * kf0 + hk * kf1;
+      for (int64_t j = 0; j < nKB; ++j) scores[j] = dot(qf.data(), kf + j * F, F);
+      int64_t* oi = ip + t * S;
+      bool* oo = okp + t * S;
+      decode_top_blocks(scores.data(), hid, nKB, fi, fo, top_k, cand, oi, oo);
+      // Its blocks join the stream in the kernel's reading order (the blocks `collect` keeps).
+      segs[t - begin].collect(p, oi, oo, S, bs, b, hk * group, group, 0, 1);
+      const SelectedBlocks& sel = segs[t - begin];
+      for (int64_t s = 0; s < sel.count; ++s) stream.add(kp + t * p.k_head + sel.c0[s] * p.D, sel.n[s] * p.D);
+      for (int64_t s = 0; s < sel.count; ++s) stream.add(vp + t * p.v_head + sel.c0[s] * p.Dv, sel.n[s] * p.Dv);
+    };
+    if (begin < end) {
+      select(begin);
+      stream.advance();  // the first blocks requested (the count of blocks read stays one ahead: harmless)
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      if (t + 1 < end) select(t + 1);  // scored while this head's blocks arrive
+      const int64_t b = t / p.Hkv, h0 = (t % p.Hkv) * group;
+      const float *kb = kp + t * p.k_head, *vb = vp + t * p.v_head;
+      const SelectedBlocks& sel = segs[t - begin];
+      if (vectors == 4) {
+        decode_row_streamed<4>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      } else if (vectors == 8) {
+        decode_row_streamed<8>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      } else if (vectors == 16) {
+        decode_row_streamed<16>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      } else {
+        decode_row_streamed<0>(p, sel, b, h0, group, qp, kb, vb, ms, mv, row.data(), acc.data(), m.data(), l.data(), stream);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = op + (b * p.H + h0 + g) * p.Dv;
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        for (int64_t d = 0; d < p.Dv; ++d) o[d] = acc[g * p.Dv + d] * inv;
+        lp[b * p.H + h0 + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : kInf;
+      }
+    }
+  });
+  return {out.transpose(1, 2), lse, idx, ok};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1149,5 +1417,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "SparseMix attention over selected key blocks, backward: (dq, dk, dv, d scalars [B, H, 10] when modulated)");
   m.def("block_statistics", &block_statistics_op, "SparseMix block scorer statistics: ([mean | max], [norm mean | norm max])");
   m.def("select_top_blocks", &select_top_blocks_op, "SparseMix top-k block selection: (block_idx, block_valid)");
+  m.def("sparse_decode_step", &sparse_decode_step_op,
+        "SparseMix decoding step (block scores, top-k, one-row kernel): (out, lse, block_idx, block_valid)");
   m.def("backward", &backward_op, "MultiMax attention backward: (dq, dk per query head, dv per query head, d scalars [B, H, 10])");
 }
