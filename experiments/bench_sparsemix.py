@@ -113,6 +113,10 @@ def make_module(settings: SparseMixSettings, variant: str) -> torch.nn.Module:
     with torch.no_grad():
         zero_start = scorer.w_key if scorer.is_block_scorer else scorer.w_weight
         zero_start.normal_(std=zero_start.shape[-2] ** -0.5)
+        if settings.normalizer == "multimax":  # trained-looking scalars: the modulator is not skipped as identity
+            for name, value in {"t1": 0.1, "t2": 0.1, "t3": 0.05, "t4": 0.05, "b1": -1.0, "d1": 1.0, "b2": -2.0,
+                                "d2": 2.0}.items():
+                getattr(module.multimax, name).fill_(value)
     return module
 
 
@@ -150,14 +154,15 @@ def time_once(run, make_inputs, repeats: int, backward: bool = True) -> dict:
 
 
 def bench_sparsemix(lengths, memory_lengths, variants, repeats: int, block_size: int, top_k: int,
-                    selector: str = "block", long_from: int = LONG_FROM, long_repeats: int = 1) -> dict:
+                    selector: str = "block", long_from: int = LONG_FROM, long_repeats: int = 1,
+                    normalizer: str = "softmax") -> dict:
     """Every measurement of the module docstring for `variants` (names in `MAX_LEN`; SDPA, the
     baseline, is always measured; peak memory for SDPA and the trainable `blocked` and `fused`)."""
     unknown = sorted(set(variants) - set(MAX_LEN))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(MAX_LEN)}")
     variants = ["sdpa", *(v for v in variants if v != "sdpa")]
-    settings = SparseMixSettings(block_size=block_size, top_k=top_k, selector=selector)
+    settings = SparseMixSettings(block_size=block_size, top_k=top_k, selector=selector, normalizer=normalizer)
     modules = {v: make_module(settings, v) for v in variants}
 
     def time_variant(variant, length):
@@ -244,6 +249,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--block_size", type=int, default=SparseMixSettings.block_size, help="SparseMix block size")
     parser.add_argument("--top_k", type=int, default=SparseMixSettings.top_k, help="key blocks kept per query block besides sink and local")
     parser.add_argument("--selector", default="auto", choices=["auto", *SELECTORS], help="what ranks the key blocks (SparseMixSettings.selector; auto: block_rotary on the benchmark's Llama)")
+    parser.add_argument("--normalizer", default="softmax", choices=["softmax", "multimax"], help="SparseMix's normalizer (multimax: with non-zero scalars, t1=t2=0.1, t3=t4=0.05, breakpoints -1/1 and -2/2); SDPA stays softmax")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     parser.add_argument("--long_from", type=int, default=LONG_FROM, help="lengths from here are timed --long_repeats times")
     parser.add_argument("--long_repeats", type=int, default=1, help="timed repeats after the first call at long lengths (0: the first call alone)")
@@ -256,7 +262,7 @@ def main(argv=None) -> dict:
     if args.quick:
         vars(args).update(QUICK)
     results = bench_sparsemix(args.lengths, args.memory_lengths, args.variants, args.repeats, args.block_size,
-                              args.top_k, args.selector, args.long_from, args.long_repeats)
+                              args.top_k, args.selector, args.long_from, args.long_repeats, args.normalizer)
     results["quick"] = args.quick
     write_results(results, output_path("bench_sparsemix", "quick" if args.quick else None, args.output), plot)
     print(summary(results))
