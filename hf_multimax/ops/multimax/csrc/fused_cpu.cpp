@@ -238,12 +238,25 @@ inline void axpy(float alpha, const float* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += alpha * x[i];
 }
 
+// dst[0, n) = alpha * src[0, n): the brgemm micro-kernel (below) takes no alpha, so the scale goes into
+// the queries (rows x D) rather than into the rows x cols scores.
+inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
+  for (; i < n; ++i) dst[i] = src[i] * alpha;
+}
+
 // Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n) (the dense forward): the score
-// tile through BLAS, the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc.
+// tile, the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc. With a key
+// panel (`KeyPanels`) both products run on the brgemm micro-kernel and q_rows are already scaled;
+// without one (fewer than kMinPanelRows queries: decoding, short chunks) through dot/axpy or BLAS.
 void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t c0, int64_t n,
-                 const float* q_rows, const float* k_head, const float* v_head, const Scalars<float>& ms,
-                 const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
-  if (rows == 1) {
+                 const float* q_rows, const float* k_head, const float* kt_panel, int64_t kt_ld, const float* v_head,
+                 const Scalars<float>& ms, const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
+  if (kt_panel) {
+    at::native::cpublas::brgemm(rows, n, p.D, p.D, kt_ld, n, false, q_rows, kt_panel, tile, false);
+  } else if (rows == 1) {
     for (int64_t j = 0; j < n; ++j) tile[j] = p.scale * dot(q_rows, k_head + (c0 + j) * p.D, p.D);
   } else {
     gemm(false, true, rows, n, p.D, p.scale, q_rows, p.D, k_head + c0 * p.D, p.D, 0.f, tile, n);
@@ -257,7 +270,9 @@ void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t row
     const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
     online_softmax_row(row, n, mx, m[i], l[i], acc + i * p.Dv, p.Dv);
   }
-  if (rows == 1) {
+  if (kt_panel) {
+    at::native::cpublas::brgemm(rows, p.Dv, n, n, p.Dv, p.Dv, true, tile, v_head + c0 * p.Dv, acc, false);
+  } else if (rows == 1) {
     for (int64_t j = 0; j < n; ++j) {
       if (tile[j] != 0.f) axpy(tile[j], v_head + (c0 + j) * p.Dv, acc, p.Dv);
     }
@@ -279,6 +294,57 @@ constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds per thread worth
 int64_t grain_for(int64_t task_work) { return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, task_work)); }
 constexpr int64_t kKeyBlock = 512;
 
+// K transposed once per call into panels of kKeyBlock keys, [B * Hkv, key blocks, D, ld], so that
+// the score product runs on the brgemm micro-kernel, which takes no transpose and reads its operands
+// as they lie. Profiled (1 thread, AVX2, L=4096): MKL's sgemm spent about a fifth of the dense forward
+// repacking K and V and scaling (scopy_*, mscale) on every 64 x 512 tile, work that grows with the
+// number of query blocks; this transposition is done once per key. The panel rows are padded past a
+// power of two (kPanelPad): at a stride of 2 KiB every row of a D x 512 panel would fall on the same
+// few L1 sets.
+constexpr int64_t kPanelPad = 16;
+// Fewer queries than this keep the BLAS / dot path: transposing every key once costs as much as the
+// repacking it saves only when a call has several query blocks (a decoding step has one row).
+constexpr int64_t kMinPanelRows = 32;
+
+struct KeyPanels {
+  int64_t blocks = 0, ld = 0, panel = 0;  // key blocks per head, row stride, floats per panel
+  std::unique_ptr<float[]> data;
+
+  // Panels of `heads` heads of `rows` rows of `width` floats, head h at x + h * head_step (K, or V
+  // for the backward's dO.V^T); zeroed and not filled when x is nullptr (gradient accumulators).
+  KeyPanels(int64_t heads, int64_t rows, int64_t width, const float* x, int64_t head_step) {
+    const int64_t cols = std::min(kKeyBlock, std::max<int64_t>(1, rows));
+    blocks = (rows + kKeyBlock - 1) / kKeyBlock;
+    ld = cols + kPanelPad;
+    panel = width * ld;
+    data.reset(new float[heads * blocks * panel]);
+    if (!x) {
+      std::fill(data.get(), data.get() + heads * blocks * panel, 0.f);
+      return;
+    }
+    at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / blocks, c0 = (task % blocks) * kKeyBlock, n = std::min(kKeyBlock, rows - c0);
+        transpose(x + h * head_step + c0 * width, width, data.get() + task * panel, ld, n, width);
+      }
+    });
+  }
+  // The panel holding keys [c0, c0 + kKeyBlock) of head h: key c0 + j in column j.
+  float* at(int64_t h, int64_t c0) const { return data.get() + (h * blocks + c0 / kKeyBlock) * panel; }
+
+  // dst[j, i] = src[i, j] for i < m, j < n: 8 x 8 blocks in registers where ATen vectorises them
+  // (the generic transpose_mxn is a scalar loop).
+  static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      if (j < n) at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst, 8, n - j);
+    }
+    if (i < m) at::vec::transpose_mxn<float>(src + i * ld_src, ld_src, dst + i, ld_dst, m - i, n);
+  }
+};
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                 const at::Tensor& theta, const at::Tensor& affine) {
   auto out = at::empty({p.B, p.H, p.Q, p.Dv}, q.options());
@@ -292,11 +358,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   // Small calls (decoding: one query against a short cache) run on one thread: waking the others
   // costs more than the work, and a busy core would stall every call.
   const int64_t task_work = std::min(kQueryBlock, p.Q) * p.key_end(p.Q - 1) * (p.D + p.Dv);
+  const std::unique_ptr<KeyPanels> panels(p.Q >= kMinPanelRows ? new KeyPanels(p.B * p.Hkv, p.K, p.D, kp, p.k_head) : nullptr);
   at::parallel_for(0, p.B * p.H * q_blocks, grain_for(task_work), [&](int64_t begin, int64_t end) {
     // Sized for this call, uninitialised (every entry is written before it is read): a decoding step
     // needs one row of a few hundred keys, not a 64 x 512 tile.
     const int64_t max_rows = std::min(kQueryBlock, p.Q), max_cols = std::min(kKeyBlock, std::max<int64_t>(1, p.K));
-    std::unique_ptr<float[]> tile_buf(new float[max_rows * max_cols]), acc_buf(new float[max_rows * p.Dv]);
+    std::unique_ptr<float[]> tile_buf(new float[max_rows * max_cols]), acc_buf(new float[max_rows * p.Dv]),
+        qbuf(new float[panels ? max_rows * p.D : 0]);
     float *tile = tile_buf.get(), *acc = acc_buf.get();
     std::vector<float> m(max_rows), l(max_rows);
     for (int64_t task = begin; task < end; ++task) {
@@ -304,6 +372,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
       const int64_t kvh = b * p.Hkv + h / group;
       const float* qb = qp + (bh * p.Q + r0) * p.D;
+      if (panels) {  // the micro-kernel takes no alpha: the scale goes into the rows x D queries
+        scale_rows(qb, rows * p.D, p.scale, qbuf.get());
+        qb = qbuf.get();
+      }
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
       const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
@@ -314,7 +386,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
         const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
         if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-        attend_tile(p, b, h, r0, rows, c0, n, qb, kb, vb, ms, mv, tile, acc, m.data(), l.data());
+        attend_tile(p, b, h, r0, rows, c0, n, qb, kb, panels ? panels->at(kvh, c0) : nullptr, panels ? panels->ld : 0,
+                    vb, ms, mv, tile, acc, m.data(), l.data());
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = op + (bh * p.Q + r0 + i) * p.Dv;
@@ -327,15 +400,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     }
   });
   return {out, lse};
-}
-
-// dst[0, n) = alpha * src[0, n): the brgemm micro-kernel (below) takes no alpha, so the scale goes into
-// the queries (rows x D) rather than into the rows x cols scores.
-inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
-  for (; i < n; ++i) dst[i] = src[i] * alpha;
 }
 
 // SparseMix's exact attention over selected key blocks. One task per (batch, key/value head, block of
@@ -723,10 +787,22 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dsp = dscalars.data_ptr<float>();
   const int64_t group = p.H / p.Hkv;
+  // As in the forward, the five products run on the brgemm micro-kernel where a call has enough
+  // queries: K^T and V^T panels for S = Q.K^T and dP = dO.V^T, and dK, dV accumulated transposed
+  // (dK^T += Q^T.dS, dV^T += dO^T.P, so that no operand needs a transpose the micro-kernel does not
+  // take), in one head's panels per thread, transposed back once per head. Profiled (1 thread, AVX2,
+  // L=4096, forward+backward): sgemm's repacking (scopy_*, mscale) was about a fifth of the backward.
+  const bool use_panels = p.Q >= kMinPanelRows;
+  const std::unique_ptr<KeyPanels> kpanels(use_panels ? new KeyPanels(p.B * p.Hkv, p.K, p.D, kp, p.k_head) : nullptr),
+      vpanels(use_panels ? new KeyPanels(p.B * p.Hkv, p.K, p.Dv, vp, p.v_head) : nullptr);
 
   at::parallel_for(0, p.B * p.H, grain_for(3 * p.Q * p.key_end(p.Q - 1) * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     const int64_t max_rows = std::min(kQueryBlock, p.Q), max_cols = std::min(kKeyBlock, std::max<int64_t>(1, p.K));
     std::vector<float> s_tile(max_rows * max_cols), dp_tile(max_rows * max_cols);
+    // Panel path only: scaled Q rows, Q^T and dO^T of a query block, this head's dK^T and dV^T.
+    std::vector<float> qs(use_panels ? max_rows * p.D : 0), qt(use_panels ? p.D * max_rows : 0),
+        dot_(use_panels ? p.Dv * max_rows : 0);
+    std::unique_ptr<KeyPanels> dkt, dvt;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
@@ -737,16 +813,32 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
       // then added into fp64 totals: the rounding error is then bounded by the row's length, not by
       // the number of scores, and no longer depends on the vector width's summation order.
       double total[10] = {};
+      if (use_panels) {
+        dkt.reset(new KeyPanels(1, p.K, p.D, nullptr, 0));
+        dvt.reset(new KeyPanels(1, p.K, p.Dv, nullptr, 0));
+      }
       for (int64_t r0 = 0; r0 < p.Q; r0 += kQueryBlock) {
         const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
         const float *qb = qp + (bh * p.Q + r0) * p.D, *dob = dop + (bh * p.Q + r0) * p.Dv;
         float* dqb = dqp + (bh * p.Q + r0) * p.D;
         const int64_t c_end = p.key_end(r1 - 1);
+        if (use_panels) {
+          scale_rows(qb, rows * p.D, p.scale, qs.data());
+          KeyPanels::transpose(qb, p.D, qt.data(), rows, rows, p.D);
+          KeyPanels::transpose(dob, p.Dv, dot_.data(), rows, rows, p.Dv);
+        }
         for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
           const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
           if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-          gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, s_tile.data(), n);
-          gemm(false, true, rows, n, p.Dv, 1.f, dob, p.Dv, vb + c0 * p.Dv, p.Dv, 0.f, dp_tile.data(), n);
+          if (use_panels) {
+            at::native::cpublas::brgemm(rows, n, p.D, p.D, kpanels->ld, n, false, qs.data(), kpanels->at(kvh, c0),
+                                        s_tile.data(), false);
+            at::native::cpublas::brgemm(rows, n, p.Dv, p.Dv, vpanels->ld, n, false, dob, vpanels->at(kvh, c0),
+                                        dp_tile.data(), false);
+          } else {
+            gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, s_tile.data(), n);
+            gemm(false, true, rows, n, p.Dv, 1.f, dob, p.Dv, vb + c0 * p.Dv, p.Dv, 0.f, dp_tile.data(), n);
+          }
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
             float *s_row = s_tile.data() + i * n, *dp_row = dp_tile.data() + i * n;
@@ -764,9 +856,22 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
             backward_row(s_row, dp_row, n, p, ms, mv, bias_row, mask_row, visible, row_lse, delp[bh * p.Q + r], gs, gv);
             for (int g = 0; g < (p.has_affine ? 10 : 8); ++g) total[g] += static_cast<double>(gs.g[g]) + hsum(gv.g[g]);
           }
-          gemm(false, false, rows, p.D, n, 1.f, s_tile.data(), n, kb + c0 * p.D, p.D, 1.f, dqb, p.D);
-          gemm(true, false, n, p.D, rows, 1.f, s_tile.data(), n, qb, p.D, 1.f, dkp + (bh * p.K + c0) * p.D, p.D);
-          gemm(true, false, n, p.Dv, rows, 1.f, dp_tile.data(), n, dob, p.Dv, 1.f, dvp + (bh * p.K + c0) * p.Dv, p.Dv);
+          if (use_panels) {  // s_tile holds scale * dS, dp_tile P
+            at::native::cpublas::brgemm(rows, p.D, n, n, p.D, p.D, true, s_tile.data(), kb + c0 * p.D, dqb, false);
+            at::native::cpublas::brgemm(p.D, n, rows, rows, n, dkt->ld, true, qt.data(), s_tile.data(), dkt->at(0, c0), false);
+            at::native::cpublas::brgemm(p.Dv, n, rows, rows, n, dvt->ld, true, dot_.data(), dp_tile.data(), dvt->at(0, c0), false);
+          } else {
+            gemm(false, false, rows, p.D, n, 1.f, s_tile.data(), n, kb + c0 * p.D, p.D, 1.f, dqb, p.D);
+            gemm(true, false, n, p.D, rows, 1.f, s_tile.data(), n, qb, p.D, 1.f, dkp + (bh * p.K + c0) * p.D, p.D);
+            gemm(true, false, n, p.Dv, rows, 1.f, dp_tile.data(), n, dob, p.Dv, 1.f, dvp + (bh * p.K + c0) * p.Dv, p.Dv);
+          }
+        }
+      }
+      if (use_panels) {  // dK^T, dV^T panels -> this head's dK, dV rows
+        for (int64_t c0 = 0; c0 < p.K; c0 += kKeyBlock) {
+          const int64_t n = std::min(kKeyBlock, p.K - c0);
+          KeyPanels::transpose(dkt->at(0, c0), dkt->ld, dkp + (bh * p.K + c0) * p.D, p.D, p.D, n);
+          KeyPanels::transpose(dvt->at(0, c0), dvt->ld, dvp + (bh * p.K + c0) * p.Dv, p.Dv, p.Dv, n);
         }
       }
       float* out = dsp + bh * 10;
