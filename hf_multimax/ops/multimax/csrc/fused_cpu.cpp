@@ -247,6 +247,44 @@ inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
   for (; i < n; ++i) dst[i] = src[i] * alpha;
 }
 
+// forward_row for the dense forward's common tile: no softcap, bias or mask, the modulator not the
+// identity (a trained model's scalars). forward_row tests softcap, bias and mask per vector and
+// always applies the affine; this loop does none of it (without affine) and keeps four running
+// maxima, as row_max does, instead of one chain.
+float modulated_row(float* row, int64_t n, const Scalars<float>& ms, const Scalars<Vec>& mv, bool affine, int64_t visible) {
+  constexpr int64_t V = Vec::size();
+  const int64_t vis = std::clamp<int64_t>(visible, 0, n), vn = vis - vis % V;
+  const auto sigma = [&](Vec x) {
+    if (affine) x = at::vec::fmadd(mv.scale_a, x, mv.shift_c);
+    const Vec lo2 = relu(mv.b2 - x), hi2 = relu(x - mv.d2);
+    Vec y = at::vec::fmadd(mv.t1, relu(mv.b1 - x), x);
+    y = at::vec::fmadd(mv.t2, relu(x - mv.d1), y);
+    y = at::vec::fmadd(mv.t3 * lo2, lo2, y);
+    return at::vec::fmadd(mv.t4 * hi2, hi2, y);
+  };
+  Vec m0(kNegInf), m1(kNegInf);
+  int64_t j = 0;
+  for (; j + 2 * V <= vn; j += 2 * V) {
+    const Vec y0 = sigma(Vec::loadu(row + j)), y1 = sigma(Vec::loadu(row + j + V));
+    y0.store(row + j);
+    y1.store(row + j + V);
+    m0 = at::vec::maximum(m0, y0);
+    m1 = at::vec::maximum(m1, y1);
+  }
+  for (; j < vn; j += V) {
+    const Vec y = sigma(Vec::loadu(row + j));
+    y.store(row + j);
+    m0 = at::vec::maximum(m0, y);
+  }
+  float mx = hmax(at::vec::maximum(m0, m1));
+  for (; j < vis; ++j) {
+    row[j] = modulate(row[j], ms);
+    mx = std::max(mx, row[j]);
+  }
+  std::fill(row + vis, row + n, kNegInf);
+  return mx;
+}
+
 // Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n) (the dense forward): the score
 // tile, the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc. With a key
 // panel (`KeyPanels`) both products run on the brgemm micro-kernel and q_rows are already scaled;
@@ -261,13 +299,16 @@ void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t row
   } else {
     gemm(false, true, rows, n, p.D, p.scale, q_rows, p.D, k_head + c0 * p.D, p.D, 0.f, tile, n);
   }
+  const bool plain = !ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = r0 + i;
     float* row = tile + i * n;
     const float* bias_row = p.bias_row(b, h, r, c0);
     const float* mask_row = p.mask_row(b, h, r, c0);
     const int64_t visible = p.visible(r, c0, n);
-    const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
+    const float row_mx = plain ? modulated_row(row, n, ms, mv, p.has_affine, visible)
+                               : forward_row(row, n, p, ms, mv, bias_row, mask_row, visible);
+    const float mx = std::max(m[i], row_mx);
     online_softmax_row(row, n, mx, m[i], l[i], acc + i * p.Dv, p.Dv);
   }
   if (kt_panel) {
