@@ -1,6 +1,6 @@
 // MultiMax attention on CPU, forward and backward, fused in the FlashAttention-2 way: one task per
-// block of queries walks the keys in blocks, multiplies tiles with BLAS (MKL's sgemm, which torch
-// ships), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
+// block of queries walks the keys in blocks, multiplies tiles (forward: oneDNN's brgemm micro-kernel
+// over K transposed once, see KeyPanels; backward and calls of a few queries: MKL's sgemm), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
 // the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
 // the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars. SparseMix's
 // block-sparse forward and (softmax) backward run the same row code over gathered selected blocks,
@@ -351,18 +351,13 @@ struct KeyPanels {
   int64_t blocks = 0, ld = 0, panel = 0;  // key blocks per head, row stride, floats per panel
   std::unique_ptr<float[]> data;
 
-  // Panels of `heads` heads of `rows` rows of `width` floats, head h at x + h * head_step (K, or V
-  // for the backward's dO.V^T); zeroed and not filled when x is nullptr (gradient accumulators).
+  // Panels of `heads` heads of `rows` rows of `width` floats, head h at x + h * head_step.
   KeyPanels(int64_t heads, int64_t rows, int64_t width, const float* x, int64_t head_step) {
     const int64_t cols = std::min(kKeyBlock, std::max<int64_t>(1, rows));
     blocks = (rows + kKeyBlock - 1) / kKeyBlock;
     ld = cols + kPanelPad;
     panel = width * ld;
     data.reset(new float[heads * blocks * panel]);
-    if (!x) {
-      std::fill(data.get(), data.get() + heads * blocks * panel, 0.f);
-      return;
-    }
     at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t h = task / blocks, c0 = (task % blocks) * kKeyBlock, n = std::min(kKeyBlock, rows - c0);
@@ -371,7 +366,7 @@ struct KeyPanels {
     });
   }
   // The panel holding keys [c0, c0 + kKeyBlock) of head h: key c0 + j in column j.
-  float* at(int64_t h, int64_t c0) const { return data.get() + (h * blocks + c0 / kKeyBlock) * panel; }
+  const float* at(int64_t h, int64_t c0) const { return data.get() + (h * blocks + c0 / kKeyBlock) * panel; }
 
   // dst[j, i] = src[i, j] for i < m, j < n: 8 x 8 blocks in registers where ATen vectorises them
   // (the generic transpose_mxn is a scalar loop).
@@ -814,6 +809,9 @@ void backward_row(float* s_row, float* dp_row, int64_t n, const Problem& p, cons
   for (; j < n; ++j) dp_row[j] = s_row[j] = 0.f;
 }
 
+// The backward stays on BLAS: the same panels for its five products (dK, dV accumulated transposed)
+// measured 1.10x slower at L=8192 forward+backward (1 thread, AVX2, same process), and cost a V^T
+// copy and a head's dK^T, dV^T per thread.
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                  const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& dout,
                                  const at::Tensor& lse, const at::Tensor& delta) {
@@ -828,22 +826,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dsp = dscalars.data_ptr<float>();
   const int64_t group = p.H / p.Hkv;
-  // As in the forward, the five products run on the brgemm micro-kernel where a call has enough
-  // queries: K^T and V^T panels for S = Q.K^T and dP = dO.V^T, and dK, dV accumulated transposed
-  // (dK^T += Q^T.dS, dV^T += dO^T.P, so that no operand needs a transpose the micro-kernel does not
-  // take), in one head's panels per thread, transposed back once per head. Profiled (1 thread, AVX2,
-  // L=4096, forward+backward): sgemm's repacking (scopy_*, mscale) was about a fifth of the backward.
-  const bool use_panels = p.Q >= kMinPanelRows;
-  const std::unique_ptr<KeyPanels> kpanels(use_panels ? new KeyPanels(p.B * p.Hkv, p.K, p.D, kp, p.k_head) : nullptr),
-      vpanels(use_panels ? new KeyPanels(p.B * p.Hkv, p.K, p.Dv, vp, p.v_head) : nullptr);
 
   at::parallel_for(0, p.B * p.H, grain_for(3 * p.Q * p.key_end(p.Q - 1) * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     const int64_t max_rows = std::min(kQueryBlock, p.Q), max_cols = std::min(kKeyBlock, std::max<int64_t>(1, p.K));
     std::vector<float> s_tile(max_rows * max_cols), dp_tile(max_rows * max_cols);
-    // Panel path only: scaled Q rows, Q^T and dO^T of a query block, this head's dK^T and dV^T.
-    std::vector<float> qs(use_panels ? max_rows * p.D : 0), qt(use_panels ? p.D * max_rows : 0),
-        dot_(use_panels ? p.Dv * max_rows : 0);
-    std::unique_ptr<KeyPanels> dkt, dvt;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H, kvh = b * p.Hkv + h / group;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
@@ -854,32 +840,16 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
       // then added into fp64 totals: the rounding error is then bounded by the row's length, not by
       // the number of scores, and no longer depends on the vector width's summation order.
       double total[10] = {};
-      if (use_panels) {
-        dkt.reset(new KeyPanels(1, p.K, p.D, nullptr, 0));
-        dvt.reset(new KeyPanels(1, p.K, p.Dv, nullptr, 0));
-      }
       for (int64_t r0 = 0; r0 < p.Q; r0 += kQueryBlock) {
         const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
         const float *qb = qp + (bh * p.Q + r0) * p.D, *dob = dop + (bh * p.Q + r0) * p.Dv;
         float* dqb = dqp + (bh * p.Q + r0) * p.D;
         const int64_t c_end = p.key_end(r1 - 1);
-        if (use_panels) {
-          scale_rows(qb, rows * p.D, p.scale, qs.data());
-          KeyPanels::transpose(qb, p.D, qt.data(), rows, rows, p.D);
-          KeyPanels::transpose(dob, p.Dv, dot_.data(), rows, rows, p.Dv);
-        }
         for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
           const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
           if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-          if (use_panels) {
-            at::native::cpublas::brgemm(rows, n, p.D, p.D, kpanels->ld, n, false, qs.data(), kpanels->at(kvh, c0),
-                                        s_tile.data(), false);
-            at::native::cpublas::brgemm(rows, n, p.Dv, p.Dv, vpanels->ld, n, false, dob, vpanels->at(kvh, c0),
-                                        dp_tile.data(), false);
-          } else {
-            gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, s_tile.data(), n);
-            gemm(false, true, rows, n, p.Dv, 1.f, dob, p.Dv, vb + c0 * p.Dv, p.Dv, 0.f, dp_tile.data(), n);
-          }
+          gemm(false, true, rows, n, p.D, p.scale, qb, p.D, kb + c0 * p.D, p.D, 0.f, s_tile.data(), n);
+          gemm(false, true, rows, n, p.Dv, 1.f, dob, p.Dv, vb + c0 * p.Dv, p.Dv, 0.f, dp_tile.data(), n);
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
             float *s_row = s_tile.data() + i * n, *dp_row = dp_tile.data() + i * n;
@@ -897,22 +867,9 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
             backward_row(s_row, dp_row, n, p, ms, mv, bias_row, mask_row, visible, row_lse, delp[bh * p.Q + r], gs, gv);
             for (int g = 0; g < (p.has_affine ? 10 : 8); ++g) total[g] += static_cast<double>(gs.g[g]) + hsum(gv.g[g]);
           }
-          if (use_panels) {  // s_tile holds scale * dS, dp_tile P
-            at::native::cpublas::brgemm(rows, p.D, n, n, p.D, p.D, true, s_tile.data(), kb + c0 * p.D, dqb, false);
-            at::native::cpublas::brgemm(p.D, n, rows, rows, n, dkt->ld, true, qt.data(), s_tile.data(), dkt->at(0, c0), false);
-            at::native::cpublas::brgemm(p.Dv, n, rows, rows, n, dvt->ld, true, dot_.data(), dp_tile.data(), dvt->at(0, c0), false);
-          } else {
-            gemm(false, false, rows, p.D, n, 1.f, s_tile.data(), n, kb + c0 * p.D, p.D, 1.f, dqb, p.D);
-            gemm(true, false, n, p.D, rows, 1.f, s_tile.data(), n, qb, p.D, 1.f, dkp + (bh * p.K + c0) * p.D, p.D);
-            gemm(true, false, n, p.Dv, rows, 1.f, dp_tile.data(), n, dob, p.Dv, 1.f, dvp + (bh * p.K + c0) * p.Dv, p.Dv);
-          }
-        }
-      }
-      if (use_panels) {  // dK^T, dV^T panels -> this head's dK, dV rows
-        for (int64_t c0 = 0; c0 < p.K; c0 += kKeyBlock) {
-          const int64_t n = std::min(kKeyBlock, p.K - c0);
-          KeyPanels::transpose(dkt->at(0, c0), dkt->ld, dkp + (bh * p.K + c0) * p.D, p.D, p.D, n);
-          KeyPanels::transpose(dvt->at(0, c0), dvt->ld, dvp + (bh * p.K + c0) * p.Dv, p.Dv, p.Dv, n);
+          gemm(false, false, rows, p.D, n, 1.f, s_tile.data(), n, kb + c0 * p.D, p.D, 1.f, dqb, p.D);
+          gemm(true, false, n, p.D, rows, 1.f, s_tile.data(), n, qb, p.D, 1.f, dkp + (bh * p.K + c0) * p.D, p.D);
+          gemm(true, false, n, p.Dv, rows, 1.f, dp_tile.data(), n, dob, p.Dv, 1.f, dvp + (bh * p.K + c0) * p.Dv, p.Dv);
         }
       }
       float* out = dsp + bh * 10;
