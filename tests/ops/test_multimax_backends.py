@@ -223,22 +223,29 @@ def test_triton_refuses_cpu_without_the_interpreter(monkeypatch):
         triton_multimax_attention(q, q, q, torch.zeros(8))
 
 
-@pytest.mark.parametrize("layout", ["one_token_transposed", "one_kv_head_of_several", "static_cache_prefix", "batch_of_one"])
-def test_fused_addresses_strided_key_value(layout):
+@pytest.mark.parametrize("layout, q_len", [
+    ("one_token_transposed", 3), ("one_kv_head_of_several", 3), ("static_cache_prefix", 3), ("batch_of_one", 3),
+    ("one_kv_head_of_several", 40), ("static_cache_prefix", 40), ("batch_of_one", 40),
+], ids=lambda x: x if isinstance(x, str) else ("blas" if x < 32 else "panels"))
+def test_fused_addresses_strided_key_value(layout, q_len):
     # Layouts models hand over that torch calls contiguous (or the kernel reads in place): the stride
-    # of a size-1 dimension is arbitrary, and a cache buffer is cut along the keys.
+    # of a size-1 dimension is arbitrary, and a cache buffer is cut along the keys. 40 queries take
+    # the forward's path that first copies K transposed into panels (32 queries or more); one key
+    # (one_token_transposed) is a decoding layout, and 40 queries on it leave the scalars' gradients
+    # pure rounding noise (every probability is 1).
     g = torch.Generator().manual_seed(1)
     B, Hq, D = 2, 4, 8
+    K = 9 if q_len == 3 else 45
     if layout == "one_token_transposed":  # k.transpose(1, 2) of [B, 1, Hkv, D]
         k, v = (torch.randn(B, 1, 2, D, generator=g).transpose(1, 2) for _ in range(2))
     elif layout == "one_kv_head_of_several":  # head 0 of [B, 3, K, D]: the batch stride is 3 heads'
-        k, v = (torch.randn(B, 3, 9, D, generator=g)[:, :1] for _ in range(2))
-    elif layout == "static_cache_prefix":  # the first 9 of 16 rows of a buffer
-        k, v = (torch.randn(B, 2, 16, D, generator=g)[:, :, :9] for _ in range(2))
+        k, v = (torch.randn(B, 3, K, D, generator=g)[:, :1] for _ in range(2))
+    elif layout == "static_cache_prefix":  # the first K of K + 7 rows of a buffer
+        k, v = (torch.randn(B, 2, K + 7, D, generator=g)[:, :, :K] for _ in range(2))
     else:
         B = 1  # one batch, one key/value head: neither outer stride is read
         k, v = (torch.randn(1, 7, 1, D, generator=g).transpose(1, 2) for _ in range(2))
-    q = torch.randn(B, Hq, 3, D, generator=g).requires_grad_()
+    q = torch.randn(B, Hq, q_len, D, generator=g).requires_grad_()
     k, v = k.requires_grad_(), v.requires_grad_()
     theta = (torch.randn(8, generator=g) * 0.3).requires_grad_()
     for causal in (False, True):

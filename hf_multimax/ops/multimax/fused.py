@@ -1,10 +1,12 @@
 """MultiMax attention through one fused C++ kernel on CPU, forward and backward (`csrc/fused_cpu.cpp`).
 
-FlashAttention-2's structure on the CPU: each block of queries walks the keys in blocks, the two tile
-products go to BLAS, and softcap, bias, affine, the modulator, masks and an online softmax run in one
-vectorised pass over the tile while it is in cache. The backward recomputes tiles from the row
-log-sum-exp and returns the gradients of q, k, v and of the scalars. Memory is O(tile) beyond the
-inputs and outputs, as for SDPA's CPU kernel.
+FlashAttention-2's structure on the CPU: each block of queries walks the keys in blocks, the forward's
+two tile products go to oneDNN's brgemm micro-kernel over K copied once, transposed (BLAS for calls
+of a few queries, in the backward, and where oneDNN has no fp32 micro-kernel), and softcap, bias,
+affine, the modulator, masks and an online softmax run in one vectorised pass over the tile while it
+is in cache. The backward recomputes tiles from the row log-sum-exp and returns the gradients of q,
+k, v and of the scalars. Memory beyond the inputs and outputs: the forward's transposed copy of K,
+and O(tile).
 
 The kernel is compiled on first use with `torch.utils.cpp_extension` (g++ and the torch headers;
 about a minute, cached in `TORCH_EXTENSIONS_DIR`). Where it cannot be built, `is_available()` says

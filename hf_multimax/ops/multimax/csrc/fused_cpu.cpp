@@ -1,6 +1,6 @@
 // MultiMax attention on CPU, forward and backward, fused in the FlashAttention-2 way: one task per
-// block of queries walks the keys in blocks, multiplies tiles with BLAS (MKL's sgemm, which torch
-// ships), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
+// block of queries walks the keys in blocks, multiplies tiles (forward: oneDNN's brgemm micro-kernel
+// over K transposed once, see KeyPanels; backward and calls of a few queries: MKL's sgemm), applies softcap / bias / affine / the MultiMax modulator / masks in one vectorised pass over
 // the tile while it is in cache, and keeps an online softmax. The backward recomputes each tile from
 // the row log-sum-exp and accumulates the gradients of q, k, v and of the scalars. SparseMix's
 // block-sparse forward and (softmax) backward run the same row code over gathered selected blocks,
@@ -239,26 +239,82 @@ inline void axpy(float alpha, const float* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += alpha * x[i];
 }
 
+// dst[0, n) = alpha * src[0, n): the brgemm micro-kernel (below) takes no alpha, so the scale goes into
+// the queries (rows x D) rather than into the rows x cols scores.
+inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
+  for (; i < n; ++i) dst[i] = src[i] * alpha;
+}
+
+// forward_row for the dense forward's common tile: no softcap, bias or mask, the modulator not the
+// identity (a trained model's scalars). forward_row tests softcap, bias and mask per vector and
+// always applies the affine; this loop does none of it (without affine) and keeps four running
+// maxima, as row_max does, instead of one chain.
+float modulated_row(float* row, int64_t n, const Scalars<float>& ms, const Scalars<Vec>& mv, bool affine, int64_t visible) {
+  constexpr int64_t V = Vec::size();
+  const int64_t vis = std::clamp<int64_t>(visible, 0, n), vn = vis - vis % V;
+  const auto sigma = [&](Vec x) {
+    if (affine) x = at::vec::fmadd(mv.scale_a, x, mv.shift_c);
+    const Vec lo2 = relu(mv.b2 - x), hi2 = relu(x - mv.d2);
+    Vec y = at::vec::fmadd(mv.t1, relu(mv.b1 - x), x);
+    y = at::vec::fmadd(mv.t2, relu(x - mv.d1), y);
+    y = at::vec::fmadd(mv.t3 * lo2, lo2, y);
+    return at::vec::fmadd(mv.t4 * hi2, hi2, y);
+  };
+  Vec m0(kNegInf), m1(kNegInf);
+  int64_t j = 0;
+  for (; j + 2 * V <= vn; j += 2 * V) {
+    const Vec y0 = sigma(Vec::loadu(row + j)), y1 = sigma(Vec::loadu(row + j + V));
+    y0.store(row + j);
+    y1.store(row + j + V);
+    m0 = at::vec::maximum(m0, y0);
+    m1 = at::vec::maximum(m1, y1);
+  }
+  for (; j < vn; j += V) {
+    const Vec y = sigma(Vec::loadu(row + j));
+    y.store(row + j);
+    m0 = at::vec::maximum(m0, y);
+  }
+  float mx = hmax(at::vec::maximum(m0, m1));
+  for (; j < vis; ++j) {
+    row[j] = modulate(row[j], ms);
+    mx = std::max(mx, row[j]);
+  }
+  std::fill(row + vis, row + n, kNegInf);
+  return mx;
+}
+
 // Rows [r0, r0 + rows) of one (batch, head) against keys [c0, c0 + n) (the dense forward): the score
-// tile through BLAS, the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc.
+// tile, the elementwise pass, the online-softmax update of (m, l, acc) and P.V into acc. With a key
+// panel (`KeyPanels`) both products run on the brgemm micro-kernel and q_rows are already scaled;
+// without one (fewer than kMinPanelRows queries: decoding, short chunks) through dot/axpy or BLAS.
 void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t c0, int64_t n,
-                 const float* q_rows, const float* k_head, const float* v_head, const Scalars<float>& ms,
-                 const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
-  if (rows == 1) {
+                 const float* q_rows, const float* k_head, const float* kt_panel, int64_t kt_ld, const float* v_head,
+                 const Scalars<float>& ms, const Scalars<Vec>& mv, float* tile, float* acc, float* m, float* l) {
+  if (kt_panel) {
+    at::native::cpublas::brgemm(rows, n, p.D, p.D, kt_ld, n, false, q_rows, kt_panel, tile, false);
+  } else if (rows == 1) {
     for (int64_t j = 0; j < n; ++j) tile[j] = p.scale * dot(q_rows, k_head + (c0 + j) * p.D, p.D);
   } else {
     gemm(false, true, rows, n, p.D, p.scale, q_rows, p.D, k_head + c0 * p.D, p.D, 0.f, tile, n);
   }
+  const bool plain = !ms.identity && p.softcap <= 0.f && !p.bias && !p.mask;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = r0 + i;
     float* row = tile + i * n;
     const float* bias_row = p.bias_row(b, h, r, c0);
     const float* mask_row = p.mask_row(b, h, r, c0);
     const int64_t visible = p.visible(r, c0, n);
-    const float mx = std::max(m[i], forward_row(row, n, p, ms, mv, bias_row, mask_row, visible));
+    const float row_mx = plain ? modulated_row(row, n, ms, mv, p.has_affine, visible)
+                               : forward_row(row, n, p, ms, mv, bias_row, mask_row, visible);
+    const float mx = std::max(m[i], row_mx);
     online_softmax_row(row, n, mx, m[i], l[i], acc + i * p.Dv, p.Dv);
   }
-  if (rows == 1) {
+  if (kt_panel) {
+    at::native::cpublas::brgemm(rows, p.Dv, n, n, p.Dv, p.Dv, true, tile, v_head + c0 * p.Dv, acc, false);
+  } else if (rows == 1) {
     for (int64_t j = 0; j < n; ++j) {
       if (tile[j] != 0.f) axpy(tile[j], v_head + (c0 + j) * p.Dv, acc, p.Dv);
     }
@@ -280,6 +336,52 @@ constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds per thread worth
 int64_t grain_for(int64_t task_work) { return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, task_work)); }
 constexpr int64_t kKeyBlock = 512;
 
+// K transposed once per call into panels of kKeyBlock keys, [B * Hkv, key blocks, D, ld], so that
+// the score product runs on the brgemm micro-kernel, which takes no transpose and reads its operands
+// as they lie. Profiled (1 thread, AVX2, L=4096): MKL's sgemm spent about a fifth of the dense forward
+// repacking K and V and scaling (scopy_*, mscale) on every 64 x 512 tile, work that grows with the
+// number of query blocks; this transposition is done once per key. The panel rows are padded past a
+// power of two (kPanelPad): at a stride of 2 KiB every row of a D x 512 panel would fall on the same
+// few L1 sets.
+constexpr int64_t kPanelPad = 16;
+// Fewer queries than this keep the BLAS / dot path: transposing every key once costs as much as the
+// repacking it saves only when a call has several query blocks (a decoding step has one row).
+constexpr int64_t kMinPanelRows = 32;
+
+struct KeyPanels {
+  int64_t blocks = 0, ld = 0, panel = 0;  // key blocks per head, row stride, floats per panel
+  std::unique_ptr<float[]> data;
+
+  // Panels of `heads` heads of `rows` rows of `width` floats, head h at x + h * head_step.
+  KeyPanels(int64_t heads, int64_t rows, int64_t width, const float* x, int64_t head_step) {
+    const int64_t cols = std::min(kKeyBlock, std::max<int64_t>(1, rows));
+    blocks = (rows + kKeyBlock - 1) / kKeyBlock;
+    ld = cols + kPanelPad;
+    panel = width * ld;
+    data.reset(new float[heads * blocks * panel]);
+    at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / blocks, c0 = (task % blocks) * kKeyBlock, n = std::min(kKeyBlock, rows - c0);
+        transpose(x + h * head_step + c0 * width, width, data.get() + task * panel, ld, n, width);
+      }
+    });
+  }
+  // The panel holding keys [c0, c0 + kKeyBlock) of head h: key c0 + j in column j.
+  const float* at(int64_t h, int64_t c0) const { return data.get() + (h * blocks + c0 / kKeyBlock) * panel; }
+
+  // dst[j, i] = src[i, j] for i < m, j < n: 8 x 8 blocks in registers where ATen vectorises them
+  // (the generic transpose_mxn is a scalar loop).
+  static void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      if (j < n) at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst, 8, n - j);
+    }
+    if (i < m) at::vec::transpose_mxn<float>(src + i * ld_src, ld_src, dst + i, ld_dst, m - i, n);
+  }
+};
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                 const at::Tensor& theta, const at::Tensor& affine) {
   auto out = at::empty({p.B, p.H, p.Q, p.Dv}, q.options());
@@ -293,11 +395,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   // Small calls (decoding: one query against a short cache) run on one thread: waking the others
   // costs more than the work, and a busy core would stall every call.
   const int64_t task_work = std::min(kQueryBlock, p.Q) * p.key_end(p.Q - 1) * (p.D + p.Dv);
+  const std::unique_ptr<KeyPanels> panels(p.Q >= kMinPanelRows ? new KeyPanels(p.B * p.Hkv, p.K, p.D, kp, p.k_head) : nullptr);
   at::parallel_for(0, p.B * p.H * q_blocks, grain_for(task_work), [&](int64_t begin, int64_t end) {
     // Sized for this call, uninitialised (every entry is written before it is read): a decoding step
     // needs one row of a few hundred keys, not a 64 x 512 tile.
     const int64_t max_rows = std::min(kQueryBlock, p.Q), max_cols = std::min(kKeyBlock, std::max<int64_t>(1, p.K));
-    std::unique_ptr<float[]> tile_buf(new float[max_rows * max_cols]), acc_buf(new float[max_rows * p.Dv]);
+    std::unique_ptr<float[]> tile_buf(new float[max_rows * max_cols]), acc_buf(new float[max_rows * p.Dv]),
+        qbuf(new float[panels ? max_rows * p.D : 0]);
     float *tile = tile_buf.get(), *acc = acc_buf.get();
     std::vector<float> m(max_rows), l(max_rows);
     for (int64_t task = begin; task < end; ++task) {
@@ -305,6 +409,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t r1 = std::min(p.Q, r0 + kQueryBlock), rows = r1 - r0;
       const int64_t kvh = b * p.Hkv + h / group;
       const float* qb = qp + (bh * p.Q + r0) * p.D;
+      if (panels) {  // the micro-kernel takes no alpha: the scale goes into the rows x D queries
+        scale_rows(qb, rows * p.D, p.scale, qbuf.get());
+        qb = qbuf.get();
+      }
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       const auto ms = Scalars<float>::of_head(tp, tn, ap, an, h);
       const auto mv = Scalars<Vec>::of_head(tp, tn, ap, an, h);
@@ -315,7 +423,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       for (int64_t c0 = 0; c0 < c_end; c0 += kKeyBlock) {
         const int64_t c1 = std::min(c_end, c0 + kKeyBlock), n = c1 - c0;
         if (tile_is_masked(p, b, h, r0, r1, c0, c1)) continue;
-        attend_tile(p, b, h, r0, rows, c0, n, qb, kb, vb, ms, mv, tile, acc, m.data(), l.data());
+        attend_tile(p, b, h, r0, rows, c0, n, qb, kb, panels ? panels->at(kvh, c0) : nullptr, panels ? panels->ld : 0,
+                    vb, ms, mv, tile, acc, m.data(), l.data());
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = op + (bh * p.Q + r0 + i) * p.Dv;
@@ -328,15 +437,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     }
   });
   return {out, lse};
-}
-
-// dst[0, n) = alpha * src[0, n): the brgemm micro-kernel (below) takes no alpha, so the scale goes into
-// the queries (rows x D) rather than into the rows x cols scores.
-inline void scale_rows(const float* src, int64_t n, float alpha, float* dst) {
-  const Vec a(alpha);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * a).store(dst + i);
-  for (; i < n; ++i) dst[i] = src[i] * alpha;
 }
 
 // SparseMix's exact attention over selected key blocks. One task per (batch, key/value head, block of
@@ -688,6 +788,9 @@ void backward_row(float* s_row, float* dp_row, int64_t n, const Problem& p, cons
   for (; j < n; ++j) dp_row[j] = s_row[j] = 0.f;
 }
 
+// The backward stays on BLAS: the same panels for its five products (dK, dV accumulated transposed)
+// measured 1.10x slower at L=8192 forward+backward (1 thread, AVX2, same process), and cost a V^T
+// copy and a head's dK^T, dV^T per thread.
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p,
                                  const at::Tensor& theta, const at::Tensor& affine, const at::Tensor& dout,
                                  const at::Tensor& lse, const at::Tensor& delta) {
