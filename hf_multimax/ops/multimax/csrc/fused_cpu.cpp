@@ -495,6 +495,18 @@ struct TransposedHead {
   }
 };
 
+// What one SparseMix task covers (the forward's and the backward's tasks are the same): key/value
+// head kvh (of batch b; query heads h0 .. h0 + group), query block qb of the call, whose rows are
+// [r0, r1) (queries sit at absolute positions i + q_offset; query block qb covers absolute block
+// qb + q_offset / bs, so the first and last blocks may hold fewer rows, or none).
+struct SparseTask {
+  int64_t kvh, qb, b, h0, r0, r1;
+  SparseTask(int64_t task, int64_t nQB, const Problem& p, int64_t bs, int64_t q_offset, int64_t group)
+      : kvh(task / nQB), qb(task % nQB), b(kvh / p.Hkv), h0((kvh % p.Hkv) * group),
+        r0(std::max<int64_t>(0, (qb + q_offset / bs) * bs - q_offset)),
+        r1(std::min<int64_t>(p.Q, (qb + q_offset / bs + 1) * bs - q_offset)) {}
+};
+
 // The key blocks one SparseMix task (query rows [r0, r1) of batch b, query heads h0 .. h0 + group
 // sharing one key/value head) attends: selected, valid, not past the causal frontier and not masked
 // for every head of the group. A run of them holding at most max_cols keys fills one row of scores.
@@ -605,7 +617,7 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
   const int64_t* ip = block_idx.data_ptr<int64_t>();
   const bool* okp = block_valid.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
+  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv;
   const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
     // A one-row task's row (a decoding step) holds the scores of every selected key (at most S blocks).
@@ -631,9 +643,8 @@ std::vector<at::Tensor> sparse_forward(const at::Tensor& q, const at::Tensor& k,
     if (p.Q == 1 && begin < end) prefetch_task(begin);
     for (int64_t task = begin; task < end; ++task) {
       if (p.Q == 1 && task + 1 < end) prefetch_task(task + 1);
-      const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
-      const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
-      const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
+      const SparseTask t(task, nQB, p, bs, q_offset, group);
+      const int64_t kvh = t.kvh, qb = t.qb, b = t.b, h0 = t.h0, r0 = t.r0, r1 = t.r1, rows = r1 - r0;
       if (rows <= 0) continue;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       seg.collect(p, ip + (kvh * nQB + qb) * S, okp + (kvh * nQB + qb) * S, S, bs, b, h0, group, r0, r1);
@@ -891,7 +902,7 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)}, ds_[3] = {dout.stride(0), dout.stride(1), dout.stride(2)};
   const int64_t* ip = block_idx.data_ptr<int64_t>();
   const bool* okp = block_valid.data_ptr<bool>();
-  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv, qb0 = q_offset / bs;
+  const int64_t nQB = block_idx.size(2), S = block_idx.size(3), group = p.H / p.Hkv;
   const int64_t max_cols = std::max(bs, kGatherColumns / bs * bs);
   std::vector<std::mutex> head_locks(p.B * p.Hkv);
   at::parallel_for(0, p.B * p.Hkv * nQB, grain_for(group * bs * S * bs * 3 * (p.D + p.Dv)), [&](int64_t begin, int64_t end) {
@@ -900,9 +911,8 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& q, const at::Tensor& k
     SelectedBlocks seg(S);
     TransposedHead key_cols(p.K, p.D, bs, true), value_cols(p.K, p.Dv, bs, true);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kvh = task / nQB, qb = task % nQB, b = kvh / p.Hkv, h0 = (kvh % p.Hkv) * group;
-      const int64_t r0 = std::max<int64_t>(0, (qb + qb0) * bs - q_offset);
-      const int64_t r1 = std::min<int64_t>(p.Q, (qb + qb0 + 1) * bs - q_offset), rows = r1 - r0;
+      const SparseTask t(task, nQB, p, bs, q_offset, group);
+      const int64_t kvh = t.kvh, qb = t.qb, b = t.b, h0 = t.h0, r0 = t.r0, r1 = t.r1, rows = r1 - r0;
       if (rows <= 0) continue;
       const float *kb = kp + kvh * p.k_head, *vb = vp + kvh * p.v_head;
       // The blocks the forward attended (tiles it skipped hold zero probabilities).
